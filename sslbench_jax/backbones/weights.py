@@ -1,0 +1,79 @@
+"""Converted weights on disk: a torch-free ``.npz`` plus a JSON sidecar.
+
+The ``.npz`` holds the Flax variables tree flattened with ``/`` separators
+(``params/stem_conv/kernel``); the sidecar ``<file>.json`` holds the
+architecture, its options, and the conversion provenance (source format,
+sha256 of the input checkpoint, mapping counts, dropped keys).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+
+
+def sidecar_path(path: str) -> str:
+  return path + ".json"
+
+
+def sha256_file(path: str, chunk: int = 1 << 20) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    while block := f.read(chunk):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _atomic_write(path: str, write_fn) -> None:
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      write_fn(f)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def save_variables(path: str, variables: Any, meta: dict[str, Any]) -> None:
+  """Writes ``variables`` to ``path`` (npz) and ``meta`` to its sidecar, atomically.
+
+  ``meta`` must contain ``arch`` and ``arch_options`` (kwargs for
+  ``registry.create_model``).
+  """
+  for key in ("arch", "arch_options"):
+    if key not in meta:
+      raise ValueError(f"weights metadata needs {key!r}")
+  flat = {"/".join(k): np.asarray(v) for k, v in
+          traverse_util.flatten_dict(dict(variables)).items()}
+  _atomic_write(path, lambda f: np.savez(f, **flat))
+  meta = dict(meta, weights_sha256=sha256_file(path))
+  _atomic_write(sidecar_path(path),
+                lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()))
+
+
+def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Reads weights written by ``save_variables``: returns ``(variables, meta)``."""
+  side = sidecar_path(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"weights file {path} does not exist; create it with "
+                            "`sslbench-jax convert`")
+  if not os.path.exists(side):
+    raise FileNotFoundError(f"{side} is missing: weights must come from "
+                            "`sslbench-jax convert` (it writes the sidecar)")
+  with open(side) as f:
+    meta = json.load(f)
+  with np.load(path, allow_pickle=False) as z:
+    flat = {tuple(k.split("/")): z[k] for k in z.files}
+  return traverse_util.unflatten_dict(flat), meta

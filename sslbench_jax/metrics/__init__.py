@@ -1,0 +1,1 @@
+"""sslbench_jax.metrics."""
