@@ -1,0 +1,206 @@
+"""Explicit name matching: model names -> method/backbone/family, dataset roles.
+
+Results come from configs written by different people ("dino_resnet50",
+"DINO RN50", "moco-v3_vit_b16", ...). Matching is done by rules written out
+here (and tested), never by fuzzy string similarity: a name that no rule
+recognises maps to ``None``/"unknown" instead of to a guess.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+# The 26 methods of "A Closer Look at Benchmarking Self-supervised
+# Pre-training with Image Classification" (models_26.csv):
+# method key -> (display name, method family, backbones it exists with).
+METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "jigsaw": ("Jigsaw", "discriminative", ("ResNet",)),
+    "rotnet": ("RotNet", "discriminative", ("ResNet",)),
+    "npid": ("NPID", "discriminative", ("ResNet",)),
+    "sela_v2": ("SeLa-v2", "discriminative", ("ResNet",)),
+    "npid_plusplus": ("NPID++", "discriminative", ("ResNet",)),
+    "pirl": ("PIRL", "discriminative", ("ResNet",)),
+    "clusterfit": ("ClusterFit", "discriminative", ("ResNet",)),
+    "deepcluster_v2": ("DeepCluster-v2", "discriminative", ("ResNet",)),
+    "swav": ("SwAV", "discriminative", ("ResNet",)),
+    "simclr": ("SimCLR", "discriminative", ("ResNet",)),
+    "moco_v2": ("MoCo v2", "discriminative", ("ResNet",)),
+    "simsiam": ("SimSiam", "discriminative", ("ResNet",)),
+    "byol": ("BYOL", "discriminative", ("ResNet",)),
+    "dino": ("DINO", "discriminative", ("ResNet", "ViT")),
+    "barlowtwins": ("Barlow Twins", "discriminative", ("ResNet",)),
+    "densecl": ("DenseCL", "discriminative", ("ResNet",)),
+    "moco_v3": ("MoCo v3", "discriminative", ("ResNet", "ViT")),
+    "ibot": ("iBOT", "discriminative", ("ViT",)),
+    "mae": ("MAE", "generative", ("ViT",)),
+    "maskfeat": ("MaskFeat", "generative", ("ViT",)),
+    "beit_v2": ("BEiT v2", "generative", ("ViT",)),
+    "milan": ("MILAN", "generative", ("ViT",)),
+    "eva": ("EVA", "generative", ("ViT",)),
+    "pixmim": ("PixMIM", "generative", ("ViT",)),
+}
+
+# Compact spellings (lower case, punctuation removed) -> method key.
+_ALIASES: dict[str, str] = {k.replace("_", ""): k for k in METHODS}
+_ALIASES.update({
+    "npid++": "npid_plusplus", "npidpp": "npid_plusplus",
+    "siamsiam": "simsiam",  # the study's repo key has this typo
+    "simclrv1": "simclr",
+    "selav2": "sela_v2", "sela": "sela_v2",
+    "deepclusterv2": "deepcluster_v2", "dcv2": "deepcluster_v2",
+    "barlow": "barlowtwins",
+    "mocov2": "moco_v2", "mocov3": "moco_v3",
+    "beitv2": "beit_v2", "beit2": "beit_v2",
+})
+
+# Backbone spellings inside a compacted name, longest first.
+_BACKBONE_RE = re.compile(
+    r"(resnet50|resnet|rn50|r50|vitbasepatch16224|vitbasepatch16|vitbase16|"
+    r"vitb16|vitbase|vitb|vit)")
+_EPOCHS_RE = re.compile(r"^\d+(ep|epoch|epochs|e)$")
+
+UNKNOWN = "unknown"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+  """What a model name tells us.
+
+  Attributes:
+    method: key in ``METHODS`` or None when not recognised.
+    backbone: "ResNet", "ViT" or "unknown".
+    method_family: "discriminative", "generative" or "unknown".
+  """
+  method: str | None
+  backbone: str
+  method_family: str
+
+
+def parse_model_name(name: str) -> ModelInfo:
+  """Recognises the SSL method and backbone in a model name.
+
+  Rules: lower-case; split on non-alphanumerics (``+`` kept); drop epoch
+  tokens like ``800ep``; join; find and remove one backbone spelling
+  (``resnet50``/``rn50``/``r50`` -> ResNet, ``vit_b16``/``vit_base`` -> ViT);
+  the rest must be a known method spelling. A method released with only one
+  backbone in the study implies that backbone.
+
+  Args:
+    name: e.g. ``"dino_resnet50"``, ``"MoCo v2 (800ep)"``, ``"mae_vitb16"``.
+
+  Returns:
+    ``ModelInfo``; ``method`` None when no rule matches.
+  """
+  tokens = [t for t in re.split(r"[^a-z0-9+]+", name.lower()) if t]
+  compact = "".join(t for t in tokens if not _EPOCHS_RE.match(t))
+  backbone = UNKNOWN
+  m = _BACKBONE_RE.search(compact)
+  if m:
+    backbone = "ViT" if m.group(1).startswith("vit") else "ResNet"
+    compact = compact[:m.start()] + compact[m.end():]
+  method = _ALIASES.get(compact)
+  if method is None:
+    return ModelInfo(None, backbone, UNKNOWN)
+  _, fam, backbones = METHODS[method]
+  if backbone == UNKNOWN and len(backbones) == 1:
+    backbone = backbones[0]
+  return ModelInfo(method, backbone, fam)
+
+
+# ----------------------------------------------------------------- datasets
+
+IN_DOMAIN = "imagenet"
+VARIANTS = ("imagenet_real", "imagenet_v2", "imagenet_r", "imagenet_sketch",
+            "imagenet_a")
+_DOMAINNET = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
+
+DATASET_DISPLAY = {
+    "imagenet": "ImageNet-1k", "imagenet_real": "ImageNet ReaL",
+    "imagenet_v2": "ImageNet-v2", "imagenet_r": "ImageNet-R",
+    "imagenet_sketch": "ImageNet-Sketch", "imagenet_a": "ImageNet-A",
+    "inaturalist": "iNat2021-mini", "cub": "CUB-200", "pascal": "Pascal VOC",
+    "cifar100": "CIFAR-100",
+    **{f"imagenet_d_{d}": f"IN-D {d}" for d in _DOMAINNET},
+}
+
+
+def canonical_dataset(dataset: str, split: str = "") -> str:
+  """Maps a dataset (and split) name to a canonical key.
+
+  ImageNet val -> ``"imagenet"``; its evaluation variants -> ``VARIANTS``
+  (also recognised from the split, e.g. dataset ``imagenet2012`` split
+  ``real``); the 10 transfer datasets of the study -> ``inaturalist``, ``cub``,
+  ``pascal``, ``cifar100``, ``imagenet_d_<domain>``. Unrecognised names are
+  returned lower-cased unchanged.
+
+  Args:
+    dataset: dataset name as stored in the results.
+    split: split name (only used to spot ImageNet variants).
+
+  Returns:
+    The canonical key.
+  """
+  c = re.sub(r"[^a-z0-9]", "", dataset.lower())
+  if "imagenetd" in c or "domainnet" in c:
+    for d in _DOMAINNET:
+      if c.endswith(d):
+        return f"imagenet_d_{d}"
+    return dataset.lower()
+  if c.startswith("inat"):
+    return "inaturalist"
+  if c.startswith("cub"):
+    return "cub"
+  if "pascal" in c or c.startswith("voc"):
+    return "pascal"
+  if c.startswith("cifar100"):
+    return "cifar100"
+  # TFDS spells ImageNet "imagenet2012" (e.g. "imagenet2012_real").
+  c = re.sub(r"^(imagenet(2012|1k)|ilsvrc2012)", "imagenet", c)
+  variant = {"imagenetreal": "imagenet_real",
+             "imagenetv2": "imagenet_v2", "imagenetr": "imagenet_r",
+             "imagenetrendition": "imagenet_r", "imagenetsketch": "imagenet_sketch",
+             "imageneta": "imagenet_a", "imagenetadversarial": "imagenet_a"}
+  for prefix in sorted(variant, key=len, reverse=True):
+    # ImageNet-v2 names carry a version suffix (matched-frequency, ...).
+    if c == prefix or (prefix == "imagenetv2" and c.startswith(prefix)):
+      return variant[prefix]
+  if c.startswith(("imagenet", "ilsvrc")):
+    s = re.sub(r"[^a-z0-9]", "", split.lower())
+    for key, canon in (("real", "imagenet_real"), ("v2", "imagenet_v2"),
+                       ("sketch", "imagenet_sketch")):
+      if key in s:
+        return canon
+    return IN_DOMAIN
+  return dataset.lower()
+
+
+def dataset_display(key: str) -> str:
+  """Short human-readable name of a canonical dataset key."""
+  return DATASET_DISPLAY.get(key, key)
+
+
+_BN_KEYS = ("final_batch_norm", "use_final_batch_norm", "batch_norm", "bn")
+
+
+def protocol_label(protocol: str, hparams: str | dict | None = None) -> str:
+  """Protocol name, suffixed ``+bn`` when the hparams say BatchNorm before head.
+
+  Args:
+    protocol: e.g. ``"linear"``.
+    hparams: dict or JSON string of the run's hyper-parameters.
+
+  Returns:
+    e.g. ``"linear"`` or ``"linear+bn"``.
+  """
+  if isinstance(hparams, str):
+    try:
+      hparams = json.loads(hparams) if hparams.strip() else {}
+    except json.JSONDecodeError:
+      raise ValueError(f"hparams of protocol {protocol!r} is not JSON: "
+                       f"{hparams[:60]!r}") from None
+  if isinstance(hparams, dict) and any(hparams.get(k) for k in _BN_KEYS):
+    if not protocol.endswith("+bn"):
+      return protocol + "+bn"
+  return protocol

@@ -1,0 +1,171 @@
+"""Results table for analysis: long rows -> (model x dataset) matrices.
+
+Input is the CSV export of the results store (columns ``model, dataset, split,
+protocol, metric, value, n_examples`` at least; optional ``hparams``,
+``backbone``, ``method_family``) or the ``.jsonl`` store itself. Dataset names
+are canonicalised (``names.canonical_dataset``) and protocols labelled
+``+bn`` when the hparams ask for BatchNorm before the head.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import math
+import os
+
+from absl import logging
+import numpy as np
+
+from sslbench_jax.analysis import names
+
+REQUIRED_COLUMNS = ("model", "dataset", "split", "protocol", "metric", "value",
+                    "n_examples")
+
+
+@dataclasses.dataclass
+class ResultsTable:
+  """Values of one metric, keyed by (model, protocol, dataset).
+
+  Attributes:
+    metric: the metric kept (e.g. ``"top1"``).
+    values: {(model, protocol, dataset): value in percent}.
+    n_examples: {(model, protocol, dataset): test-set size}.
+    backbone: {model: "ResNet" | "ViT" | "unknown"}.
+    method_family: {model: "discriminative" | "generative" | "unknown"}.
+  """
+  metric: str
+  values: dict[tuple[str, str, str], float]
+  n_examples: dict[tuple[str, str, str], int]
+  backbone: dict[str, str]
+  method_family: dict[str, str]
+
+  @property
+  def models(self) -> list[str]:
+    return sorted({k[0] for k in self.values})
+
+  @property
+  def protocols(self) -> list[str]:
+    return sorted({k[1] for k in self.values})
+
+  @property
+  def datasets(self) -> list[str]:
+    """All datasets present, in-domain first, then benchmark, then variants."""
+    present = {k[2] for k in self.values}
+    order = [names.IN_DOMAIN] + sorted(present - {names.IN_DOMAIN} - set(names.VARIANTS))
+    order += [v for v in names.VARIANTS if v in present]
+    return [d for d in order if d in present]
+
+  @property
+  def benchmark_datasets(self) -> list[str]:
+    """Datasets aggregated over: everything but the ImageNet val variants."""
+    return [d for d in self.datasets if d not in names.VARIANTS]
+
+  @property
+  def ood_datasets(self) -> list[str]:
+    """Out-of-domain datasets: benchmark datasets other than ImageNet."""
+    return [d for d in self.benchmark_datasets if d != names.IN_DOMAIN]
+
+  def matrix(self, protocol: str, datasets: list[str],
+             models: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(values, n_examples) as (n_models, n_datasets) arrays; NaN/0 if missing.
+
+    Args:
+      protocol: protocol label.
+      datasets: canonical dataset keys (columns).
+      models: rows (default: all models).
+
+    Returns:
+      Two float64 arrays.
+    """
+    models = self.models if models is None else models
+    v = np.full((len(models), len(datasets)), np.nan)
+    n = np.zeros((len(models), len(datasets)))
+    for i, m in enumerate(models):
+      for j, d in enumerate(datasets):
+        key = (m, protocol, d)
+        if key in self.values:
+          v[i, j] = self.values[key]
+          n[i, j] = self.n_examples[key]
+    return v, n
+
+
+def _read_csv(path: str) -> list[dict[str, str]]:
+  with open(path, newline="") as f:
+    reader = csv.DictReader(f)
+    missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+      raise ValueError(f"{path}: results CSV lacks columns {missing} "
+                       f"(has {reader.fieldnames})")
+    return list(reader)
+
+
+def _read_store(path: str) -> list[dict[str, str]]:
+  from sslbench_jax.results import store  # data flows store -> analysis
+  rec = store.read_results(path)
+  return [{k: str(r[k]) for k in rec.dtype.names} for r in rec]
+
+
+def load_results(path: str, metric: str = "top1") -> ResultsTable:
+  """Reads a results CSV export (or ``.jsonl`` store) for one metric.
+
+  Rows with the same (model, protocol label, canonical dataset) -- e.g. seeds
+  -- are averaged (a warning says how many).
+
+  Args:
+    path: ``.csv`` export or ``.jsonl`` store.
+    metric: metric to keep, e.g. ``"top1"``.
+
+  Returns:
+    A ``ResultsTable``.
+
+  Raises:
+    FileNotFoundError: ``path`` is missing.
+    ValueError: required columns missing, bad numbers, or no row of ``metric``.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"results file not found: {path}")
+  rows = _read_store(path) if path.endswith(".jsonl") else _read_csv(path)
+  return table_from_rows(rows, metric, source=path)
+
+
+def table_from_rows(rows: list[dict[str, str]], metric: str = "top1",
+                    source: str = "rows") -> ResultsTable:
+  """Builds a ``ResultsTable`` from row dicts (see ``load_results``)."""
+  acc: dict[tuple, list[tuple[float, int]]] = collections.defaultdict(list)
+  backbone: dict[str, str] = {}
+  family: dict[str, str] = {}
+  metrics_seen = set()
+  for i, r in enumerate(rows):
+    metrics_seen.add(r["metric"])
+    if r["metric"] != metric:
+      continue
+    try:
+      value = float(r["value"])
+      n = int(float(r["n_examples"]))
+    except (TypeError, ValueError):
+      raise ValueError(f"{source}: row {i + 1} has a non-numeric value/n_examples: "
+                       f"{r.get('value')!r}, {r.get('n_examples')!r}") from None
+    if not math.isfinite(value):
+      raise ValueError(f"{source}: row {i + 1} value is {value}")
+    model = r["model"]
+    key = (model, names.protocol_label(r["protocol"], r.get("hparams")),
+           names.canonical_dataset(r["dataset"], r.get("split", "")))
+    acc[key].append((value, n))
+    info = names.parse_model_name(model)
+    backbone[model] = (r.get("backbone") or "").strip() or info.backbone
+    family[model] = (r.get("method_family") or "").strip() or info.method_family
+  if not acc:
+    raise ValueError(f"{source}: no rows with metric {metric!r}; "
+                     f"metrics present: {sorted(metrics_seen)}")
+  values, n_examples = {}, {}
+  averaged = 0
+  for key, vals in acc.items():
+    averaged += len(vals) > 1
+    values[key] = float(np.mean([v for v, _ in vals]))
+    n_examples[key] = int(round(np.mean([n for _, n in vals])))
+  if averaged:
+    logging.warning("%s: %d (model, protocol, dataset) cells had several rows "
+                    "(seeds/hparams); their values were averaged", source, averaged)
+  return ResultsTable(metric, values, n_examples, backbone, family)

@@ -1,0 +1,219 @@
+"""``convert_checkpoint``: any supported checkpoint file -> checked Flax variables.
+
+Pipeline: read the file torch-free (``readers``), flatten it, locate the
+backbone root with the family's markers and choose among several
+(``detect``), canonicalise the names, infer architecture options, map the
+tensors (family ``to_flax``), then verify the result against
+``jax.eval_shape(model.init)``: every leaf filled with the right shape, no
+extra leaf, every non-head tensor used. Only then is anything written.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from typing import Any
+
+from absl import logging
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sslbench_jax.backbones import registry
+from sslbench_jax.backbones import weights
+from sslbench_jax.convert import _family
+from sslbench_jax.convert import detect
+from sslbench_jax.convert import readers
+from sslbench_jax.convert.errors import ConversionError
+
+_FAMILIES = ("resnet", "vit", "efficientnet")
+_COUNTER_SUFFIXES = ("num_batches_tracked",)
+_MAX_LISTED = 8
+
+
+def _family_module(family: str):
+  try:
+    return importlib.import_module(f"sslbench_jax.convert.{family}_keys")
+  except ModuleNotFoundError as e:
+    if e.name != f"sslbench_jax.convert.{family}_keys":
+      raise
+    raise ConversionError(f"no key map for the {family} family is installed") from None
+
+
+def _short_list(keys, limit: int = _MAX_LISTED) -> str:
+  keys = sorted(keys)
+  more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+  return ", ".join(keys[:limit]) + more
+
+
+def _other_family_hint(keys: list[str], family: str) -> str:
+  for other in _FAMILIES:
+    if other == family:
+      continue
+    try:
+      module = _family_module(other)
+    except Exception:  # pylint: disable=broad-except  # a hint is best-effort
+      continue
+    roots = detect.find_roots(keys, module.MARKERS)
+    if roots:
+      archs = [a for a in registry.ARCHS if registry.family(a) == other]
+      return f"; it looks like a {other} checkpoint (e.g. arch={archs[0]})"
+  return ""
+
+
+def _example_size(module, arch: str, options: dict[str, Any]) -> int:
+  fn = getattr(module, "example_image_size", None)
+  return int(fn(arch, options)) if fn else 224
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+  return {"/".join(k): v for k, v in traverse_util.flatten_dict(dict(tree)).items()}
+
+
+def _check_against_model(variables: Any, expected: dict[str, Any]) -> None:
+  got = _flat(variables)
+  missing = set(expected) - set(got)
+  if missing:
+    raise ConversionError(f"conversion left Flax leaves unfilled: {_short_list(missing)}")
+  extra = set(got) - set(expected)
+  if extra:
+    raise ConversionError(f"conversion produced leaves the model does not have: "
+                          f"{_short_list(extra)}")
+  for name, value in got.items():
+    if _family.is_missing(value):
+      continue
+    shape = tuple(np.shape(value))
+    if shape != tuple(expected[name].shape):
+      raise ConversionError(f"shape mismatch for {name}: checkpoint gives {shape}, "
+                            f"the model expects {tuple(expected[name].shape)}")
+
+
+def convert_checkpoint(
+    path: str,
+    arch: str,
+    out: str | None = None,
+    *,
+    select: str | None = None,
+    allow_missing: str | None = None,
+    options: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Converts a PyTorch/safetensors/npz checkpoint into Flax variables.
+
+  Args:
+    path: the checkpoint file (format sniffed from its bytes).
+    arch: a ``registry.ARCHS`` name; its family picks the key map.
+    out: if given, the ``.npz`` to write with ``weights.save_variables``
+      (written only when the conversion fully succeeds).
+    select: which backbone to take when the file holds several, e.g.
+      ``"student"`` (DINO), ``"momentum_encoder"`` (MoCo v3).
+    allow_missing: regex over canonical tensor names allowed to be absent;
+      their leaves keep the model's random init (seed 0). An escape hatch.
+    options: architecture options overriding the inferred ones (e.g.
+      ``{"num_classes": None}`` to drop a classifier).
+
+  Returns:
+    ``(variables, meta)``: NumPy float32 variables for
+    ``registry.create_model(arch, **meta["arch_options"])`` and the provenance
+    (arch, arch_options, source_format, source, prefix, checkpoint_sha256,
+    counts, dropped_keys, missing_keys).
+
+  Raises:
+    FileNotFoundError: no such checkpoint.
+    ConversionError: anything else wrong with the input (one line).
+  """
+  try:
+    family = registry.family(arch)
+  except ValueError as e:
+    raise ConversionError(str(e)) from None
+  module = _family_module(family)
+  if allow_missing:
+    try:
+      re.compile(allow_missing)
+    except re.error as e:
+      raise ConversionError(f"allow_missing is not a valid regex: {e}") from None
+
+  obj, source_format = readers.read_checkpoint(path)
+  flat = detect.flatten(obj)
+  if not flat:
+    raise ConversionError(f"{path} holds no tensors (a pickled nn.Module? save "
+                          "its state_dict() instead)")
+  keys = list(flat)
+  roots = detect.find_roots(keys, module.MARKERS)
+  if not roots:
+    raise ConversionError(
+        f"no {family} backbone in {path}: no key ends with "
+        f"{' or '.join(module.MARKERS)} (keys look like {_short_list(keys, 3)})"
+        f"{_other_family_hint(keys, family)}")
+  root = detect.choose_root(roots, select)
+  source = detect.describe_source(keys, root)
+  logging.info("%s: %s checkpoint, backbone under prefix %r", path, source, root)
+
+  outside = [k for k in keys if not k.startswith(root)]
+  state = module.canonicalize({k[len(root):]: v for k, v in flat.items()
+                               if k.startswith(root)})
+  arch_options = dict(module.infer_options(dict(state), arch))
+  arch_options.update(options or {})
+  try:
+    model = registry.create_model(arch, **arch_options)
+  except TypeError as e:
+    raise ConversionError(f"bad options {arch_options} for {arch}: {e}") from None
+  size = _example_size(module, arch, arch_options)
+  example = jnp.zeros((1, size, size, 3), jnp.float32)
+  expected = _flat(jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), example, train=False)))
+
+  tracked = _family.SourceState(state, allow_missing)
+  try:
+    variables = module.to_flax(tracked, arch, arch_options)
+  except ConversionError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    if tracked.missing:  # family code choked on a MISSING placeholder
+      raise ConversionError(f"cannot convert without tensors "
+                            f"{_short_list(tracked.missing)}: {e}") from None
+    raise
+  _check_against_model(variables, expected)
+
+  unread = set(state) - tracked.read
+  heads = {k for k in unread if k.startswith(module.HEAD_PREFIXES)
+           or k.endswith(_COUNTER_SUFFIXES)}
+  unexpected = unread - heads
+  if unexpected:
+    raise ConversionError(
+        f"checkpoint has tensors under {root!r} that {arch} does not use: "
+        f"{_short_list(unexpected)} (wrong arch, or pass options=...)")
+
+  flat_vars = _flat(variables)
+  missing_leaves = [k for k, v in flat_vars.items() if _family.is_missing(v)]
+  if missing_leaves:
+    init = _flat(model.init(jax.random.PRNGKey(0), example, train=False))
+    logging.warning("leaves initialised randomly (allow_missing): %s",
+                    _short_list(missing_leaves))
+  converted = {}
+  for name, value in flat_vars.items():
+    value = init[name] if name in missing_leaves else value
+    converted[tuple(name.split("/"))] = np.asarray(value, expected[name].dtype)
+  variables = traverse_util.unflatten_dict(converted)
+
+  # BatchNorm step counters are dropped silently (counted, not listed).
+  counters = {k for k in heads if k.endswith(_COUNTER_SUFFIXES)}
+  dropped = sorted(root + k for k in heads - counters) + sorted(outside)
+  meta = {
+      "arch": arch,
+      "arch_options": arch_options,
+      "source_format": source_format,
+      "source": source,
+      "prefix": root,
+      "checkpoint": os.path.basename(path),
+      "checkpoint_sha256": weights.sha256_file(path),
+      "counts": {"mapped": len(tracked.read), "dropped": len(dropped),
+                 "counters": len(counters),
+                 "missing_allowed": len(tracked.missing)},
+      "dropped_keys": dropped,
+      "missing_keys": sorted(tracked.missing),
+  }
+  if out:
+    weights.save_variables(out, variables, meta)
+  return variables, meta

@@ -1,0 +1,155 @@
+"""``sslbench-jax features``: images or a dataset split -> representations (.npz) and/or a cache.
+
+Examples:
+  sslbench-jax features --weights lite0.npz --images photos/ --out feats.npz
+  sslbench-jax features --weights dino_vitb16.npz --dataset imagenet2012 \\
+      --split validation --cache /cache --representation last4_cls --dtype bfloat16
+  # two hosts (run on each, process_id 0 and 1):
+  sslbench-jax features ... --coordinator_address host0:1234 --num_processes 2 \\
+      --process_id 0
+
+The architecture comes from the weights' sidecar (``--arch`` only checks it);
+the preprocessing defaults to the architecture's. ``--out`` is written by
+process 0; with ``--cache`` an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from typing import Any
+
+from absl import flags
+from absl import logging
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines this subcommand's absl flags."""
+  flags.DEFINE_string("weights", None, "converted weights .npz (with its .json sidecar)")
+  flags.DEFINE_string("arch", None, "architecture; default: the weights' sidecar")
+  flags.DEFINE_string("images", None, "folder of images (recursive); ids = relative paths")
+  flags.DEFINE_string("dataset", None, "dataset name (instead of --images)")
+  flags.DEFINE_string("split", None, "dataset split, with --dataset")
+  flags.DEFINE_string("data_dir", None, "dataset root, with --dataset")
+  flags.DEFINE_string("out", None, "output feature .npz (features, labels, ids, meta)")
+  flags.DEFINE_string("cache", None, "feature cache directory (sharded, resumable)")
+  flags.DEFINE_string("representation", "pre_logits",
+                      "model output to keep: pre_logits, cls, last4_cls, patch_mean, ...")
+  flags.DEFINE_string("preprocessing", None,
+                      "preprocessing preset; default: the architecture's")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
+  flags.DEFINE_integer("batch_size_per_device", 64, "images per device and step")
+  flags.DEFINE_integer("num_threads", 0, "image decode threads (0: CPU count)")
+  flags.DEFINE_integer("steps_per_shard", 16, "steps per cache shard and process")
+  flags.DEFINE_string("coordinator_address", None,
+                      "multi-host: host:port of process 0's coordinator")
+  flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
+  flags.DEFINE_integer("process_id", None, "multi-host: index of this process")
+  flags.DEFINE_bool("progress", True, "show a progress bar (process 0)")
+
+
+def main(argv: list[str]) -> None:
+  """Runs the subcommand; bad input exits with a one-line error."""
+  if len(argv) > 1:
+    sys.exit(f"features: unexpected arguments {argv[1:]}")
+  try:
+    summary = run(dict(
+        weights=FLAGS.weights, arch=FLAGS.arch, images=FLAGS.images,
+        dataset=FLAGS.dataset, split=FLAGS.split, data_dir=FLAGS.data_dir,
+        out=FLAGS.out, cache=FLAGS.cache, representation=FLAGS.representation,
+        preprocessing=FLAGS.preprocessing, dtype=FLAGS.dtype,
+        batch_size_per_device=FLAGS.batch_size_per_device,
+        num_threads=FLAGS.num_threads or None, steps_per_shard=FLAGS.steps_per_shard,
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+        progress=FLAGS.progress))
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    sys.exit(f"features: error: {msg.splitlines()[0] if msg else type(e).__name__}")
+  if summary:
+    print(json.dumps(summary, sort_keys=True))
+
+
+def run(opts: dict[str, Any]) -> dict[str, Any] | None:
+  """The subcommand as a function of its options (the flags, by name).
+
+  Returns:
+    A summary dict on process 0 (None elsewhere).
+  """
+  # jax.distributed must start before anything touches a backend.
+  from sslbench_jax.features import multihost  # pylint: disable=g-import-not-at-top
+  multihost.initialize(opts["coordinator_address"], opts["num_processes"],
+                       opts["process_id"])
+  import jax  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.backbones import registry, weights  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.features import cache as cache_lib  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.features import extract as extract_lib  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.features import io as features_io  # pylint: disable=g-import-not-at-top
+
+  if not opts["weights"]:
+    raise ValueError("--weights is required (a .npz written by `sslbench-jax convert`)")
+  if bool(opts["images"]) == bool(opts["dataset"]):
+    raise ValueError("give exactly one source: --images DIR or --dataset NAME --split SPLIT")
+  if not opts["out"] and not opts["cache"]:
+    raise ValueError("nothing to write: give --out FILE.npz and/or --cache DIR")
+  if opts["dataset"] and not opts["split"]:
+    raise ValueError(f"--dataset {opts['dataset']} needs --split")
+  if opts["batch_size_per_device"] < 1 or opts["steps_per_shard"] < 1:
+    raise ValueError("--batch_size_per_device and --steps_per_shard must be >= 1")
+
+  variables, meta = weights.load_variables(opts["weights"])
+  arch = meta.get("arch")
+  if opts["arch"] and arch and opts["arch"] != arch:
+    raise ValueError(f"--arch {opts['arch']} but {opts['weights']} holds {arch} "
+                     "(see its .json sidecar)")
+  arch = opts["arch"] or arch
+  if not arch:
+    raise ValueError(f"{opts['weights']} has no arch in its sidecar; pass --arch")
+  arch_options = meta.get("arch_options") or {}
+  model = registry.create_model(arch, **arch_options)
+  preset_name = opts["preprocessing"] or registry.default_preprocessing(arch)
+  preset = preprocess.get_preset(preset_name)
+
+  if opts["images"]:
+    from sslbench_jax.features import image_folder  # pylint: disable=g-import-not-at-top
+    source = image_folder.ImageFolder(opts["images"])
+    dataset, split = f"folder:{source.directory}:{source.fingerprint()}", ""
+  else:
+    source = _open_dataset(opts["dataset"], opts["split"], opts["data_dir"])
+    dataset, split = opts["dataset"], opts["split"]
+  key = cache_lib.CacheKey(
+      arch=arch, arch_options=arch_options,
+      weights_sha256=meta.get("weights_sha256") or weights.sha256_file(opts["weights"]),
+      dataset=dataset, split=split, preprocessing=preset_name,
+      representation=opts["representation"], dtype=opts["dtype"])
+  result = extract_lib.extract(
+      model, variables, source, preset, representation=opts["representation"],
+      dtype=opts["dtype"], batch_size_per_device=opts["batch_size_per_device"],
+      num_threads=opts["num_threads"], cache_root=opts["cache"], key=key,
+      steps_per_shard=opts["steps_per_shard"], progress=opts["progress"],
+      meta=dict(arch=arch, dataset=dataset, split=split, preprocessing=preset_name))
+  fs = result.features
+  if jax.process_index() != 0:
+    return None
+  if opts["out"]:
+    features_io.save(opts["out"], fs)
+    logging.info("wrote %s: %s features", opts["out"], fs.features.shape)
+  return dict(out=opts["out"], cache_entry=result.entry_dir,
+              num_examples=int(fs.features.shape[0]), dim=int(fs.features.shape[1]),
+              shards_reused=result.stats.shards_reused,
+              shards_computed=result.stats.shards_computed,
+              seconds=round(result.stats.seconds, 3))
+
+
+def _open_dataset(name: str, split: str, data_dir: str | None) -> Any:
+  """A ``len``/``get(i)`` source from the data package's dataset registry."""
+  try:
+    datasets = importlib.import_module("sslbench_jax.data.datasets")
+  except ModuleNotFoundError:
+    raise ValueError("--dataset needs sslbench_jax.data.datasets, which is not "
+                     "installed; use --images DIR") from None
+  return datasets.get_dataset(name, split=split, data_dir=data_dir)

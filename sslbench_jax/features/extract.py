@@ -1,0 +1,421 @@
+"""Data-parallel, sharded, resumable feature extraction over all devices of all processes.
+
+The forward pass is one ``jax.jit`` over a 1-D ``("data",)`` mesh of every
+device of every process: the batch is sharded over ``"data"``, the variables
+are replicated. Each process decodes its own rows (``cache.Layout``), builds
+its part of the global batch with ``jax.make_array_from_process_local_data``
+and reads back the rows its own devices produced, in its own row order. The
+last step is zero-padded to a full batch; padded rows are dropped on the host,
+so every example is evaluated exactly once and every process runs the same
+number of steps.
+
+With a cache, each process writes its rows in checksummed shards every
+``steps_per_shard`` steps; a rerun reuses every valid shard and computes only
+the missing ones (all processes compute the union of what any process misses,
+since the jitted step is collective, and each writes only its own). Process 0
+writes the manifest. The result is the same ``FeatureSet`` on every process.
+
+Example:
+  >>> model = registry.create_model("resnet50")
+  >>> result = extract(model, variables, source, preprocess.get_preset(
+  ...     "imagenet_bilinear"), cache_root="/cache", key=key)
+  >>> result.features.features.shape
+  (50000, 2048)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+import numpy as np
+import tqdm
+
+from sslbench_jax.features import _pipeline
+from sslbench_jax.features import cache as cache_lib
+from sslbench_jax.features import io as features_io
+from sslbench_jax.features import multihost
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_GATHER_ROWS = 1 << 16  # rows per cross-process all-gather (bounds device memory)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractStats:
+  """What one ``extract`` call did (per process).
+
+  Attributes:
+    num_shards: shards of this process in the layout.
+    shards_reused: valid shards read back from the cache (hits).
+    shards_computed: shards run through the model (the union over processes of
+      what is missing, so it can exceed this process's own misses).
+    shards_written: shards this process wrote (its misses).
+    from_complete_entry: True when a complete entry was loaded as a whole.
+    seconds: wall time.
+  """
+  num_shards: int
+  shards_reused: int
+  shards_computed: int
+  shards_written: int
+  from_complete_entry: bool
+  seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractResult:
+  features: features_io.FeatureSet
+  stats: ExtractStats
+  entry_dir: str | None
+
+
+def extract(model: Any, variables: Any, source: Any,
+            preprocess: Callable[[Any], np.ndarray] | None = None,
+            *, representation: str = "pre_logits", dtype: str = "float32",
+            batch_size_per_device: int = 64, num_threads: int | None = None,
+            cache_root: str | None = None, key: cache_lib.CacheKey | None = None,
+            steps_per_shard: int = 16, meta: dict[str, Any] | None = None,
+            progress: bool = True, prefetch: int = 2,
+            on_shard_written: Callable[[int], None] | None = None) -> ExtractResult:
+  """Computes ``representation`` for every example of ``source``.
+
+  Args:
+    model: a Flax module following the backbone contract
+      (``apply(variables, images_nhwc, train=False)`` -> dict of arrays).
+    variables: its variables (host arrays; replicated onto every device).
+    source: ``len(source)`` and ``source.get(i) -> {"image", "label", "id"
+      [, "mask"]}``: a ``data.dataset.Dataset`` (float32 images, already
+      preprocessed), or raw PIL / uint8 images (e.g. ``ImageFolder``).
+      Examples with ``mask`` False are dropped and listed in the meta.
+    preprocess: for raw images, PIL image -> float32 (H, W, 3); None when the
+      source preprocesses. When it has ``geometry`` (-> uint8) and
+      ``config.mean/std`` (``data.preprocess`` presets), uint8 pixels are
+      shipped and normalised on device.
+    representation: key of the model output to keep; (B, ...) outputs are
+      flattened to (B, D).
+    dtype: compute dtype, "float32" or "bfloat16" (features are float32).
+    batch_size_per_device: rows per device and step.
+    num_threads: decode threads (default: CPU count, at most 32).
+    cache_root: cache directory; None disables caching.
+    key: the ``CacheKey`` of these features; required with ``cache_root``.
+    steps_per_shard: steps per cache shard of each process.
+    meta: extra provenance for the FeatureSet (e.g. arch, dataset) when no
+      ``key`` is given.
+    progress: show a tqdm bar on process 0.
+    prefetch: batches kept ready on device.
+    on_shard_written: called with the shard index after each shard this
+      process writes (progress hooks; tests use it to kill the run).
+
+  Returns:
+    ``ExtractResult``: the ``FeatureSet`` (dataset order, padding dropped),
+    the cache statistics and the cache entry directory.
+
+  Raises:
+    ValueError: empty source, unknown representation or dtype, bad sizes.
+  """
+  t0 = time.time()
+  if dtype not in DTYPES:
+    raise ValueError(f"Unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+  if batch_size_per_device < 1 or steps_per_shard < 1:
+    raise ValueError("batch_size_per_device and steps_per_shard must be >= 1")
+  if cache_root is not None and key is None:
+    raise ValueError("a cache needs a CacheKey (key=...)")
+  n = len(source)
+  if n == 0:
+    raise ValueError("the image source is empty")
+  if key is not None and (key.representation, key.dtype) != (representation, dtype):
+    raise ValueError(f"cache key says {key.representation}/{key.dtype}, "
+                     f"extraction asks for {representation}/{dtype}")
+  process, num_processes = jax.process_index(), jax.process_count()
+  # Auto axes: the compiler propagates the batch sharding through the model,
+  # so backbones need no sharding annotations (Explicit axes would demand them).
+  mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  rows = batch_size_per_device * len(mesh.local_devices)
+  layout = cache_lib.Layout(n, num_processes, rows, steps_per_shard,
+                            versions=tuple(sorted(_versions().items())))
+  run_meta = _provenance(key, meta, representation, dtype)
+  directory = cache_lib.entry_dir(cache_root, key) if cache_root else None
+
+  if directory is not None:
+    complete, num_cached = _load_complete(directory, key)
+    if _everyone(complete is not None):
+      stats = ExtractStats(num_cached, num_cached, 0, 0, True, time.time() - t0)
+      _log_stats(directory, stats)
+      return ExtractResult(complete, stats, directory)
+
+  pixels_fn, normalize = _split_preprocess(preprocess)
+  load = _pipeline.example_loader(source, pixels_fn)
+  first, first_label, _, _ = load(0)
+  label_template = np.asarray(first_label)
+  forward = _Forward(model, variables, representation, dtype, normalize, mesh,
+                     first.shape, first.dtype)
+  tag = layout.tag()
+
+  hits: dict[int, tuple[str, str, dict[str, np.ndarray]]] = {}
+  if directory is not None:
+    hits = cache_lib.scan_shards(directory, tag, process)
+  own_missing = np.array([k not in hits for k in range(layout.num_shards)])
+  to_compute = [int(k) for k in np.flatnonzero(multihost.allgather(own_missing).any(0))]
+  if directory is not None and process == 0:
+    cache_lib.write_manifest(directory, _manifest(key, layout, run_meta,
+                                                  forward.feature_dim, None))
+
+  parts = {k: arrays for k, (_, _, arrays) in hits.items()}
+  written = {k: (name, digest) for k, (name, digest, _) in hits.items()}
+  steps = [s for k in to_compute for s in layout.shard_steps(k)]
+  # The bar counts every process's images (process 0's, scaled): an estimate
+  # that is exact but for the uneven padding of the last steps.
+  num_images = int((layout.plan(process).indices[steps] >= 0).sum()) * num_processes
+  bar = tqdm.tqdm(total=num_images, unit="img", unit_scale=True, smoothing=0.1,
+                  desc="features", disable=not progress or process != 0 or not steps)
+  pending: dict[int, list[dict[str, np.ndarray]]] = {}
+
+  def finish(batch: _pipeline.Batch, feats: np.ndarray) -> None:
+    shard = batch.step // steps_per_shard
+    pending.setdefault(shard, []).append(dict(
+        features=feats[batch.keep], index=batch.positions[batch.keep],
+        labels=batch.labels, ids=batch.ids, skipped=batch.skipped))
+    bar.update(int((batch.positions >= 0).sum()) * num_processes)
+    if batch.step != layout.shard_steps(shard)[-1]:
+      return
+    arrays = _concat_rows(pending.pop(shard), forward.feature_dim, label_template)
+    if shard in parts:
+      return  # another process was missing this shard; ours is on disk already
+    parts[shard] = arrays
+    if directory is not None:
+      written[shard] = cache_lib.write_shard(directory, tag, process, shard, arrays)
+      if on_shard_written is not None:
+        on_shard_written(shard)
+
+  plan = layout.plan(process)
+  batches = _pipeline.device_batches(
+      steps, lambda s: plan.indices[s], load, first.shape, first.dtype,
+      forward.to_device, num_threads or min(32, os.cpu_count() or 1), depth=prefetch)
+  previous = None
+  # One step in flight: dispatch step s, then read back step s - 1.
+  for batch in batches:
+    batch.device = forward(batch.device)
+    if previous is not None:
+      finish(previous, forward.local_rows(previous.device))
+    previous = batch
+  if previous is not None:
+    finish(previous, forward.local_rows(previous.device))
+  bar.close()
+
+  fs = _gather(parts, layout, forward.feature_dim, run_meta)
+  if directory is not None:
+    _finalize(directory, key, layout, run_meta, forward.feature_dim, written)
+  stats = ExtractStats(layout.num_shards, len(hits), len(to_compute),
+                       int(own_missing.sum()), False, time.time() - t0)
+  if directory is not None:
+    _log_stats(directory, stats)
+  return ExtractResult(fs, stats, directory)
+
+
+class _Forward:
+  """The jitted, sharded forward pass and its host<->device plumbing."""
+
+  def __init__(self, model, variables, representation, dtype, normalize, mesh,
+               pixel_shape, pixel_dtype):
+    compute = DTYPES[dtype]
+    if compute != jnp.float32 and "dtype" in getattr(model, "__dataclass_fields__", {}):
+      # Mixed precision the module supports: float32 parameters, bf16 compute.
+      model = model.clone(dtype=compute)
+    elif compute != jnp.float32:
+      variables = jax.tree.map(
+          lambda v: v.astype(compute) if jnp.issubdtype(v.dtype, jnp.floating) else v,
+          variables)
+    self.data = NamedSharding(mesh, PartitionSpec("data"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    self.variables = jax.tree.map(
+        lambda v: jax.make_array_from_process_local_data(replicated, np.asarray(v),
+                                                         np.shape(v)), variables)
+
+    def fwd(variables, images):
+      x = images
+      if normalize is not None:
+        mean, std = normalize
+        x = (x.astype(jnp.float32) / jnp.float32(255.0) - mean) / std
+      out = model.apply(variables, x.astype(compute), train=False)
+      if representation not in out:
+        raise ValueError(f"Unknown representation {representation!r}; this model "
+                         f"returns: {', '.join(sorted(out))}")
+      feats = out[representation]
+      return feats.reshape(feats.shape[0], -1).astype(jnp.float32)
+
+    self._fwd = jax.jit(fwd, in_shardings=(replicated, self.data),
+                        out_shardings=self.data)
+    probe = jax.ShapeDtypeStruct((len(mesh.devices.flat),) + tuple(pixel_shape),
+                                 pixel_dtype)
+    self.feature_dim = int(jax.eval_shape(fwd, variables, probe).shape[1])
+
+  def to_device(self, images: np.ndarray) -> jax.Array:
+    return jax.make_array_from_process_local_data(self.data, images)
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    return self._fwd(self.variables, images)
+
+  @staticmethod
+  def local_rows(out: jax.Array) -> np.ndarray:
+    # This process's rows, in the order its local batch was laid out.
+    shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+def _split_preprocess(preprocess):
+  """(host pixels fn or None, on-device normalisation or None)."""
+  if preprocess is None:
+    return None, None  # the source preprocesses (e.g. a data.dataset.Dataset)
+  config = getattr(preprocess, "config", None)
+  if hasattr(preprocess, "geometry") and hasattr(config, "mean"):
+    # uint8 pixels cross to the device (4x less traffic); normalise there.
+    mean = np.asarray(config.mean, np.float32)
+    std = np.asarray(config.std, np.float32)
+    return preprocess.geometry, (mean, std)
+  return (lambda img: np.asarray(preprocess(img), np.float32)), None
+
+
+def _concat_rows(rows: list[dict[str, Any]], dim: int,
+                 label_template: np.ndarray) -> dict[str, np.ndarray]:
+  labels = [l for r in rows for l in r["labels"]]
+  return dict(
+      features=np.concatenate([r["features"] for r in rows]).astype(
+          np.float32).reshape(-1, dim),
+      index=np.concatenate([r["index"] for r in rows]).astype(np.int64),
+      labels=(np.asarray(labels, label_template.dtype) if labels else
+              np.zeros((0,) + label_template.shape, label_template.dtype)),
+      ids=np.asarray([i for r in rows for i in r["ids"]], dtype=str),
+      skipped=np.asarray([i for r in rows for i in r["skipped"]], np.int64))
+
+
+def _gather(parts, layout, dim, meta) -> features_io.FeatureSet:
+  """Every process's shards -> the full FeatureSet on every process."""
+  local = [parts[k] for k in sorted(parts)]
+  if layout.num_processes > 1:
+    local = _allgather_rows({k: np.concatenate([p[k] for p in local])
+                             for k in local[0]}, layout)
+  return cache_lib.assemble(local, layout.num_examples, dim, meta)
+
+
+def _allgather_rows(mine: dict[str, np.ndarray], layout) -> list[dict[str, np.ndarray]]:
+  """All-gathers one process's rows; returns one dict per process.
+
+  Row counts differ between processes, so everything is padded to the largest
+  possible count (a process's plan size) and cut back after the gather; ids
+  travel as zero-padded UTF-8 bytes.
+  """
+  width = layout.num_steps * layout.rows_per_process
+  counts = multihost.allgather(np.array([len(mine["index"]), len(mine["skipped"])]))
+  ids = [i.encode("utf-8") for i in mine["ids"]]
+  id_len = int(multihost.allgather(np.array(max(map(len, ids), default=1))).max())
+  id_bytes = np.frombuffer(b"".join(i.ljust(id_len, b"\0") for i in ids),
+                           np.uint8).reshape(len(ids), id_len)
+
+  def pad(a):
+    out = np.zeros((width,) + a.shape[1:], a.dtype)
+    out[:len(a)] = a
+    return out
+
+  fields = dict(features=mine["features"], index=mine["index"], labels=mine["labels"],
+                ids=id_bytes, skipped=mine["skipped"])
+  gathered = {k: np.concatenate([multihost.allgather(pad(v)[i:i + _GATHER_ROWS])
+                                 for i in range(0, width, _GATHER_ROWS)], axis=1)
+              for k, v in fields.items()}
+  out = []
+  for p, (kept, skipped) in enumerate(counts):
+    out.append(dict(
+        features=gathered["features"][p, :kept], index=gathered["index"][p, :kept],
+        labels=gathered["labels"][p, :kept], skipped=gathered["skipped"][p, :skipped],
+        ids=np.asarray([bytes(r).rstrip(b"\0").decode("utf-8")
+                        for r in gathered["ids"][p, :kept]], dtype=str)))
+  return out
+
+
+def _finalize(directory, key, layout, run_meta, dim, written) -> None:
+  """Process 0 records every process's shards; stale layouts are removed."""
+  tag = layout.tag()
+  own = np.zeros((layout.num_shards, 32), np.uint8)
+  for k, (_, digest) in written.items():
+    own[k] = np.frombuffer(bytes.fromhex(digest), np.uint8)
+  digests = multihost.allgather(own)
+  shards = []
+  for p in range(layout.num_processes):
+    for k in range(layout.num_shards):
+      digest = bytes(digests[p, k]).hex()
+      shards.append(dict(file=cache_lib.shard_name(tag, p, k, digest),
+                         process=p, shard=k, sha256=digest))
+  keep = {s["file"] for s in shards}
+  if jax.process_index() == 0:
+    cache_lib.write_manifest(directory, _manifest(key, layout, run_meta, dim, shards))
+  multihost.sync("sslbench_features_manifest")
+  cache_lib.remove_stale(directory, keep,
+                         None if jax.process_index() == 0 else jax.process_index())
+
+
+def _manifest(key, layout, run_meta, dim, shards) -> dict[str, Any]:
+  return dict(format=cache_lib.CACHE_FORMAT_VERSION, key=key.as_dict(),
+              key_digest=key.digest(),
+              layout=dict(dataclasses.asdict(layout), tag=layout.tag()),
+              meta=run_meta, num_examples=layout.num_examples, feature_dim=dim,
+              status="running" if shards is None else "complete",
+              shards=shards or [])
+
+
+def _load_complete(directory, key) -> tuple[features_io.FeatureSet | None, int]:
+  """A complete, verified entry (whatever layout wrote it) and its shard count."""
+  manifest = cache_lib.read_manifest(directory)
+  if not manifest or manifest.get("status") != "complete":
+    return None, 0
+  if manifest.get("key") != key.as_dict():
+    logging.warning("cache entry %s belongs to another key; recomputing", directory)
+    return None, 0
+  try:
+    return cache_lib.load_entry(directory), len(manifest["shards"])
+  except (ValueError, FileNotFoundError) as e:
+    logging.warning("complete cache entry unusable (%s); resuming shard by shard", e)
+    return None, 0
+
+
+def _everyone(flag: bool) -> bool:
+  return bool(multihost.allgather(np.array(flag)).all())
+
+
+def _provenance(key, meta, representation, dtype) -> dict[str, Any]:
+  out = dict(meta or {})
+  if key is not None:
+    out.update(arch=key.arch, arch_options=key.arch_options,
+               weights_sha256=key.weights_sha256, dataset=key.dataset,
+               split=key.split, preprocessing=key.preprocessing,
+               cache_key=key.digest())
+  out.update(representation=representation, dtype=dtype,
+             device_count=jax.device_count(), process_count=jax.process_count(),
+             versions=_versions())
+  return out
+
+
+def _versions() -> dict[str, str]:
+  import sslbench_jax  # pylint: disable=g-import-not-at-top
+  out = {"jax": jax.__version__, "sslbench_jax": sslbench_jax.__version__}
+  for dist in ("jaxlib", "flax", "numpy", "pillow"):
+    try:
+      out[dist] = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  return out
+
+
+def _log_stats(directory: str, stats: ExtractStats) -> None:
+  logging.info("feature cache %s: %d/%d shards reused (hits), %d computed, %d written "
+               "by process %d%s, %.1fs", directory, stats.shards_reused,
+               stats.num_shards, stats.shards_computed, stats.shards_written,
+               jax.process_index(),
+               " [complete entry]" if stats.from_complete_entry else "",
+               stats.seconds)

@@ -1,0 +1,61 @@
+"""A folder of images as an indexable source (``len`` + ``get(i)``), for ``features --images``.
+
+Files are listed recursively and sorted by relative path, so the order (and
+the ids, the relative paths) does not depend on the file system. Labels are
+unknown (-1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".tif",
+                    ".tiff", ".webp")
+
+
+class ImageFolder:
+  """Every image file under ``directory``.
+
+  Attributes:
+    directory: the absolute root.
+    files: sorted relative paths.
+  """
+
+  def __init__(self, directory: str):
+    if not os.path.isdir(directory):
+      raise FileNotFoundError(f"image folder {directory} does not exist")
+    self.directory = os.path.abspath(directory)
+    files = []
+    for root, dirs, names in os.walk(self.directory):
+      dirs[:] = [d for d in dirs if not d.startswith(".")]
+      for name in names:
+        if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+          files.append(os.path.relpath(os.path.join(root, name), self.directory))
+    if not files:
+      raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {directory}")
+    self.files = sorted(files)
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def get(self, i: int) -> dict[str, Any]:
+    """Opens image ``i``: ``{"image": PIL image (fully loaded), "label": -1, "id"}``."""
+    path = os.path.join(self.directory, self.files[i])
+    try:
+      with Image.open(path) as img:
+        img.load()
+    except (OSError, SyntaxError) as e:
+      raise ValueError(f"cannot decode image {path}: {e}") from None
+    return {"image": img, "label": -1, "id": self.files[i]}
+
+  def fingerprint(self) -> str:
+    """Hash of the listing (relative paths, sizes, mtimes) for cache keys."""
+    h = hashlib.sha256()
+    for name in self.files:
+      st = os.stat(os.path.join(self.directory, name))
+      h.update(f"{name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()

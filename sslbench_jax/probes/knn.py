@@ -1,0 +1,362 @@
+"""k-nearest-neighbour classification of cached features.
+
+Two protocols:
+
+* ``metric="cosine"`` is DINO's weighted kNN (Caron et al. 2021,
+  ``eval_knn.knn_classifier``): features are L2-normalised, the ``k`` most
+  cosine-similar training examples vote for their class with weight
+  ``exp(sim / T)`` (T = 0.07), and the votes are summed per class.
+* ``metric="euclidean"`` is the "A Closer Look at Benchmarking Self-supervised
+  Pre-training" protocol (scikit-learn ``KNeighborsClassifier(n_neighbors=20,
+  weights="distance")``): plain Euclidean distance, votes weighted by
+  ``1 / distance``; when a query has training examples at distance exactly 0,
+  only those vote, with weight 1 each (scikit-learn's rule). Optional
+  per-dimension z-scoring with the training mean/std (std 0 -> 1).
+
+All ``ks`` are answered from ONE search of ``max(ks)`` neighbours. The search
+is memory-bounded: queries are processed in chunks, the training bank is split
+row-wise over the devices and, on each device, into shards; each shard yields a
+local top-k that is merged into a running top-k, and the per-device lists are
+merged into the global top-k. The full ``N_test x N_train`` matrix never exists.
+
+Tie rules (deterministic, independent of the device count and chunk sizes):
+  * neighbours: among equal similarities/distances the training example with
+    the LOWER index comes first (as a stable sort of the training set would);
+  * ``k > N_train`` uses all ``N_train`` training examples;
+  * classes: ``argmax`` of the scores picks the lowest class index among equal
+    scores (as ``numpy.argmax`` and scikit-learn do). Classes with no vote have
+    score 0; see ``topk_correct`` for how top-5 treats them.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+METRICS = ("cosine", "euclidean")
+
+
+def classify(train_features: np.ndarray,
+             train_labels: np.ndarray,
+             test_features: np.ndarray,
+             num_classes: int,
+             ks: Sequence[int] = (10, 20, 100, 200),
+             metric: str = "cosine",
+             temperature: float = 0.07,
+             zscore: bool = False,
+             *,
+             query_chunk: int = 256,
+             bank_shard: int = 8192,
+             bank_dtype: str = "float32",
+             devices: Sequence[jax.Device] | None = None,
+             ) -> dict[int, np.ndarray]:
+  """Scores every class for every test example by weighted kNN voting.
+
+  Args:
+    train_features: (N_train, D) training representations.
+    train_labels: (N_train,) integer labels in ``[0, num_classes)``.
+    test_features: (N_test, D) representations to classify.
+    num_classes: number of classes C.
+    ks: numbers of neighbours; all are answered from one top-``max(ks)``.
+    metric: "cosine" (DINO: L2-normalise, weights exp(sim / temperature)) or
+      "euclidean" (Closer Look: weights 1 / distance, sklearn's zero rule).
+    temperature: DINO's T, used by "cosine" only.
+    zscore: standardise every dimension with the training mean and std
+      (std 0 replaced by 1) before anything else.
+    query_chunk: test examples per step (bounds memory; any value works).
+    bank_shard: training rows per matmul on a device (bounds memory).
+    bank_dtype: "float32" or "bfloat16" storage of the bank and queries
+      (similarities are accumulated in float32 either way).
+    devices: devices over which the bank is split (default: all).
+
+  Returns:
+    ``{k: scores}`` with scores a float32 NumPy array (N_test, C); the
+    predicted class is ``scores.argmax(1)``. For "cosine" a score is the sum
+    of exp(sim / T) over the neighbours of that class, for "euclidean" the
+    sum of 1 / distance (or the count of exact matches).
+
+  Example:
+    >>> scores = classify(xtr, ytr, xte, 10, ks=(20,))
+    >>> accuracy = (scores[20].argmax(1) == yte).mean()
+  """
+  xtr, ytr, xte = _check_inputs(train_features, train_labels, test_features,
+                                num_classes, ks, metric, temperature,
+                                query_chunk, bank_shard, bank_dtype)
+  xtr, xte = preprocess(xtr, xte, metric=metric, zscore=zscore)
+  n_train = len(xtr)
+  k_max = min(max(ks), n_train)
+  mesh, bank, rows, shard = _place_bank(xtr, bank_shard, bank_dtype, devices)
+  labels = np.zeros((bank.shape[0],), np.int32)
+  labels[:n_train] = ytr
+  labels = jax.device_put(labels, NamedSharding(mesh, P()))
+  fn = _search_and_vote(mesh, n_train, rows, shard, k_max,
+                        tuple(min(k, n_train) for k in ks), metric,
+                        float(temperature), num_classes)
+  outputs = {k: [] for k in ks}
+  for n, queries in _query_chunks(xte, query_chunk, bank.dtype):
+    for k, scores in zip(ks, fn(bank, labels, queries)):
+      outputs[k].append(np.asarray(scores)[:n])
+  return {k: (np.concatenate(v) if v else np.zeros((0, num_classes), np.float32))
+          for k, v in outputs.items()}
+
+
+def neighbours(train_features: np.ndarray,
+               test_features: np.ndarray,
+               k: int,
+               metric: str = "cosine",
+               zscore: bool = False,
+               **kwargs) -> tuple[np.ndarray, np.ndarray]:
+  """The ``k`` nearest training examples of every test example.
+
+  Args:
+    train_features: (N_train, D).
+    test_features: (N_test, D).
+    k: number of neighbours (clipped to N_train).
+    metric: "cosine" or "euclidean" (see ``classify``).
+    zscore: standardise with training statistics first.
+    **kwargs: ``query_chunk``, ``bank_shard``, ``bank_dtype``, ``devices``.
+
+  Returns:
+    ``(values, indices)``, each (N_test, min(k, N_train)), nearest first:
+    cosine similarities (descending) or Euclidean distances (ascending), and
+    training indices (ties: lower index first).
+  """
+  labels = np.zeros((len(train_features),), np.int64)
+  query_chunk = kwargs.pop("query_chunk", 256)
+  bank_shard = kwargs.pop("bank_shard", 8192)
+  bank_dtype = kwargs.pop("bank_dtype", "float32")
+  devices = kwargs.pop("devices", None)
+  if kwargs:
+    raise ValueError(f"unknown arguments {sorted(kwargs)}")
+  xtr, _, xte = _check_inputs(train_features, labels, test_features, 1, (k,),
+                              metric, 1.0, query_chunk, bank_shard, bank_dtype)
+  xtr, xte = preprocess(xtr, xte, metric=metric, zscore=zscore)
+  k = min(k, len(xtr))
+  mesh, bank, rows, shard = _place_bank(xtr, bank_shard, bank_dtype, devices)
+  fn = jax.jit(_search(mesh, len(xtr), rows, shard, k, metric))
+  values, indices = [], []
+  for n, queries in _query_chunks(xte, query_chunk, bank.dtype):
+    keys, idx = fn(bank, queries)
+    keys = np.asarray(keys)[:n]
+    values.append(-keys if metric == "cosine" else keys)
+    indices.append(np.asarray(idx)[:n])
+  if not values:
+    return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
+  return np.concatenate(values), np.concatenate(indices)
+
+
+def preprocess(train: np.ndarray, test: np.ndarray, *, metric: str,
+               zscore: bool) -> tuple[np.ndarray, np.ndarray]:
+  """Optional z-scoring with train statistics, then L2 norm for cosine.
+
+  Args:
+    train: (N_train, D) float32.
+    test: (N_test, D) float32.
+    metric: "cosine" normalises rows to unit L2 norm (as DINO's
+      ``nn.functional.normalize``, eps 1e-12); "euclidean" leaves them.
+    zscore: subtract the training mean and divide by the training std
+      (population std, 0 replaced by 1, as scikit-learn's StandardScaler).
+
+  Returns:
+    The transformed (train, test), float32.
+  """
+  train = np.asarray(train, np.float32)
+  test = np.asarray(test, np.float32)
+  if zscore:
+    mean = train.mean(0, dtype=np.float64)
+    std = train.std(0, dtype=np.float64)
+    std[std == 0] = 1.0
+    train = ((train - mean) / std).astype(np.float32)
+    test = ((test - mean) / std).astype(np.float32)
+  if metric == "cosine":
+    train = train / np.maximum(np.linalg.norm(train, axis=1, keepdims=True), 1e-12)
+    test = test / np.maximum(np.linalg.norm(test, axis=1, keepdims=True), 1e-12)
+  return train, test
+
+
+def topk_correct(scores: np.ndarray, labels: np.ndarray, k: int = 5) -> np.ndarray:
+  """Whether the true class is among the ``k`` best-scored classes.
+
+  Classes are ranked by score, ties by lower class index. A class with score
+  0 (no neighbour voted for it) never counts as a hit: with fewer than ``k``
+  voted classes (e.g. kNN with k < 5 neighbours) the top-``k`` holds only the
+  voted ones, which is what DINO's ``min(5, k)`` cut-off intends without
+  depending on how a sort orders the zero-vote classes.
+
+  Args:
+    scores: (N, C) non-negative vote totals.
+    labels: (N,) true classes.
+    k: how many classes count.
+
+  Returns:
+    (N,) bool.
+  """
+  scores = np.asarray(scores)
+  labels = np.asarray(labels)
+  order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+  hit = order == labels[:, None]
+  voted = np.take_along_axis(scores, order, axis=1) > 0
+  return np.any(hit & voted, axis=1)
+
+
+def _check_inputs(train_features, train_labels, test_features, num_classes, ks,
+                  metric, temperature, query_chunk, bank_shard, bank_dtype):
+  xtr = np.asarray(train_features, np.float32)
+  xte = np.asarray(test_features, np.float32)
+  ytr = np.asarray(train_labels)
+  if metric not in METRICS:
+    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+  if xtr.ndim != 2 or xte.ndim != 2 or xtr.shape[1] != xte.shape[1]:
+    raise ValueError("train_features and test_features must be (N, D) with the "
+                     f"same D, got {xtr.shape} and {xte.shape}")
+  if len(xtr) == 0:
+    raise ValueError("train_features is empty")
+  if ytr.shape != (len(xtr),) or not np.issubdtype(ytr.dtype, np.integer):
+    raise ValueError(f"train_labels must be ({len(xtr)},) integers, got "
+                     f"{ytr.shape} {ytr.dtype}")
+  if ytr.min() < 0 or ytr.max() >= num_classes:
+    raise ValueError(f"train_labels must lie in [0, {num_classes}), got "
+                     f"[{ytr.min()}, {ytr.max()}]")
+  if not ks or any(int(k) != k or k < 1 for k in ks):
+    raise ValueError(f"ks must be positive integers, got {ks}")
+  if temperature <= 0:
+    raise ValueError(f"temperature must be > 0, got {temperature}")
+  if query_chunk < 1 or bank_shard < 1:
+    raise ValueError(f"query_chunk and bank_shard must be >= 1, got "
+                     f"{query_chunk}, {bank_shard}")
+  if bank_dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"bank_dtype must be float32 or bfloat16, got {bank_dtype!r}")
+  if not (np.isfinite(xtr).all() and np.isfinite(xte).all()):
+    raise ValueError("features contain NaN or inf")
+  return xtr, ytr.astype(np.int32), xte
+
+
+def _place_bank(xtr, bank_shard, bank_dtype, devices):
+  """Pads the bank and splits it row-wise over the devices.
+
+  Device d holds rows [d*R, (d+1)*R), scanned in shards of S rows; padding
+  rows (index >= N_train) are masked out of every search.
+  """
+  devices = tuple(jax.devices() if devices is None else devices)
+  n_train, dim = xtr.shape
+  rows = -(-n_train // len(devices))
+  shard = min(bank_shard, rows)
+  rows = -(-rows // shard) * shard
+  bank = np.zeros((len(devices) * rows, dim), np.float32)
+  bank[:n_train] = xtr
+  mesh = Mesh(np.asarray(devices), ("bank",))
+  bank = jax.device_put(jnp.asarray(bank, jnp.dtype(bank_dtype)),
+                        NamedSharding(mesh, P("bank")))
+  return mesh, bank, rows, shard
+
+
+def _query_chunks(queries, chunk, dtype):
+  """Yields (n_valid, chunk) with the last chunk zero-padded to full size so
+  that every step has one shape (one compilation)."""
+  chunk = max(1, min(chunk, len(queries)))
+  for start in range(0, len(queries), chunk):
+    q = queries[start:start + chunk]
+    n = len(q)
+    if n < chunk:
+      q = np.concatenate([q, np.zeros((chunk - n, q.shape[1]), np.float32)])
+    yield n, jnp.asarray(q, dtype)
+
+
+def _local_top_k(bank, queries, *, rows, shard, k, metric, n_train):
+  """Top-k of one device's bank block, scanning it shard by shard.
+
+  Returns (keys, indices): keys ascending (-similarity or distance), ties by
+  lower global index; indices global.
+  """
+  offset = jax.lax.axis_index("bank") * rows
+  n_shards = rows // shard
+  blocks = bank.reshape(n_shards, shard, bank.shape[-1])
+  q = queries.shape[0]
+
+  def step(carry, inputs):
+    best_v, best_i = carry
+    block, s = inputs
+    dots = jnp.einsum("qd,sd->qs", queries, block,
+                      preferred_element_type=jnp.float32)
+    if metric == "euclidean":
+      # -|q - y|^2 up to the per-query constant |q|^2 (same ranking).
+      sq = jnp.sum(jnp.square(block.astype(jnp.float32)), axis=1)
+      dots = 2.0 * dots - sq[None, :]
+    idx = offset + s * shard + jnp.arange(shard, dtype=jnp.int32)
+    dots = jnp.where((idx < n_train)[None, :], dots, -jnp.inf)
+    # Running list first: on equal values lax.top_k keeps the lower position,
+    # which is the lower global index (running entries precede this shard).
+    values = jnp.concatenate([best_v, dots], axis=1)
+    indices = jnp.concatenate([best_i, jnp.broadcast_to(idx, (q, shard))], axis=1)
+    best_v, pos = jax.lax.top_k(values, k)
+    return (best_v, jnp.take_along_axis(indices, pos, axis=1)), None
+
+  init = (jnp.full((q, k), -jnp.inf, jnp.float32),
+          jnp.full((q, k), jnp.iinfo(jnp.int32).max, jnp.int32))
+  (best_v, best_i), _ = jax.lax.scan(
+      step, init, (blocks, jnp.arange(n_shards, dtype=jnp.int32)))
+
+  if metric == "cosine":
+    keys = -best_v
+  else:
+    # Exact distances of the few candidates: |q - y| computed directly, so that
+    # exact duplicates give 0 (the expanded form above does not) and ties are
+    # resolved on exact values.
+    local = jnp.clip(best_i - offset, 0, rows - 1)
+    cand = bank[local].astype(jnp.float32)                  # (q, k, D)
+    diff = queries.astype(jnp.float32)[:, None, :] - cand
+    keys = jnp.sqrt(jnp.sum(diff * diff, axis=-1))
+    keys = jnp.where(best_i < n_train, keys, jnp.inf)
+  keys, best_i = jax.lax.sort((keys, best_i), dimension=1, num_keys=2)
+  return keys, best_i
+
+
+@functools.lru_cache(maxsize=32)
+def _search(mesh, n_train, rows, shard, k_max, metric):
+  """Jitted (bank, queries) -> global (keys, indices), cached per shape."""
+  k_local = min(k_max, rows)
+
+  def per_device(bank, queries):
+    keys, idx = _local_top_k(bank, queries, rows=rows, shard=shard, k=k_local,
+                             metric=metric, n_train=n_train)
+    keys = jax.lax.all_gather(keys, "bank", axis=1, tiled=True)
+    idx = jax.lax.all_gather(idx, "bank", axis=1, tiled=True)
+    keys, idx = jax.lax.sort((keys, idx), dimension=1, num_keys=2)
+    return keys[:, :k_max], idx[:, :k_max]
+
+  return jax.shard_map(per_device, mesh=mesh, in_specs=(P("bank"), P()),
+                       out_specs=(P(), P()), check_vma=False)
+
+
+@functools.lru_cache(maxsize=32)
+def _search_and_vote(mesh, n_train, rows, shard, k_max, ks, metric,
+                     temperature, num_classes):
+  """Jitted (bank, labels, queries) -> one (q, C) score array per k."""
+  search = _search(mesh, n_train, rows, shard, k_max, metric)
+
+  @jax.jit
+  def fn(bank, labels, queries):
+    keys, idx = search(bank, queries)
+    neighbour_labels = labels[idx]                          # (q, k_max)
+    if metric == "cosine":
+      weights = jnp.exp(-keys / temperature)                # keys = -sim
+    else:
+      weights = 1.0 / keys                                  # inf at distance 0
+    out = []
+    row = jnp.arange(keys.shape[0])[:, None]
+    for k in ks:
+      w = weights[:, :k]
+      if metric == "euclidean":
+        exact = jnp.isinf(w)
+        w = jnp.where(jnp.any(exact, axis=1, keepdims=True),
+                      exact.astype(jnp.float32), w)
+      scores = jnp.zeros((keys.shape[0], num_classes), jnp.float32)
+      out.append(scores.at[row, neighbour_labels[:, :k]].add(w))
+    return tuple(out)
+
+  return fn

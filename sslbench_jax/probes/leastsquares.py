@@ -1,0 +1,181 @@
+"""Closed-form regularised least-squares classifier (big_vision's few-shot probe).
+
+As big_vision's ``evaluators/fewshot`` does: features are standardised with
+the training mean and std (+1e-5), a constant column of value 100 is appended
+(a bias that the ridge penalty barely touches), targets are one-hot in
+{-1, +1}, and ``W = (X^T X + l2 I)^-1 X^T Y``. One symmetric
+eigendecomposition ``Q diag(e) Q^T`` of ``X^T X`` (N >= D) or ``X X^T``
+(D > N) is shared by every l2: ``W = L diag(1 / (e + l2)) R`` with
+L, R precomputed, so a whole grid of l2 values costs one decomposition.
+
+Precision: with the bias column of 100 the Gram matrix has a condition number
+of ~1e4 * N before regularisation, so in float32 small l2 values lose 2-3
+digits (big_vision runs it in float32). We compute in float64 by default
+(``dtype="float32"`` for accelerators without float64, or big_vision parity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sslbench_jax.probes._selection import stratified_split, topk_hits
+
+BIAS_CONSTANT = 100.0
+DEFAULT_L2 = tuple(float(2.0 ** i) for i in range(-10, 20))
+
+
+@dataclasses.dataclass
+class Cache:
+  """The l2-independent part of the solution (see module docstring)."""
+  dtype: str
+  eigs: jax.Array   # (M,)
+  lhs: jax.Array    # (D + 1, M)
+  rhs: jax.Array    # (M, C)
+  mean: jax.Array   # (D,)
+  std: jax.Array    # (D,)
+
+
+@dataclasses.dataclass
+class LeastSquaresResult:
+  """Outcome of ``run`` (fields as in ``logreg.LogRegResult``)."""
+  l2s: list[float]
+  holdout_top1: list[float]
+  selected_l2: float
+  selection: str
+  test_top1: float
+  test_top5: float
+  n_test: int
+
+
+def precompute(features: np.ndarray, labels: np.ndarray,
+               num_classes: int, dtype: str = "float64") -> Cache:
+  """Standardises, appends the bias column and eigendecomposes once.
+
+  Args:
+    features: (N, D) training features.
+    labels: (N,) integers in [0, num_classes).
+    num_classes: C.
+    dtype: "float64" (default) or "float32" arithmetic.
+
+  Returns:
+    A ``Cache`` for ``weights`` / ``predict``.
+  """
+  x = np.asarray(features, np.float32)
+  y = np.asarray(labels)
+  if x.ndim != 2 or len(x) == 0 or y.shape != (len(x),):
+    raise ValueError(f"need features (N, D) and labels (N,), got {x.shape}, {y.shape}")
+  if y.min() < 0 or y.max() >= num_classes:
+    raise ValueError(f"labels must lie in [0, {num_classes})")
+  if dtype not in ("float32", "float64"):
+    raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
+  with jax.enable_x64(dtype == "float64"):
+    parts = _precompute(jnp.asarray(x, dtype), jnp.asarray(y, jnp.int32),
+                        num_classes)
+  return Cache(dtype, *parts)
+
+
+def weights(cache: Cache, l2: float) -> jax.Array:
+  """(D + 1, C) solution for one l2 (last row multiplies the bias column)."""
+  with jax.enable_x64(cache.dtype == "float64"):
+    return _weights(cache.eigs, cache.lhs, cache.rhs,
+                    jnp.asarray(l2, cache.dtype))
+
+
+def predict(cache: Cache, features: np.ndarray, l2: float) -> np.ndarray:
+  """(N, C) scores of ``features`` for the solution at ``l2``."""
+  with jax.enable_x64(cache.dtype == "float64"):
+    x = _augment(jnp.asarray(features, cache.dtype), cache.mean, cache.std)
+    return np.asarray(x @ weights(cache, l2))
+
+
+def run(train_features: np.ndarray,
+        train_labels: np.ndarray,
+        test_features: np.ndarray,
+        test_labels: np.ndarray,
+        num_classes: int,
+        l2s: Sequence[float] = DEFAULT_L2,
+        holdout: float = 0.1,
+        seed: int = 0,
+        select_on_test: bool = False,
+        dtype: str = "float64") -> LeastSquaresResult:
+  """Selects l2 on held-out train, refits on all train, evaluates on test once.
+
+  Args:
+    train_features: (N_train, D).
+    train_labels: (N_train,).
+    test_features: (N_test, D).
+    test_labels: (N_test,).
+    num_classes: C.
+    l2s: regularisation grid (big_vision: 2^-10 .. 2^19).
+    holdout: fraction of every class held out for selection.
+    seed: seeds the split.
+    select_on_test: "max over test" mode (not a fair protocol).
+    dtype: arithmetic of ``precompute``.
+
+  Returns:
+    A ``LeastSquaresResult``.
+  """
+  l2s = [float(v) for v in l2s]
+  xtr = np.asarray(train_features, np.float32)
+  ytr = np.asarray(train_labels)
+  xte = np.asarray(test_features, np.float32)
+  yte = np.asarray(test_labels)
+
+  def accuracies(cache, x, y):
+    return np.array([100.0 * topk_hits(predict(cache, x, l2), y, (1, 5)) / len(y)
+                     for l2 in l2s])
+
+  if select_on_test:
+    acc = accuracies(precompute(xtr, ytr, num_classes, dtype), xte, yte)
+    best = int(np.argmax(acc[:, 0]))
+    return LeastSquaresResult(l2s, acc[:, 0].tolist(), l2s[best], "max over test",
+                              float(acc[best, 0]), float(acc[best, 1]), len(yte))
+  fit, held = stratified_split(ytr, holdout, seed)
+  if len(held) == 0:
+    raise ValueError("the held-out slice is empty: every class has < 2 training "
+                     "examples; use select_on_test or a single l2")
+  held_acc = accuracies(precompute(xtr[fit], ytr[fit], num_classes, dtype),
+                        xtr[held], ytr[held])[:, 0]
+  best = int(np.argmax(held_acc))
+  logging.info("least squares: selected l2=%g (held-out top-1 %.2f)", l2s[best],
+               held_acc[best])
+  cache = precompute(xtr, ytr, num_classes, dtype)
+  test = 100.0 * topk_hits(predict(cache, xte, l2s[best]), yte, (1, 5)) / len(yte)
+  return LeastSquaresResult(l2s, held_acc.tolist(), l2s[best], "holdout",
+                            float(test[0]), float(test[1]), len(yte))
+
+
+def _augment(x, mean, std):
+  x = (x - mean) / std
+  return jnp.pad(x, ((0, 0), (0, 1)), constant_values=BIAS_CONSTANT)
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _precompute(x, y, num_classes):
+  mean = jnp.mean(x, axis=0)
+  std = jnp.std(x, axis=0) + 1e-5
+  x = _augment(x, mean, std)
+  targets = 2.0 * jax.nn.one_hot(y, num_classes) - 1.0
+  n, d = x.shape
+  hi = jax.lax.Precision.HIGHEST
+  if n >= d:   # (X^T X + l2 I)^-1 X^T Y
+    eigs, q = jnp.linalg.eigh(jnp.matmul(x.T, x, precision=hi))
+    rhs = q.T @ (x.T @ targets)
+    lhs = q
+  else:        # X^T (X X^T + l2 I)^-1 Y
+    eigs, q = jnp.linalg.eigh(jnp.matmul(x, x.T, precision=hi))
+    rhs = q.T @ targets
+    lhs = x.T @ q
+  return eigs, lhs, rhs, mean, std
+
+
+@jax.jit
+def _weights(eigs, lhs, rhs, l2):
+  return (lhs * (1.0 / (eigs + l2))[None, :]) @ rhs

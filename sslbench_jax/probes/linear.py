@@ -1,0 +1,439 @@
+"""Linear probes on cached features: many heads trained in one jitted pass.
+
+A grid of heads (learning rate x weight decay x {no BN, BatchNorm without
+affine before the head (MAE's probe)} x feature source x optimizer) is trained
+on the same mini-batches. Heads that share a feature source, a BN setting and
+an optimizer form a group whose weights are stacked (H, D, C); one step of a
+group is one batched matmul and a ``vmap`` of the per-head optax update, so 64
+heads cost far less than 64 runs. BatchNorm statistics depend only on the data,
+so they are computed once per source and shared by that source's BN heads.
+
+Recipe defaults follow "A Closer Look at Benchmarking Self-supervised
+Pre-training" as coded (protocol_hyperparameters_from_code.csv): SGD momentum
+0.9, lr 0.1 * batch/256, batch 1024, 100 epochs, epoch-wise warmup + cosine
+(5 warmup epochs with factor (e+1)/6, then 0.5(1 + cos(pi (e-5)/(E-5)))),
+global-norm gradient clipping 0.5, head init N(0, 0.01), bias 0, no label
+smoothing; AdamW (decoupled weight decay) is the alternative optimizer.
+
+Model selection (``run``): all heads train on a stratified, seeded 90% of the
+training set and are ranked on the held-out 10%; the best (first in grid order
+on ties) is retrained on the whole training set and evaluated on test once.
+Test data never influences the choice unless ``select_on_test=True``, a mode
+labelled "max over test" for comparing with papers that report it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+from typing import Mapping, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sslbench_jax.probes._selection import stratified_split, topk_hits
+
+OPTIMIZERS = ("sgd", "adamw")
+BN_EPS = 1e-6        # MAE: BatchNorm1d(affine=False, eps=1e-6)
+BN_MOMENTUM = 0.1    # PyTorch's default running-statistics momentum
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadConfig:
+  """One linear head of the grid.
+
+  Attributes:
+    source: name of the feature source it reads (e.g. "cls", "avgpool").
+    lr: peak learning rate (absolute, already scaled by batch size).
+    weight_decay: L2 (SGD, coupled as in PyTorch) or decoupled (AdamW) decay.
+    batchnorm: BatchNorm without affine parameters before the head.
+    optimizer: "sgd" (momentum) or "adamw".
+  """
+  source: str
+  lr: float
+  weight_decay: float = 0.0
+  batchnorm: bool = False
+  optimizer: str = "sgd"
+
+  def hparams(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Shared training settings of all heads.
+
+  Attributes:
+    epochs: passes over the training set.
+    batch_size: examples per step (the last, partial batch is kept, as a
+      PyTorch DataLoader with drop_last=False does).
+    warmup_epochs: epochs of linear warmup (factor (e+1)/(warmup+1)).
+    clip_norm: per-head global gradient-norm clip (None: off).
+    momentum: SGD momentum.
+    init_std: std of the normal head initialisation.
+    seed: initialisation and data order.
+    eval_batch_size: examples per evaluation step.
+  """
+  epochs: int = 100
+  batch_size: int = 1024
+  warmup_epochs: int = 5
+  clip_norm: float | None = 0.5
+  momentum: float = 0.9
+  init_std: float = 0.01
+  seed: int = 0
+  eval_batch_size: int = 4096
+
+
+@dataclasses.dataclass
+class Heads:
+  """Trained heads, in the order of their configs.
+
+  Attributes:
+    configs: the head configs.
+    weights: per head (D_source, C) float32 NumPy arrays.
+    biases: per head (C,).
+    bn_stats: per source with a BN head: (running mean, running var).
+  """
+  configs: list[HeadConfig]
+  weights: list[np.ndarray]
+  biases: list[np.ndarray]
+  bn_stats: dict[str, tuple[np.ndarray, np.ndarray]]
+
+  def logits(self, features: Mapping[str, np.ndarray], index: int) -> np.ndarray:
+    """(N, C) logits of head ``index`` on ``features[source]``."""
+    cfg = self.configs[index]
+    x = np.asarray(features[cfg.source], np.float32)
+    if cfg.batchnorm:
+      mean, var = self.bn_stats[cfg.source]
+      x = (x - mean) / np.sqrt(var + BN_EPS)
+    return x @ self.weights[index] + self.biases[index]
+
+
+@dataclasses.dataclass
+class ProbeResult:
+  """Outcome of ``run``.
+
+  Attributes:
+    selected: the chosen head config.
+    selection: "holdout" or "max over test".
+    holdout_top1: per grid config, top-1 (%) on the held-out slice (or on test
+      in "max over test" mode).
+    test_top1: top-1 (%) of the selected head on test.
+    test_top5: top-5 (%) of the selected head on test.
+    n_test: number of test examples.
+  """
+  selected: HeadConfig
+  selection: str
+  holdout_top1: list[float]
+  test_top1: float
+  test_top5: float
+  n_test: int
+
+
+def grid(sources: Sequence[str],
+         lrs: Sequence[float],
+         weight_decays: Sequence[float] = (0.0,),
+         batchnorm: Sequence[bool] = (False, True),
+         optimizers: Sequence[str] = ("sgd",)) -> list[HeadConfig]:
+  """The cartesian product of head settings, in a fixed order.
+
+  Args:
+    sources: feature source names.
+    lrs: absolute peak learning rates.
+    weight_decays: weight decay values.
+    batchnorm: which BN settings to include.
+    optimizers: subset of ``OPTIMIZERS``.
+
+  Returns:
+    A list of ``HeadConfig`` (source-major, then optimizer, BN, lr, wd).
+  """
+  return [HeadConfig(s, float(lr), float(wd), bool(bn), opt)
+          for s, opt, bn, lr, wd in itertools.product(
+              sources, optimizers, batchnorm, lrs, weight_decays)]
+
+
+def lr_factor(epoch, epochs: int, warmup_epochs: int):
+  """The study's epoch-wise warmup + cosine multiplier (works on jnp too)."""
+  w = warmup_epochs
+  warm = (epoch + 1) / (w + 1)
+  cos = 0.5 * (1 + jnp.cos(jnp.pi * (epoch - w) / max(epochs - w, 1)))
+  return jnp.where(epoch < w, warm, cos)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+  """The permutation of the training set used in ``epoch`` (seeded)."""
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), epoch)
+  return np.asarray(jax.random.permutation(key, n))
+
+
+def train(features: Mapping[str, np.ndarray],
+          labels: np.ndarray,
+          num_classes: int,
+          configs: Sequence[HeadConfig],
+          train_config: TrainConfig = TrainConfig(),
+          init: Sequence[tuple[np.ndarray, np.ndarray]] | None = None) -> Heads:
+  """Trains all ``configs`` together on the same mini-batches.
+
+  Args:
+    features: source name -> (N, D_source) training features.
+    labels: (N,) integer labels.
+    num_classes: C.
+    configs: heads to train (any mix of sources/BN/optimizers).
+    train_config: epochs, batch size, schedule, clipping, seed.
+    init: optional per-head (W (D, C), b (C,)) initial values; default
+      W ~ N(0, init_std), b = 0, drawn per head from the seed.
+
+  Returns:
+    The trained ``Heads``.
+  """
+  configs = list(configs)
+  tc = train_config
+  labels = np.asarray(labels)
+  n = _check(features, labels, num_classes, configs)
+  if tc.epochs < 1 or tc.batch_size < 1:
+    raise ValueError(f"epochs and batch_size must be >= 1, got {tc.epochs}, "
+                     f"{tc.batch_size}")
+  groups = _groups(configs)
+  dims = {s: features[s].shape[1] for s in {c.source for c in configs}}
+
+  params = []
+  for g, members in enumerate(groups):
+    ws, bs = [], []
+    for i in members:
+      d = dims[configs[i].source]
+      if init is not None:
+        w0, b0 = init[i]
+        if w0.shape != (d, num_classes) or b0.shape != (num_classes,):
+          raise ValueError(f"init[{i}] must be ({d}, {num_classes}), "
+                           f"({num_classes},), got {w0.shape}, {b0.shape}")
+      else:
+        key = jax.random.fold_in(jax.random.PRNGKey(tc.seed), 1000 + i)
+        w0 = tc.init_std * jax.random.normal(key, (d, num_classes))
+        b0 = np.zeros((num_classes,))
+      ws.append(jnp.asarray(w0, jnp.float32))
+      bs.append(jnp.asarray(b0, jnp.float32))
+    params.append({"w": jnp.stack(ws), "b": jnp.stack(bs)})
+
+  spec = tuple((configs[m[0]].source, configs[m[0]].batchnorm,
+                configs[m[0]].optimizer) for m in groups)
+  lrs = tuple(jnp.asarray([configs[i].lr for i in m], jnp.float32) for m in groups)
+  wds = tuple(jnp.asarray([configs[i].weight_decay for i in m], jnp.float32)
+              for m in groups)
+  sources = tuple(sorted(dims))
+  data = {s: jnp.asarray(features[s], jnp.float32) for s in sources}
+  y = jnp.asarray(labels, jnp.int32)
+  steps = -(-n // tc.batch_size)
+  epoch_fn = _epoch_fn(spec, sources, n, steps, tc.batch_size, tc.epochs,
+                       tc.warmup_epochs, tc.clip_norm, tc.momentum)
+  init_fn = _init_fn(spec, tc.momentum)
+  opt_state = init_fn(tuple(params), wds)
+  bn = {s: (jnp.zeros((dims[s],)), jnp.ones((dims[s],))) for s in sources}
+  state = (tuple(params), opt_state, bn)
+  key = jax.random.PRNGKey(tc.seed)
+  for epoch in range(tc.epochs):
+    state = epoch_fn(state, data, y, lrs, wds, key, jnp.int32(epoch))
+  params, _, bn = state
+
+  weights, biases = [None] * len(configs), [None] * len(configs)
+  for members, p in zip(groups, params):
+    w, b = np.asarray(p["w"]), np.asarray(p["b"])
+    for j, i in enumerate(members):
+      weights[i], biases[i] = w[j], b[j]
+  bn_stats = {s: (np.asarray(bn[s][0]), np.asarray(bn[s][1])) for s in sources
+              if any(c.batchnorm and c.source == s for c in configs)}
+  return Heads(configs, weights, biases, bn_stats)
+
+
+def evaluate(heads: Heads, features: Mapping[str, np.ndarray],
+             labels: np.ndarray, ks: Sequence[int] = (1,),
+             batch_size: int = 4096) -> np.ndarray:
+  """Top-k accuracies (%) of every head: array (num_heads, len(ks)).
+
+  Classes are ranked by logit, ties by lower class index.
+  """
+  labels = np.asarray(labels)
+  out = np.zeros((len(heads.configs), len(ks)))
+  for i in range(len(heads.configs)):
+    hits = np.zeros(len(ks))
+    for start in range(0, len(labels), batch_size):
+      sl = slice(start, start + batch_size)
+      logits = heads.logits({s: v[sl] for s, v in features.items()
+                             if s == heads.configs[i].source}, i)
+      hits += topk_hits(logits, labels[sl], ks)
+    out[i] = 100.0 * hits / max(len(labels), 1)
+  return out
+
+
+def run(train_features: Mapping[str, np.ndarray],
+        train_labels: np.ndarray,
+        test_features: Mapping[str, np.ndarray],
+        test_labels: np.ndarray,
+        num_classes: int,
+        configs: Sequence[HeadConfig],
+        train_config: TrainConfig = TrainConfig(),
+        holdout: float = 0.1,
+        select_on_test: bool = False) -> ProbeResult:
+  """Selects a head on held-out train, retrains it on all train, tests once.
+
+  Args:
+    train_features: source -> (N_train, D_source).
+    train_labels: (N_train,).
+    test_features: source -> (N_test, D_source).
+    test_labels: (N_test,).
+    num_classes: C.
+    configs: the grid (see ``grid``).
+    train_config: shared training settings (its seed also seeds the split).
+    holdout: fraction of every class held out for selection.
+    select_on_test: "max over test" mode: train every head on all of train
+      and report the best test accuracy (NOT a fair protocol; for comparing
+      with papers that did this).
+
+  Returns:
+    A ``ProbeResult``.
+  """
+  configs = list(configs)
+  train_labels = np.asarray(train_labels)
+  test_labels = np.asarray(test_labels)
+  if select_on_test:
+    heads = train(train_features, train_labels, num_classes, configs, train_config)
+    acc = evaluate(heads, test_features, test_labels, (1, 5))
+    best = int(np.argmax(acc[:, 0]))
+    return ProbeResult(configs[best], "max over test", acc[:, 0].tolist(),
+                       float(acc[best, 0]), float(acc[best, 1]), len(test_labels))
+
+  fit, held = stratified_split(train_labels, holdout, train_config.seed)
+  if len(held) == 0:
+    raise ValueError("the held-out slice is empty: every class has < 2 training "
+                     "examples; use select_on_test or a single config")
+  if len(configs) > 1:
+    heads = train({s: v[fit] for s, v in train_features.items()},
+                  train_labels[fit], num_classes, configs, train_config)
+    acc = evaluate(heads, {s: v[held] for s, v in train_features.items()},
+                   train_labels[held])[:, 0]
+  else:
+    acc = np.array([math.nan])
+  best = int(np.nanargmax(acc)) if len(configs) > 1 else 0
+  logging.info("linear probe: selected %s (held-out top-1 %.2f)", configs[best],
+               acc[best])
+  final = train(train_features, train_labels, num_classes, [configs[best]],
+                train_config)
+  test = evaluate(final, test_features, test_labels, (1, 5))[0]
+  return ProbeResult(configs[best], "holdout", acc.tolist(), float(test[0]),
+                     float(test[1]), len(test_labels))
+
+
+def _check(features, labels, num_classes, configs) -> int:
+  if not configs:
+    raise ValueError("no head configs given")
+  for c in configs:
+    if c.source not in features:
+      raise ValueError(f"feature source {c.source!r} not given; available: "
+                       f"{sorted(features)}")
+    if c.optimizer not in OPTIMIZERS:
+      raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {c.optimizer!r}")
+    if not c.lr > 0 or c.weight_decay < 0:
+      raise ValueError(f"need lr > 0 and weight_decay >= 0, got {c}")
+  n = len(labels)
+  for s, v in features.items():
+    if v.ndim != 2 or len(v) != n:
+      raise ValueError(f"features[{s!r}] must be ({n}, D), got {v.shape}")
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(f"labels must be (N,) integers, got {labels.shape} {labels.dtype}")
+  if n == 0 or labels.min() < 0 or labels.max() >= num_classes:
+    raise ValueError(f"labels must be non-empty and lie in [0, {num_classes})")
+  return n
+
+
+def _groups(configs: Sequence[HeadConfig]) -> list[list[int]]:
+  """Indices of configs sharing (source, batchnorm, optimizer), grid order."""
+  groups: dict[tuple, list[int]] = {}
+  for i, c in enumerate(configs):
+    groups.setdefault((c.source, c.batchnorm, c.optimizer), []).append(i)
+  return list(groups.values())
+
+
+def _direction(optimizer: str, weight_decay, momentum: float):
+  """The per-head update direction; the step is -lr(t) * direction.
+
+  SGD: PyTorch's coupled decay then heavy-ball momentum (buf = mu buf + g + wd p).
+  AdamW: Adam's bias-corrected direction plus decoupled decay wd * p.
+  """
+  if optimizer == "sgd":
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.trace(decay=momentum))
+  return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(weight_decay))
+
+
+@functools.lru_cache(maxsize=16)
+def _init_fn(spec, momentum):
+  @jax.jit
+  def init(params, wds):
+    return tuple(jax.vmap(lambda p, wd, o=opt: _direction(o, wd, momentum).init(p))(
+        p, wd) for (_, _, opt), p, wd in zip(spec, params, wds))
+  return init
+
+
+@functools.lru_cache(maxsize=16)
+def _epoch_fn(spec, sources, n, steps, batch_size, epochs, warmup, clip_norm,
+              momentum):
+  """Jitted: one epoch over all groups of heads (cached per static layout)."""
+  clip = (optax.clip_by_global_norm(clip_norm) if clip_norm is not None
+          else optax.identity())
+
+  def head_loss(p, x, y, mask):
+    logits = x @ p["w"] + p["b"]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+    return jnp.sum(ce * mask) / jnp.sum(mask)
+
+  def head_update(p, state, x, y, mask, lr, wd, opt):
+    g = jax.grad(head_loss)(p, x, y, mask)
+    g, _ = clip.update(g, clip.init(g))
+    d, state = _direction(opt, wd, momentum).update(g, state, p)
+    return jax.tree.map(lambda a, b: a - lr * b, p, d), state
+
+  def epoch(state, data, y_all, lrs, wds, key, epoch_index):
+    order = jax.random.permutation(jax.random.fold_in(key, epoch_index), n)
+    pad = steps * batch_size - n
+    order = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)])
+    valid = jnp.arange(steps * batch_size) < n
+    factor = lr_factor(epoch_index, epochs, warmup)
+
+    def step(carry, batch):
+      params, opt_state, bn = carry
+      idx, mask = batch
+      maskf = mask.astype(jnp.float32)
+      y = y_all[idx]
+      xs, xs_bn, new_bn = {}, {}, dict(bn)
+      for s in sources:
+        x = data[s][idx]
+        xs[s] = x
+        if any(b and src == s for src, b, _ in spec):
+          # BatchNorm1d in train mode over the valid rows of the batch.
+          count = jnp.sum(maskf)
+          mean = jnp.sum(x * maskf[:, None], 0) / count
+          var = jnp.sum(jnp.square(x - mean) * maskf[:, None], 0) / count
+          xs_bn[s] = (x - mean) / jnp.sqrt(var + BN_EPS)
+          unbiased = var * count / jnp.maximum(count - 1, 1)
+          rm, rv = bn[s]
+          new_bn[s] = ((1 - BN_MOMENTUM) * rm + BN_MOMENTUM * mean,
+                       (1 - BN_MOMENTUM) * rv + BN_MOMENTUM * unbiased)
+      new_params, new_states = [], []
+      for (s, use_bn, opt), p, o, lr, wd in zip(spec, params, opt_state, lrs, wds):
+        x = xs_bn[s] if use_bn else xs[s]
+        p, o = jax.vmap(
+            lambda p_, o_, lr_, wd_, opt=opt, x=x: head_update(
+                p_, o_, x, y, maskf, lr_ * factor, wd_, opt))(p, o, lr, wd)
+        new_params.append(p)
+        new_states.append(o)
+      return (tuple(new_params), tuple(new_states), new_bn), None
+
+    batches = (order.reshape(steps, batch_size), valid.reshape(steps, batch_size))
+    state, _ = jax.lax.scan(step, state, batches)
+    return state
+
+  return jax.jit(epoch, donate_argnums=(0,))

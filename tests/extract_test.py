@@ -1,0 +1,271 @@
+"""Tests of features.extract: sharded data-parallel extraction equals a direct forward pass.
+
+The reference is ``model.apply`` on the images preprocessed one by one on the
+host, outside the extraction pipeline. Several-device runs use a subprocess
+(this file run as a script) with forced CPU devices. cache_test.py and
+multihost_test.py reuse the tiny backbone and the worker defined here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from sslbench_jax.data import preprocess  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sslbench_jax.features import cache as cache_lib  # pylint: disable=wrong-import-position
+from sslbench_jax.features import extract as extract_lib  # pylint: disable=wrong-import-position
+from sslbench_jax.features import image_folder  # pylint: disable=wrong-import-position
+
+NUM_IMAGES = 11  # not a multiple of any global batch used: padding is exercised
+PRESET_OVERRIDES = dict(resize=20, crop=16)
+
+
+class TinyNet(nn.Module):
+  """A backbone-contract module: conv, BatchNorm (running stats), pooling, head."""
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(6, (3, 3), strides=(2, 2), dtype=self.dtype)(x)
+    x = nn.BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
+    x = nn.relu(x)
+    pooled = x.mean(axis=(1, 2))
+    return {"pre_logits": pooled, "grid": x[:, :2, :2, :],
+            "logits": nn.Dense(5, dtype=self.dtype)(pooled)}
+
+
+def tiny_variables() -> dict[str, Any]:
+  """Deterministic variables with non-trivial BatchNorm statistics."""
+  variables = TinyNet().init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+  rng = np.random.RandomState(1)
+  stats = variables["batch_stats"]["BatchNorm_0"]
+  return {"params": jax.tree.map(np.asarray, variables["params"]),
+          "batch_stats": {"BatchNorm_0": {
+              "mean": rng.normal(0, 0.1, stats["mean"].shape).astype(np.float32),
+              "var": rng.uniform(0.5, 2.0, stats["var"].shape).astype(np.float32)}}}
+
+
+def tiny_preset() -> preprocess.Preprocess:
+  return preprocess.get_preset("imagenet_bilinear", **PRESET_OVERRIDES)
+
+
+def write_images(directory: str, n: int = NUM_IMAGES, seed: int = 0) -> list[str]:
+  """n small JPEGs of different sizes (one grayscale); returns sorted names."""
+  os.makedirs(directory, exist_ok=True)
+  rng = np.random.RandomState(seed)
+  names = []
+  for i in range(n):
+    h, w = 18 + 3 * i, 40 - i
+    pixels = rng.randint(0, 256, (h, w, 3)).astype(np.uint8)
+    img = Image.fromarray(pixels)
+    if i == 3:
+      img = img.convert("L")
+    names.append(f"img_{i:02d}.jpg")
+    img.save(os.path.join(directory, names[-1]), quality=90)
+  return sorted(names)
+
+
+def reference_features(directory: str, key: str = "pre_logits") -> np.ndarray:
+  """model.apply on images preprocessed one by one (no pipeline, no padding)."""
+  preset = tiny_preset()
+  names = sorted(os.listdir(directory))
+  images = []
+  for name in names:
+    with Image.open(os.path.join(directory, name)) as img:
+      images.append(preset(img))
+  out = TinyNet().apply(tiny_variables(), np.stack(images), train=False)[key]
+  return np.asarray(out).reshape(len(names), -1)
+
+
+def tiny_key(directory: str, dtype: str = "float32") -> cache_lib.CacheKey:
+  return cache_lib.CacheKey(
+      arch="tiny", arch_options={}, weights_sha256="0" * 64,
+      dataset=f"folder:{directory}", split="", preprocessing="imagenet_bilinear:16",
+      representation="pre_logits", dtype=dtype)
+
+
+def run_extract(images: str, *, cache: str | None = None, batch_size_per_device: int = 2,
+                steps_per_shard: int = 1, dtype: str = "float32",
+                representation: str = "pre_logits", **kwargs) -> extract_lib.ExtractResult:
+  """extract() on the tiny model and an image folder."""
+  return extract_lib.extract(
+      TinyNet(), tiny_variables(), image_folder.ImageFolder(images), tiny_preset(),
+      representation=representation, dtype=dtype,
+      batch_size_per_device=batch_size_per_device, num_threads=2,
+      cache_root=cache, key=tiny_key(images, dtype) if cache else None,
+      steps_per_shard=steps_per_shard, progress=False, **kwargs)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def worker_env(devices: int | None = None) -> dict[str, str]:
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+  env["JAX_PLATFORMS"] = "cpu"
+  if devices is not None:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  return env
+
+
+def start_worker(config: dict[str, Any], devices: int | None = None) -> subprocess.Popen:
+  """Starts this file as an extraction worker (see ``_worker_main``)."""
+  return subprocess.Popen([sys.executable, os.path.abspath(__file__), json.dumps(config)],
+                          env=worker_env(devices), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def finish_worker(proc: subprocess.Popen, timeout: float = 120) -> list[dict[str, Any]]:
+  """Waits for a worker; returns the stats it printed (one per extract call)."""
+  out, err = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{err[-3000:]}"
+  return [json.loads(line[6:]) for line in out.splitlines() if line.startswith("STATS ")]
+
+
+def _worker_main(config: dict[str, Any]) -> None:
+  """Subprocess body: optional jax.distributed, extract, save, print stats.
+
+  Config keys: images, out, cache, batch_size_per_device, steps_per_shard,
+  kill_after_shards (SIGKILL itself once that many shards are written),
+  coordinator/num_processes/process_id, corrupt_and_rerun (multi-process:
+  process 1 corrupts its last shard, then every process reruns).
+  """
+  from sslbench_jax.features import io as features_io  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.features import multihost  # pylint: disable=g-import-not-at-top
+  if config.get("coordinator"):
+    multihost.initialize(config["coordinator"], config["num_processes"],
+                         config["process_id"])
+  written = []
+
+  def on_shard(shard):
+    written.append(shard)
+    if len(written) == config.get("kill_after_shards"):
+      os.kill(os.getpid(), 9)
+
+  def once():
+    result = run_extract(config["images"], cache=config.get("cache"),
+                         batch_size_per_device=config["batch_size_per_device"],
+                         steps_per_shard=config.get("steps_per_shard", 1),
+                         on_shard_written=on_shard)
+    out = config["out"].format(process=jax.process_index())
+    features_io.save(out, result.features)
+    print("STATS " + json.dumps(dict(
+        result.stats.__dict__, process=jax.process_index(),
+        device_count=jax.device_count(), entry_dir=result.entry_dir)), flush=True)
+    return result
+
+  result = once()
+  if config.get("corrupt_and_rerun"):
+    multihost.sync("written")
+    if jax.process_index() == 1:
+      last = sorted(f for f in os.listdir(result.entry_dir) if "-p00001-" in f)[-1]
+      path = os.path.join(result.entry_dir, last)
+      data = bytearray(open(path, "rb").read())
+      data[len(data) // 2] ^= 0xFF
+      open(path, "wb").write(bytes(data))
+    multihost.sync("corrupted")
+    once()
+
+
+# ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> str:
+  directory = str(tmp_path_factory.mktemp("images"))
+  write_images(directory)
+  return directory
+
+
+def _check(fs, images_dir, atol=1e-5):
+  ref = reference_features(images_dir)
+  np.testing.assert_allclose(fs.features, ref, atol=atol, rtol=0)
+  assert list(fs.ids) == sorted(os.listdir(images_dir))  # dataset order, no duplicates
+  assert len(set(fs.ids)) == NUM_IMAGES
+  np.testing.assert_array_equal(fs.labels, -np.ones(NUM_IMAGES))
+
+
+@pytest.mark.parametrize("batch_size_per_device", [1, 4, 16])
+def test_single_process_matches_direct_apply(images, batch_size_per_device):
+  result = run_extract(images, batch_size_per_device=batch_size_per_device)
+  _check(result.features, images)
+  meta = result.features.meta
+  assert meta["representation"] == "pre_logits" and meta["dtype"] == "float32"
+  assert meta["device_count"] == jax.device_count() and meta["process_count"] == 1
+  assert {"jax", "flax", "sslbench_jax"} <= set(meta["versions"])
+
+
+def test_eight_devices_match_direct_apply(images, tmp_path):
+  # 8 devices x 1 row: 11 images = one full step + one step with 5 padded rows.
+  proc = start_worker(dict(images=images, out=str(tmp_path / "f.npz"),
+                           batch_size_per_device=1), devices=8)
+  (stats,) = finish_worker(proc)
+  assert stats["device_count"] == 8
+  from sslbench_jax.features import io as features_io  # pylint: disable=g-import-not-at-top
+  fs = features_io.load(str(tmp_path / "f.npz"))
+  _check(fs, images)
+  assert fs.meta["device_count"] == 8
+
+
+def test_float_preprocess_path_matches(images):
+  # A plain callable (no uint8 geometry step): float32 pixels are shipped.
+  preset = tiny_preset()
+  result = extract_lib.extract(
+      TinyNet(), tiny_variables(), image_folder.ImageFolder(images),
+      lambda img: preset(img), batch_size_per_device=3, progress=False)
+  _check(result.features, images)
+
+
+def test_multidimensional_representation_is_flattened(images):
+  result = run_extract(images, representation="grid", batch_size_per_device=4)
+  ref = reference_features(images, key="grid")
+  assert result.features.features.shape == (NUM_IMAGES, 2 * 2 * 6)
+  np.testing.assert_allclose(result.features.features, ref, atol=1e-5, rtol=0)
+
+
+def test_bfloat16_compute_is_close(images):
+  result = run_extract(images, dtype="bfloat16", batch_size_per_device=4)
+  ref = reference_features(images)
+  assert result.features.features.dtype == np.float32
+  # bf16 has an 8-bit mantissa: ~1e-2 relative error, far from float32's 1e-7.
+  err = np.abs(result.features.features - ref).max() / np.abs(ref).max()
+  assert 0 < err < 3e-2
+  assert result.features.meta["dtype"] == "bfloat16"
+
+
+def test_bad_arguments(images):
+  with pytest.raises(ValueError, match="Unknown representation 'nope'.*pre_logits"):
+    run_extract(images, representation="nope")
+  with pytest.raises(ValueError, match="Unknown dtype"):
+    run_extract(images, dtype="float16")
+  with pytest.raises(ValueError, match="needs a CacheKey"):
+    extract_lib.extract(TinyNet(), tiny_variables(), image_folder.ImageFolder(images),
+                        tiny_preset(), cache_root="/tmp/x", progress=False)
+
+
+def test_variable_size_preprocessing_is_rejected(images):
+  preset = preprocess.get_preset("imagenet_bilinear", resize=16, crop=None)
+  with pytest.raises(ValueError, match="fixed-size images"):
+    extract_lib.extract(TinyNet(), tiny_variables(), image_folder.ImageFolder(images),
+                        preset, batch_size_per_device=4, progress=False)
+
+
+if __name__ == "__main__":
+  _worker_main(json.loads(sys.argv[1]))

@@ -1,0 +1,130 @@
+"""Tests of ``sslbench-jax features``: a folder of JPEGs -> .npz equal to a direct forward pass.
+
+The model is a real registry architecture (ViT) shrunk through its
+``arch_options`` and saved like a converted checkpoint (npz + sidecar), so the
+command has to read the arch and options from the sidecar and pick the arch's
+default preprocessing on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+import pytest
+
+from sslbench_jax.backbones import registry
+from sslbench_jax.backbones import weights
+from sslbench_jax.data import preprocess
+from sslbench_jax.features import io as features_io
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARCH = "vit_small_patch16"
+OPTIONS = {"width": 32, "depth": 2, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("cli")
+  images = tmp / "images"
+  (images / "sub").mkdir(parents=True)
+  rng = np.random.RandomState(0)
+  for i, (h, w) in enumerate([(240, 320), (300, 260), (256, 256), (200, 410), (280, 300)]):
+    folder = images / "sub" if i == 4 else images
+    Image.fromarray(rng.randint(0, 256, (h, w, 3)).astype(np.uint8)).save(
+        folder / f"photo_{i}.jpg", quality=92)
+  (images / "notes.txt").write_text("not an image")
+  model = registry.create_model(ARCH, **OPTIONS)
+  variables = model.init(jax.random.PRNGKey(3), jnp.zeros((1, 224, 224, 3)))
+  path = str(tmp / "tiny_vit.npz")
+  weights.save_variables(path, jax.tree.map(np.asarray, variables),
+                         {"arch": ARCH, "arch_options": OPTIONS})
+  return dict(tmp=tmp, images=str(images), weights=path)
+
+
+def _cli(*args, check=True):
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+  env["JAX_PLATFORMS"] = "cpu"
+  proc = subprocess.run([sys.executable, "-m", "sslbench_jax.cli", "features",
+                         "--noprogress", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=180)
+  if check:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def _reference(setup, names):
+  variables, meta = weights.load_variables(setup["weights"])
+  model = registry.create_model(meta["arch"], **meta["arch_options"])
+  preset = preprocess.get_preset(registry.default_preprocessing(ARCH))
+  batch = []
+  for name in names:
+    with Image.open(os.path.join(setup["images"], name)) as img:
+      batch.append(preset(img))
+  return {k: np.asarray(v) for k, v in
+          model.apply(variables, np.stack(batch), train=False).items()}
+
+
+def test_images_to_npz_equals_direct_apply(setup):
+  out = str(setup["tmp"] / "feats.npz")
+  cache = str(setup["tmp"] / "cache")
+  proc = _cli("--weights", setup["weights"], "--images", setup["images"], "--out", out,
+              "--cache", cache, "--batch_size_per_device", "2", "--steps_per_shard", "1")
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert summary["num_examples"] == 5 and summary["shards_computed"] == 3
+  fs = features_io.load(out)
+  names = ["photo_0.jpg", "photo_1.jpg", "photo_2.jpg", "photo_3.jpg", "sub/photo_4.jpg"]
+  assert list(fs.ids) == names
+  ref = _reference(setup, names)
+  np.testing.assert_allclose(fs.features, ref["pre_logits"], atol=1e-5, rtol=0)
+  assert fs.meta["arch"] == ARCH and fs.meta["preprocessing"] == "imagenet_bicubic"
+  assert fs.meta["weights_sha256"] == weights.sha256_file(setup["weights"])
+
+  # Same request again: served from the cache, nothing recomputed.
+  again = _cli("--weights", setup["weights"], "--images", setup["images"], "--out", out,
+               "--cache", cache, "--batch_size_per_device", "2")
+  summary = json.loads(again.stdout.strip().splitlines()[-1])
+  assert summary["shards_computed"] == 0 and summary["shards_reused"] == 3
+  np.testing.assert_array_equal(features_io.load(out).features, fs.features)
+
+  # Another representation is another cache entry.
+  out4 = str(setup["tmp"] / "last4.npz")
+  _cli("--weights", setup["weights"], "--images", setup["images"], "--out", out4,
+       "--cache", cache, "--representation", "last4_cls", "--arch", ARCH)
+  fs4 = features_io.load(out4)
+  np.testing.assert_allclose(fs4.features, ref["last4_cls"], atol=1e-5, rtol=0)
+  assert len(os.listdir(cache)) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--images", "/nonexistent/dir", "--out", "x.npz"],
+     "image folder /nonexistent/dir does not exist"),
+    (["--images", "{images}", "--out", "x.npz", "--representation", "nope"],
+     "Unknown representation 'nope'; this model returns: cls, last4_cls"),
+    (["--images", "{images}", "--out", "x.npz", "--arch", "resnet50"],
+     "--arch resnet50 but"),
+    (["--images", "{images}"], "nothing to write"),
+    (["--images", "{images}", "--dataset", "cifar100", "--out", "x.npz"],
+     "exactly one source"),
+])
+def test_bad_input_gives_one_line_error(setup, args, message):
+  args = [a.format(images=setup["images"]) for a in args]
+  proc = _cli("--weights", setup["weights"], *args, check=False)
+  assert proc.returncode != 0
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("features: error:")]
+  assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+
+
+def test_missing_weights_is_one_line(setup):
+  proc = _cli("--weights", str(setup["tmp"] / "none.npz"), "--images", setup["images"],
+              "--out", "x.npz", check=False)
+  assert proc.returncode != 0
+  assert "does not exist; create it with `sslbench-jax convert`" in proc.stderr
+  assert "Traceback" not in proc.stderr

@@ -1,0 +1,182 @@
+"""kNN probe vs DINO's formula (NumPy, written here) and scikit-learn."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from sklearn.neighbors import KNeighborsClassifier
+
+from sslbench_jax.probes import knn
+
+
+def _random(seed, n_train=600, n_test=157, dim=24, classes=9):
+  rng = np.random.default_rng(seed)
+  return (rng.normal(size=(n_train, dim)).astype(np.float32),
+          rng.integers(0, classes, n_train),
+          rng.normal(size=(n_test, dim)).astype(np.float32), classes)
+
+
+def _clustered(seed, n_train=700, n_test=211, dim=12, classes=6):
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(scale=3.0, size=(classes, dim))
+  ytr = rng.integers(0, classes, n_train)
+  yte = rng.integers(0, classes, n_test)
+  xtr = centres[ytr] + rng.normal(size=(n_train, dim))
+  xte = centres[yte] + rng.normal(size=(n_test, dim))
+  return xtr.astype(np.float32), ytr, xte.astype(np.float32), classes, yte
+
+
+def _dino_reference(xtr, ytr, xte, k, classes, temperature=0.07):
+  """DINO eval_knn.knn_classifier in NumPy (float64), stable top-k."""
+  xtr = xtr / np.linalg.norm(xtr, axis=1, keepdims=True)
+  xte = xte / np.linalg.norm(xte, axis=1, keepdims=True)
+  sim = xte.astype(np.float64) @ xtr.astype(np.float64).T
+  idx = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+  w = np.exp(np.take_along_axis(sim, idx, axis=1) / temperature)
+  scores = np.zeros((len(xte), classes))
+  for c in range(classes):
+    scores[:, c] = np.sum(w * (ytr[idx] == c), axis=1)
+  return scores
+
+
+@pytest.mark.parametrize("data", ["random", "clustered"])
+def test_cosine_matches_dino_formula(data):
+  xtr, ytr, xte, classes = (_random(0) if data == "random" else _clustered(1)[:4])
+  ks = (1, 10, 20, 100)
+  # chunk sizes that divide neither N_test nor N_train
+  out = knn.classify(xtr, ytr, xte, classes, ks=ks, query_chunk=37, bank_shard=71)
+  for k in ks:
+    ref = _dino_reference(xtr, ytr, xte, k, classes)
+    np.testing.assert_allclose(out[k], ref, rtol=1e-4, atol=1e-6 * ref.max())
+    np.testing.assert_array_equal(out[k].argmax(1), ref.argmax(1))
+
+
+@pytest.mark.parametrize("data,zscore", [("random", False), ("clustered", False),
+                                         ("clustered", True)])
+def test_euclidean_matches_sklearn(data, zscore):
+  xtr, ytr, xte, classes = (_random(2) if data == "random" else _clustered(3)[:4])
+  if zscore:  # make the dimensions' scales very different
+    scale = np.geomspace(0.01, 100, xtr.shape[1]).astype(np.float32)
+    xtr, xte = xtr * scale, xte * scale
+  out = knn.classify(xtr, ytr, xte, classes, ks=(20, 5), metric="euclidean",
+                     zscore=zscore, query_chunk=64, bank_shard=100)
+  rtr, rte = xtr.astype(np.float64), xte.astype(np.float64)
+  if zscore:
+    mean, std = rtr.mean(0), rtr.std(0)
+    rtr, rte = (rtr - mean) / std, (rte - mean) / std
+  for k in (20, 5):
+    clf = KNeighborsClassifier(n_neighbors=k, weights="distance",
+                               algorithm="brute").fit(rtr, ytr)
+    np.testing.assert_array_equal(out[k].argmax(1), clf.predict(rte))
+    proba = out[k] / out[k].sum(1, keepdims=True)
+    np.testing.assert_allclose(proba, clf.predict_proba(rte), atol=1e-4)
+
+
+def test_zero_distance_follows_sklearn_rule():
+  rng = np.random.default_rng(4)
+  xtr = rng.normal(size=(300, 8)).astype(np.float32)
+  ytr = rng.integers(0, 5, 300)
+  # train rows 10, 11 and 12 are the same point with labels 1, 2, 2
+  xtr[11] = xtr[12] = xtr[10]
+  ytr[10], ytr[11], ytr[12] = 1, 2, 2
+  xte = np.concatenate([xtr[[10, 50, 60]], rng.normal(size=(20, 8))]).astype(np.float32)
+  out = knn.classify(xtr, ytr, xte, 5, ks=(20,), metric="euclidean")[20]
+  clf = KNeighborsClassifier(20, weights="distance", algorithm="brute").fit(xtr, ytr)
+  np.testing.assert_array_equal(out.argmax(1), clf.predict(xte))
+  np.testing.assert_allclose(out / out.sum(1, keepdims=True), clf.predict_proba(xte),
+                             atol=1e-5)
+  # only the exact matches vote, weight 1 each
+  np.testing.assert_array_equal(out[0], [0, 1, 2, 0, 0])
+  assert out[1].sum() == 1 and out[1, ytr[50]] == 1
+
+
+def test_neighbour_ties_take_lower_index_first():
+  rng = np.random.default_rng(5)
+  xtr = rng.normal(size=(50, 6)).astype(np.float32)
+  # five identical rows at indices spread over several bank shards
+  for i in (3, 17, 18, 33, 49):
+    xtr[i] = xtr[3]
+  for metric in ("cosine", "euclidean"):
+    for shard in (7, 50):
+      _, idx = knn.neighbours(xtr, xtr[[3]], 5, metric=metric, bank_shard=shard)
+      np.testing.assert_array_equal(idx[0], [3, 17, 18, 33, 49])
+
+
+def test_k_larger_than_train_set_uses_all():
+  xtr, ytr, xte, classes = _random(6, n_train=30, n_test=9)
+  out = knn.classify(xtr, ytr, xte, classes, ks=(30, 200), bank_shard=8)
+  np.testing.assert_allclose(out[200], out[30], rtol=1e-6)
+  np.testing.assert_allclose(out[200], _dino_reference(xtr, ytr, xte, 30, classes),
+                             rtol=1e-4)
+
+
+def test_topk_correct_ignores_unvoted_classes():
+  scores = np.array([[0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0],   # one voted class
+                     [1.0, 2.0, 2.0, 0.5, 0.1, 0.2, 0.0]])
+  labels = np.array([0, 6])
+  # row 0: class 0 has no vote -> not a top-5 hit although only 1 class voted
+  np.testing.assert_array_equal(knn.topk_correct(scores, labels), [False, False])
+  np.testing.assert_array_equal(knn.topk_correct(scores, np.array([1, 0])), [True, True])
+  # ties by lower class index: classes 1 and 2 tie, 1 ranks first
+  np.testing.assert_array_equal(knn.topk_correct(scores, np.array([1, 1]), k=1),
+                                [True, True])
+  np.testing.assert_array_equal(knn.topk_correct(scores, np.array([1, 2]), k=1),
+                                [True, False])
+  # end to end: k=1 neighbour -> top-5 hit iff top-1 hit
+  xtr, ytr, xte, classes, yte = _clustered(7)
+  s = knn.classify(xtr, ytr, xte, classes, ks=(1,))[1]
+  np.testing.assert_array_equal(knn.topk_correct(s, yte, 5), s.argmax(1) == yte)
+
+
+def test_bfloat16_bank_close_to_float32():
+  xtr, ytr, xte, classes, _ = _clustered(8)
+  f32 = knn.classify(xtr, ytr, xte, classes, ks=(20,))[20]
+  bf16 = knn.classify(xtr, ytr, xte, classes, ks=(20,), bank_dtype="bfloat16")[20]
+  assert (f32.argmax(1) == bf16.argmax(1)).mean() >= 0.97
+
+
+def test_bad_inputs_raise_clear_errors():
+  xtr, ytr, xte, classes = _random(9, n_train=20, n_test=3)
+  with pytest.raises(ValueError, match="metric"):
+    knn.classify(xtr, ytr, xte, classes, metric="manhattan")
+  with pytest.raises(ValueError, match="same D"):
+    knn.classify(xtr, ytr, xte[:, :5], classes)
+  with pytest.raises(ValueError, match="labels must lie"):
+    knn.classify(xtr, ytr, xte, 2)
+
+
+_EIGHT_DEVICES = textwrap.dedent("""
+    import numpy as np, jax
+    from sslbench_jax.probes import knn
+    assert jax.device_count() == 8, jax.device_count()
+    rng = np.random.default_rng(10)
+    xtr = rng.normal(size=(203, 10)).astype(np.float32)
+    xtr[150] = xtr[5]  # a cross-device tie
+    ytr = rng.integers(0, 4, 203)
+    xte = np.concatenate([xtr[:1], xtr[5:6], rng.normal(size=(40, 10))]).astype(np.float32)
+    out = {}
+    for metric in ("cosine", "euclidean"):
+      for n in (1, 8):
+        s = knn.classify(xtr, ytr, xte, 4, ks=(1, 20, 100), metric=metric,
+                         query_chunk=13, bank_shard=9, devices=jax.devices()[:n])
+        _, idx = knn.neighbours(xtr, xte, 100, metric=metric, bank_shard=9,
+                                devices=jax.devices()[:n])
+        out[f"{metric}{n}"] = (s, idx)
+      (s1, i1), (s8, i8) = out[f"{metric}1"], out[f"{metric}8"]
+      np.testing.assert_array_equal(i1, i8)
+      for k in s1:
+        np.testing.assert_allclose(s1[k], s8[k], rtol=1e-6)
+    print("OK")
+""")
+
+
+def test_eight_devices_equal_one_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES], env=env,
+                          capture_output=True, text=True, timeout=240,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]

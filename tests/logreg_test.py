@@ -1,0 +1,57 @@
+"""Logistic regression sweep vs scikit-learn's LogisticRegression (lbfgs)."""
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+
+from sslbench_jax.probes import logreg
+
+
+@pytest.fixture(scope="module")
+def digits():
+  x, y = load_digits(return_X_y=True)
+  x = (x / 16.0).astype(np.float32)
+  return x[:1100], y[:1100], x[1100:], y[1100:]
+
+
+def test_matches_sklearn_for_every_c(digits):
+  xtr, ytr, xte, yte = digits
+  cs = [1e-3, 0.03, 1.0]
+  # chunk that does not divide N exercises the padded, chunked data term
+  w, b = logreg.fit(xtr, ytr, 10, cs, chunk=300)
+  assert w.shape == (3, 64, 10) and b.shape == (3, 10)
+  for i, c in enumerate(cs):
+    ref = LogisticRegression(C=c, max_iter=5000, tol=1e-9).fit(xtr, ytr)
+    ours = logreg.objective(w[i], b[i], xtr, ytr, c)
+    theirs = logreg.objective(ref.coef_.T, ref.intercept_, xtr, ytr, c)
+    assert abs(ours - theirs) <= 1e-3 * theirs
+    acc = 100 * np.mean((xte @ w[i] + b[i]).argmax(1) == yte)
+    assert abs(acc - 100 * ref.score(xte, yte)) <= 0.5
+    # the objective's scaling: its minimiser is sklearn's, not a rescaled one
+    np.testing.assert_allclose(w[i], ref.coef_.T, atol=2e-2 * np.abs(ref.coef_).max())
+
+
+def test_selection_uses_holdout_only(digits):
+  xtr, ytr, xte, yte = digits
+  cs = np.logspace(-4, 0, 5)
+  r = logreg.run(xtr, ytr, xte, yte, 10, cs, seed=0)
+  r_perm = logreg.run(xtr, ytr, xte, np.random.default_rng(0).permutation(yte),
+                      10, cs, seed=0)
+  assert r.selected_c == r_perm.selected_c and r.holdout_top1 == r_perm.holdout_top1
+  assert r.selected_c == pytest.approx(cs[int(np.argmax(r.holdout_top1))])
+  ref = LogisticRegression(C=r.selected_c, max_iter=5000, tol=1e-9).fit(xtr, ytr)
+  assert abs(r.test_top1 - 100 * ref.score(xte, yte)) <= 0.5
+  assert r.selection == "holdout" and r.n_test == len(yte)
+  best = logreg.run(xtr, ytr, xte, yte, 10, cs, select_on_test=True)
+  assert best.selection == "max over test"
+  assert best.test_top1 == pytest.approx(max(best.holdout_top1))
+  assert best.test_top1 >= r.test_top1
+
+
+def test_bad_inputs():
+  x = np.zeros((4, 3), np.float32)
+  with pytest.raises(ValueError, match="positive"):
+    logreg.fit(x, np.array([0, 1, 0, 1]), 2, [0.0])
+  with pytest.raises(ValueError, match="labels must lie"):
+    logreg.fit(x, np.array([0, 1, 0, 5]), 2, [1.0])
