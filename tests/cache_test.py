@@ -48,7 +48,7 @@ def uninterrupted(images, tmp_path_factory) -> dict[str, bytes]:
 def test_shard_bytes_are_deterministic_and_npz_readable(tmp_path):
   arrays = dict(features=np.arange(6, dtype=np.float32).reshape(3, 2),
                 index=np.array([4, 5, 6], np.int64), labels=np.array([1, -1, 3]),
-                ids=np.array(["a", "bb", "c"]))
+                ids=np.array(["a", "bb", "c"]), skipped=np.array([7], np.int64))
   data = cache_lib.encode_shard(arrays)
   assert cache_lib.encode_shard({k: v.copy() for k, v in arrays.items()}) == data
   path = tmp_path / "s.npz"

@@ -250,6 +250,31 @@ def test_bfloat16_compute_is_close(images):
   assert result.features.meta["dtype"] == "bfloat16"
 
 
+def test_registry_dataset_with_skipped_corrupt_image(tmp_path):
+  # data.registry's generic "folder" dataset: class sub-folders give labels,
+  # the Dataset preprocesses (float32 images), and a corrupt file skipped
+  # under on_corrupt="skip" comes back with mask=False and must be dropped.
+  from sslbench_jax.data import registry as data_registry  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "train"
+  for cls in ("cat", "dog"):
+    write_images(str(root / cls), n=3 if cls == "cat" else 4, seed=len(cls) + ord(cls[0]))
+  (root / "dog" / "img_99.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+  ds = data_registry.open_dataset("folder", "train", data_dir=str(tmp_path),
+                                  preprocessing=tiny_preset(), on_corrupt="skip")
+  assert len(ds) == 8
+  result = extract_lib.extract(TinyNet(), tiny_variables(), ds, None,
+                               batch_size_per_device=3, progress=False)
+  fs = result.features
+  kept = [i for i in range(len(ds)) if ds.source.read(i)[2] != "dog/img_99.jpg"]
+  expected_ids = [ds.source.read(i)[2] for i in kept]
+  assert list(fs.ids) == expected_ids and len(expected_ids) == 7
+  np.testing.assert_array_equal(fs.labels, [0, 0, 0, 1, 1, 1, 1])
+  assert fs.meta["num_skipped"] == 1 and fs.meta["skipped_indices"] == [7]
+  os.remove(root / "dog" / "img_99.jpg")
+  ref = np.concatenate([reference_features(str(root / c)) for c in ("cat", "dog")])
+  np.testing.assert_allclose(fs.features, ref, atol=1e-5, rtol=0)
+
+
 def test_bad_arguments(images):
   with pytest.raises(ValueError, match="Unknown representation 'nope'.*pre_logits"):
     run_extract(images, representation="nope")

@@ -102,6 +102,27 @@ def test_images_to_npz_equals_direct_apply(setup):
   assert len(os.listdir(cache)) == 2
 
 
+def test_registry_dataset_source(setup):
+  # data.registry's generic "folder" dataset: <data_dir>/<split>/<class>/*.
+  root = setup["tmp"] / "ds"
+  for cls, seed in (("a", 1), ("b", 2)):
+    (root / "train" / cls).mkdir(parents=True)
+    rng = np.random.RandomState(seed)
+    for i in range(2):
+      Image.fromarray(rng.randint(0, 256, (230, 250, 3)).astype(np.uint8)).save(
+          root / "train" / cls / f"{i}.jpg")
+  out = str(setup["tmp"] / "ds.npz")
+  _cli("--weights", setup["weights"], "--dataset", "folder", "--split", "train",
+       "--data_dir", str(root), "--out", out, "--representation", "cls")
+  fs = features_io.load(out)
+  assert list(fs.ids) == ["a/0.jpg", "a/1.jpg", "b/0.jpg", "b/1.jpg"]
+  np.testing.assert_array_equal(fs.labels, [0, 0, 1, 1])
+  ref = _reference(dict(setup, images=str(root / "train")), list(fs.ids))["cls"]
+  np.testing.assert_allclose(fs.features, ref, atol=1e-5, rtol=0)
+  assert fs.meta["dataset"] == "folder" and fs.meta["split"] == "train"
+  assert fs.meta["source"]["label_space"]["num_classes"] == 2
+
+
 @pytest.mark.parametrize("args, message", [
     (["--images", "/nonexistent/dir", "--out", "x.npz"],
      "image folder /nonexistent/dir does not exist"),

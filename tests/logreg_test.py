@@ -35,15 +35,15 @@ def test_matches_sklearn_for_every_c(digits):
 def test_selection_uses_holdout_only(digits):
   xtr, ytr, xte, yte = digits
   cs = np.logspace(-4, 0, 5)
-  r = logreg.run(xtr, ytr, xte, yte, 10, cs, seed=0)
+  r = logreg.run(xtr, ytr, xte, yte, 10, cs, seed=0, max_iter=200)
   r_perm = logreg.run(xtr, ytr, xte, np.random.default_rng(0).permutation(yte),
-                      10, cs, seed=0)
+                      10, cs, seed=0, max_iter=200)
   assert r.selected_c == r_perm.selected_c and r.holdout_top1 == r_perm.holdout_top1
   assert r.selected_c == pytest.approx(cs[int(np.argmax(r.holdout_top1))])
   ref = LogisticRegression(C=r.selected_c, max_iter=5000, tol=1e-9).fit(xtr, ytr)
   assert abs(r.test_top1 - 100 * ref.score(xte, yte)) <= 0.5
   assert r.selection == "holdout" and r.n_test == len(yte)
-  best = logreg.run(xtr, ytr, xte, yte, 10, cs, select_on_test=True)
+  best = logreg.run(xtr, ytr, xte, yte, 10, cs, select_on_test=True, max_iter=200)
   assert best.selection == "max over test"
   assert best.test_top1 == pytest.approx(max(best.holdout_top1))
   assert best.test_top1 >= r.test_top1

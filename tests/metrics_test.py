@@ -1,5 +1,7 @@
 """Metrics vs NumPy references, over padded + masked batches."""
 
+import importlib.resources
+
 import numpy as np
 import pytest
 
@@ -90,7 +92,11 @@ def test_real_labels_out_of_range_rejected():
 def test_subset_accuracy_restricts_logits(label_space):
   rng = np.random.default_rng(3)
   n, c = 120, 1000
-  idx = np.sort(rng.choice(c, size=200, replace=False))
+  # The real ImageNet-R subset (package data), in its own label order.
+  text = (importlib.resources.files("sslbench_jax") / "data" / "meta"
+          / "imagenet_r_indices.txt").read_text()
+  idx = np.array([int(t) for t in text.split()])
+  assert len(idx) == 200
   logits = rng.normal(size=(n, c)).astype(np.float32)
   # Put the global maximum outside the subset for many rows: restricted and
   # unrestricted accuracies must then differ.
@@ -136,3 +142,10 @@ def test_all_padding_batch_and_finalize_before_update():
     acc.finalize()
   acc.update(np.zeros((4, 3), np.float32), np.zeros(4, np.int32), np.zeros(4, bool))
   assert np.isnan(acc.finalize()["top1"])
+
+
+def test_topk_with_fewer_classes_than_k():
+  logits = np.array([[0.1, 0.9, 0.0], [0.5, 0.2, 0.3]], np.float32)
+  labels = np.array([0, 0])
+  got = _run(metrics.topk((1, 5)), logits, labels, batch_size=4)
+  assert got == {"top1": 50.0, "top5": 100.0}

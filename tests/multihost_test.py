@@ -62,13 +62,14 @@ def test_two_processes_two_devices_each(tmp_path):
       (0, 0), (0, 1), (1, 0), (1, 1)]
   assert sorted(os.listdir(entry)) == sorted(
       [s["file"] for s in manifest["shards"]] + ["manifest.json"])
-  # Shard contents: process p holds rows p*4..p*4+3 of each global batch of 8.
+  # Shard contents: data.sharding's contiguous blocks, 0..5 and 6..10, read
+  # 4 rows per step.
   rows = {}
   for s in manifest["shards"]:
     with np.load(os.path.join(entry, s["file"])) as z:
       rows[(s["process"], s["shard"])] = z["index"].tolist()
-  assert rows == {(0, 0): [0, 1, 2, 3], (1, 0): [4, 5, 6, 7],
-                  (0, 1): [8, 9, 10], (1, 1): []}
+  assert rows == {(0, 0): [0, 1, 2, 3], (0, 1): [4, 5],
+                  (1, 0): [6, 7, 8, 9], (1, 1): [10]}
   fs = cache_lib.load_entry(entry)
   np.testing.assert_allclose(fs.features, ref, atol=1e-5, rtol=0)
   assert list(fs.ids) == names

@@ -65,7 +65,9 @@ def _md_table(md, heading):
 
 def test_files_exist_and_pngs_valid(built):
   out = built["out"]
-  for name in ("aggregates", "correlations", "correlations_grouped", "correlation_matrix",
+  for name in ("aggregates", "correlations", "correlations_grouped",
+               "correlation_matrix_pearson", "correlation_matrix_spearman",
+               "correlation_matrix_kendall",
                "predictors", "bn_effect", "rank_changes", "published_comparison"):
     assert os.path.getsize(os.path.join(out, f"{name}.csv")) > 0
   for name in ("report.md", "report.html"):
@@ -103,8 +105,13 @@ def test_table_shapes(built):
   assert len(corr) == (12 * 6 + 4 * 10 + 4 * 4) * 3 + 4
   ranks = _read(os.path.join(out, "rank_changes.csv"))
   assert len(ranks) == 26 * 4 * 5
-  matrix = _read(os.path.join(out, "correlation_matrix.csv"))
+  matrix = _read(os.path.join(out, "correlation_matrix_kendall.csv"))
   assert len(matrix) == 4 * 12 and len(matrix[0]) == 4 * 12 + 1
+  # Symmetric with unit diagonal.
+  m = np.array([[float(r[c]) for c in list(r)[1:]] for r in matrix])
+  np.testing.assert_allclose(m, m.T, atol=1e-12)
+  np.testing.assert_allclose(np.diag(m), 1.0, atol=1e-12)
+  assert matrix[0]["column"] == "finetune/imagenet"
   assert len(_read(os.path.join(out, "predictors.csv"))) == 16
   assert len(_read(os.path.join(out, "bn_effect.csv"))) == 12 * 3  # all, ResNet, ViT
   grouped = _read(os.path.join(out, "correlations_grouped.csv"))
@@ -142,6 +149,14 @@ def test_csv_numbers_equal_independent_recomputation(built):
   assert float(corr[key + ("pearson",)]["r"]) == pytest.approx(sps.pearsonr(x, y)[0], abs=1e-12)
   assert float(corr[key + ("spearman",)]["r"]) == pytest.approx(sps.spearmanr(x, y)[0], abs=1e-12)
   assert float(corr[key + ("kendall",)]["r"]) == pytest.approx(sps.kendalltau(x, y)[0], abs=1e-12)
+  # A matrix entry: linear/cub vs knn/pascal, Kendall, vs scipy on the raw rows.
+  knn = {r["model"]: r["value"] for r in rows
+         if r["protocol"] == "knn" and r["dataset"] == "pascal"}
+  cub = [raw[m]["cub"][0] for m in built["models"]]
+  pascal = [knn[m] for m in built["models"]]
+  matrix = {r["column"]: r for r in _read(os.path.join(out, "correlation_matrix_kendall.csv"))}
+  assert float(matrix["linear/cub"]["knn/pascal"]) == pytest.approx(
+      sps.kendalltau(cub, pascal)[0], abs=1e-12)
 
 
 def test_report_numbers_equal_analysis(built):

@@ -56,3 +56,23 @@ def test_defaults_from_jax_single_process():
   plan = sharding.shard_plan(5, 4)
   assert plan.num_shards == 1 and plan.shard_index == 0
   np.testing.assert_array_equal(plan.indices, [[0, 1, 2, 3], [4, -1, -1, -1]])
+
+
+@pytest.mark.parametrize("mode", ["contiguous", "strided"])
+@pytest.mark.parametrize("num_shards", [1, 2, 3, 8])
+def test_loader_over_shards_reads_dataset_exactly(mode, num_shards):
+  from sslbench_jax.data import loader, preprocess, registry
+  ds = registry.open_dataset("digits", "test", preprocessing=preprocess.make_preset(
+      resize=None, crop=None, mean=(0, 0, 0), std=(1, 1, 1)))
+  per_host = 7
+  ids, steps = collections.Counter(), set()
+  for p in range(num_shards):
+    batches = list(loader.batches(ds, per_host * num_shards, num_shards=num_shards,
+                                  shard_index=p, mode=mode, num_threads=2))
+    steps.add(len(batches))
+    for b in batches:
+      assert b["image"].shape == (per_host, 8, 8, 3)
+      ids.update(b["id"][b["mask"]].tolist())
+      assert (b["index"][~b["mask"]] == -1).all()
+  assert len(steps) == 1
+  assert ids == collections.Counter(ds.get(i)["id"] for i in range(len(ds)))

@@ -35,14 +35,14 @@ def _images(batch, h, w, seed=1):
   return np.random.default_rng(seed).normal(size=(batch, h, w, 3)).astype(np.float32)
 
 
-def _compare(arch, images, tmodel, extra=None, keys=OUTPUTS):
+def _compare(arch, images, tmodel, extra=None):
   extra = dict(extra or {})
   variables, options = _flax_variables(tmodel, arch, **extra)
   model = registry.create_model(arch, **options)
   out = model.apply(variables, jnp.asarray(images), train=False)
   with torch.no_grad():
     ref = tmodel(torch.from_numpy(images).permute(0, 3, 1, 2))
-  for key in keys:
+  for key in OUTPUTS:
     got, want = np.asarray(out[key]), ref[key].numpy()
     assert got.shape == want.shape, key
     np.testing.assert_allclose(got, want, atol=TOL, rtol=0, err_msg=key)

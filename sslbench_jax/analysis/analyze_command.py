@@ -1,7 +1,7 @@
 """``sslbench-jax analyze --results FILE.csv --out DIR``.
 
 Writes ``aggregates.csv``, ``correlations.csv``, ``correlations_grouped.csv``,
-``correlation_matrix.csv``, ``predictors.csv``, ``bn_effect.csv``,
+``correlation_matrix_{pearson,spearman,kendall}.csv``, ``predictors.csv``, ``bn_effect.csv``,
 ``rank_changes.csv``, ``published_comparison.csv``, ``plots/*.png`` and
 ``report.md`` into DIR.
 """

@@ -231,8 +231,8 @@ def protocol_bars(table, protocol: str, comparison: list[dict], path: str) -> st
   ax.barh(range(n), vals[order], color=colours, alpha=0.85)
   ax.set_yticks(range(n), [models[i] for i in order], fontsize=8)
   for pos, i in enumerate(order):
-    # Inside the bar end, so published markers beside it never cover it.
-    ax.text(vals[i] - 0.6, pos, f"{vals[i]:.1f}", va="center", ha="right",
+    # At the bar's base, away from the published markers near its end.
+    ax.text(0.8, pos, f"{vals[i]:.1f}", va="center", ha="left",
             fontsize=6.5, color="white")
   shown = set()
   for c in comparison:

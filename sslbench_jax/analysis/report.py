@@ -136,7 +136,7 @@ def build_sections(a: Analysis, plot_paths: dict[str, str], out_dir: str,
         "Agreement between protocols",
         text=["On ImageNet and on mean OOD (every dataset: correlations.csv). "
               f"Heatmap: {a.matrix_method} correlation between all protocol/dataset "
-              "columns (correlation_matrix.csv)."],
+              "columns (correlation_matrix_<method>.csv)."],
         header=_CORR_HEADER if agree else None, rows=_corr_rows(agree),
         images=[(rel(plot_paths["heatmap"]), "correlation heatmap")]
         if "heatmap" in plot_paths else []))

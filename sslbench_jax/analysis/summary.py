@@ -13,6 +13,7 @@ import numpy as np
 from sslbench_jax.analysis import aggregates
 from sslbench_jax.analysis import baselines
 from sslbench_jax.analysis import correlations
+from sslbench_jax.analysis import stats
 from sslbench_jax.analysis.table import ResultsTable
 
 
@@ -28,8 +29,12 @@ class Analysis:
   rank_changes: list[dict]
   comparison: list[dict]
   matrix_columns: list[str]
-  matrix: np.ndarray
-  matrix_method: str
+  matrices: dict[str, np.ndarray]  # method -> (C, C)
+  matrix_method: str               # the one drawn as heatmap
+
+  @property
+  def matrix(self) -> np.ndarray:
+    return self.matrices[self.matrix_method]
   n_boot: int
   n_perm: int
   seed: int
@@ -51,7 +56,9 @@ def analyze(table: ResultsTable, n_boot: int = 2000, n_perm: int = 2000,
   """
   corr = correlations.correlation_table(table, n_boot=n_boot, n_perm=n_perm, seed=seed)
   corr += correlations.partial_table(table, n_boot, n_perm, seed)
-  cols, mat = correlations.correlation_matrix(table, matrix_method)
+  matrices = {}
+  for method in stats.METHODS:
+    cols, matrices[method] = correlations.correlation_matrix(table, method)
   return Analysis(
       table=table,
       aggregates=aggregates.aggregates(table),
@@ -61,7 +68,7 @@ def analyze(table: ResultsTable, n_boot: int = 2000, n_perm: int = 2000,
       bn_effect=correlations.bn_effect_table(table, n_boot, n_perm, seed),
       rank_changes=aggregates.rank_changes(table),
       comparison=baselines.compare(table),
-      matrix_columns=cols, matrix=mat, matrix_method=matrix_method,
+      matrix_columns=cols, matrices=matrices, matrix_method=matrix_method,
       n_boot=n_boot, n_perm=n_perm, seed=seed)
 
 
@@ -109,9 +116,10 @@ def write_tables(a: Analysis, out_dir: str) -> dict[str, str]:
   }
   out = {name: write_csv(os.path.join(out_dir, f"{name}.csv"), rows, cols)
          for name, (rows, cols) in files.items()}
-  matrix_rows = [{"column": c, **{c2: a.matrix[i, j] for j, c2 in enumerate(a.matrix_columns)}}
-                 for i, c in enumerate(a.matrix_columns)]
-  out["correlation_matrix"] = write_csv(
-      os.path.join(out_dir, "correlation_matrix.csv"), matrix_rows,
-      ["column"] + a.matrix_columns)
+  for method, mat in a.matrices.items():
+    matrix_rows = [{"column": c, **{c2: mat[i, j] for j, c2 in enumerate(a.matrix_columns)}}
+                   for i, c in enumerate(a.matrix_columns)]
+    name = f"correlation_matrix_{method}"
+    out[name] = write_csv(os.path.join(out_dir, f"{name}.csv"), matrix_rows,
+                          ["column"] + a.matrix_columns)
   return out

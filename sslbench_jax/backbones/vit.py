@@ -163,6 +163,7 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+  """fc1 -> exact GELU -> fc2."""
   hidden: int
   dtype: Any = jnp.float32
 
@@ -175,6 +176,7 @@ class Mlp(nn.Module):
 
 
 class LayerScale(nn.Module):
+  """Per-channel scale ``gamma`` on a residual branch (CaiT / DINOv2 / BEiT)."""
   init_value: float
 
   @nn.compact

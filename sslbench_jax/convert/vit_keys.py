@@ -202,12 +202,20 @@ def infer_options(state: Mapping[str, Any], arch: str) -> dict[str, Any]:
 
 
 def example_image_size(arch: str, options: Mapping[str, Any]) -> int:
-  """Input size for ``jax.eval_shape(model.init)``: the pretraining size."""
-  del arch
-  return int(options.get("img_size", 224))
+  """Input size for ``jax.eval_shape(model.init)``: the pretraining size.
+
+  Args:
+    arch: registry ViT architecture.
+    options: its options.
+
+  Returns:
+    ``img_size`` of ``create_model(arch, **options)``.
+  """
+  return int(registry.create_model(arch, **options).img_size)
 
 
-def expected_shapes(arch: str, options: Mapping[str, Any]) -> dict[tuple[str, ...], tuple[int, ...]]:
+def _expected_shapes(arch: str, options: Mapping[str, Any]
+                     ) -> dict[tuple[str, ...], tuple[int, ...]]:
   """Flattened ``{path: shape}`` of ``jax.eval_shape(model.init)``."""
   model = registry.create_model(arch, **options)
   size = example_image_size(arch, options)
@@ -312,7 +320,7 @@ def to_flax(state: Any, arch: str, options: Mapping[str, Any]) -> dict[str, Any]
   """
   _arch_config(arch)
   model = registry.create_model(arch, **options)
-  expected = expected_shapes(arch, options)
+  expected = _expected_shapes(arch, options)
   problems, missing = [], []
   variables: dict[str, Any] = {}
   produced = set()

@@ -50,8 +50,8 @@ class FolderSource:
     self.samples: list[tuple[str, int]] = []
     for c in sorted(found, key=lambda c: (class_to_index[c], c)):
       folder = os.path.join(root, c)
-      for dirpath, dirnames, files in os.walk(folder, followlinks=True):
-        dirnames.sort()
+      # ImageFolder's order: walk results sorted by directory path string.
+      for dirpath, _, files in sorted(os.walk(folder, followlinks=True)):
         for f in sorted(files):
           if _is_image(f):
             self.samples.append((os.path.join(dirpath, f), class_to_index[c]))

@@ -147,9 +147,17 @@ def open_dataset(name: str, split: str, *, data_dir: str | None = None,
 
 
 @functools.cache
-def _tfds_class_names(tfds_name: str, key: str = "label") -> tuple[str, ...]:
+def _tfds_code_class_names(tfds_name: str) -> tuple[str, ...]:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  return tuple(tfds.builder(tfds_name).info.features[key].names)
+  return tuple(tfds.builder(tfds_name).info.features["label"].names)
+
+
+def _tfds_space(name, tfds_name):
+  """Class names from the prepared data (CIFAR/CUB store them there), else code."""
+  def space(src):
+    names = src.class_names() if isinstance(src, tfds_source.TfdsSource) else None
+    return label_spaces.simple(name, names or _tfds_code_class_names(tfds_name))
+  return space
 
 
 def _tfds(tfds_name, id_key=None, label_fn=None, hint=""):
@@ -338,7 +346,7 @@ register(DatasetSpec(
 register(DatasetSpec(
     "cub200", "CUB-200-2011: train 5,994 / test 5,794, 200 classes (pad to square)",
     {"train": "train", "test": "test"},
-    lambda src: label_spaces.simple("cub200", _tfds_class_names("caltech_birds2011")),
+    _tfds_space("cub200", "caltech_birds2011"),
     "pad_square", tfds=_tfds("caltech_birds2011", "image/filename"), prepare=_TFDS_AUTO))
 
 register(DatasetSpec(
@@ -351,15 +359,14 @@ register(DatasetSpec(
 register(DatasetSpec(
     "cifar100", "CIFAR-100: train 50,000 / test 10,000, 100 classes (32x32 -> 256 -> 224)",
     {"train": "train", "test": "test"},
-    lambda src: label_spaces.simple("cifar100", _tfds_class_names("cifar100")),
+    _tfds_space("cifar100", "cifar100"),
     "pad_square", tfds=_tfds("cifar100", "id"), prepare=_TFDS_AUTO))
 
 for _domain in ("clipart", "infograph", "painting", "quickdraw", "real", "sketch"):
   register(DatasetSpec(
       f"domainnet_{_domain}", f"DomainNet {_domain} (345 classes; the study's ImageNet-D {_domain})",
       {"train": "train", "test": "test"},
-      (lambda d: lambda src: label_spaces.simple(
-          f"domainnet_{d}", _tfds_class_names(f"domainnet/{d}")))(_domain),
+      _tfds_space(f"domainnet_{_domain}", f"domainnet/{_domain}"),
       "imagenet_bilinear", tfds=_tfds(f"domainnet/{_domain}"), prepare=_TFDS_AUTO))
 
 register(DatasetSpec(

@@ -75,9 +75,11 @@ class TfdsSource:
       try:
         if len(ds):
           ds[0]   # pylint: disable=pointless-statement
-      except ModuleNotFoundError:
-        # tfds.testing.mock_data encodes fake images with TensorFlow when
+      except (ModuleNotFoundError, ValueError) as e:
+        # tfds.testing.mock_data encodes fake examples (with TensorFlow) when
         # decoders are set; use decoded arrays (images.to_pil takes both).
+        logging.warning("%s: reading raw image bytes failed (%s); using TFDS-decoded "
+                        "images", self.name, str(e).splitlines()[0][:120])
         ds = tfds.data_source(self.name, split=self.split, data_dir=self.data_dir,
                               download=False)
       return ds
@@ -104,6 +106,14 @@ class TfdsSource:
 
   def __len__(self) -> int:
     return len(self._ds)
+
+  def class_names(self, key: str = "label") -> tuple[str, ...] | None:
+    """Names of a ClassLabel feature as stored with the prepared data."""
+    info = getattr(self._ds, "dataset_info", None)
+    try:
+      return tuple(info.features[key].names)
+    except (AttributeError, KeyError, TypeError):
+      return None
 
   def example(self, index: int) -> dict[str, Any]:
     """The raw TFDS example (image left encoded)."""

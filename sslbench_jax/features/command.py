@@ -15,8 +15,8 @@ process 0; with ``--cache`` an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import importlib
 import json
+import os
 import sys
 from typing import Any
 
@@ -119,8 +119,13 @@ def run(opts: dict[str, Any]) -> dict[str, Any] | None:
     source = image_folder.ImageFolder(opts["images"])
     dataset, split = f"folder:{source.directory}:{source.fingerprint()}", ""
   else:
-    source = _open_dataset(opts["dataset"], opts["split"], opts["data_dir"])
+    # A data.dataset.Dataset preprocesses its images itself.
+    source, preset = _open_dataset(opts["dataset"], opts["split"], opts["data_dir"],
+                                   preset_name), None
     dataset, split = opts["dataset"], opts["split"]
+    if opts["data_dir"]:
+      # Generic datasets ("folder", "csv") differ only by where they live.
+      dataset = f"{dataset}@{os.path.abspath(opts['data_dir'])}"
   key = cache_lib.CacheKey(
       arch=arch, arch_options=arch_options,
       weights_sha256=meta.get("weights_sha256") or weights.sha256_file(opts["weights"]),
@@ -131,7 +136,10 @@ def run(opts: dict[str, Any]) -> dict[str, Any] | None:
       dtype=opts["dtype"], batch_size_per_device=opts["batch_size_per_device"],
       num_threads=opts["num_threads"], cache_root=opts["cache"], key=key,
       steps_per_shard=opts["steps_per_shard"], progress=opts["progress"],
-      meta=dict(arch=arch, dataset=dataset, split=split, preprocessing=preset_name))
+      meta=dict(dataset=opts["dataset"] or dataset, data_dir=opts["data_dir"],
+                images=opts["images"] and os.path.abspath(opts["images"]),
+                # label space, preprocessing detail of a registry dataset
+                source=source.describe() if hasattr(source, "describe") else None))
   fs = result.features
   if jax.process_index() != 0:
     return None
@@ -145,11 +153,12 @@ def run(opts: dict[str, Any]) -> dict[str, Any] | None:
               seconds=round(result.stats.seconds, 3))
 
 
-def _open_dataset(name: str, split: str, data_dir: str | None) -> Any:
-  """A ``len``/``get(i)`` source from the data package's dataset registry."""
-  try:
-    datasets = importlib.import_module("sslbench_jax.data.datasets")
-  except ModuleNotFoundError:
-    raise ValueError("--dataset needs sslbench_jax.data.datasets, which is not "
-                     "installed; use --images DIR") from None
-  return datasets.get_dataset(name, split=split, data_dir=data_dir)
+def _open_dataset(name: str, split: str, data_dir: str | None, preset_name: str) -> Any:
+  """One split of a ``data.registry`` dataset, preprocessed with ``preset_name``."""
+  from sslbench_jax.data import registry as data_registry  # pylint: disable=g-import-not-at-top
+  spec = data_registry.get_spec(name)
+  if spec.preprocessing != preset_name:
+    logging.warning("%s's study preprocessing is %s; using %s (--preprocessing to "
+                    "change)", name, spec.preprocessing, preset_name)
+  return data_registry.open_dataset(name, split, data_dir=data_dir,
+                                    preprocessing=preset_name)

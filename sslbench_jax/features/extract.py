@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import os
 import time
@@ -233,29 +234,19 @@ class _Forward:
       variables = jax.tree.map(
           lambda v: v.astype(compute) if jnp.issubdtype(v.dtype, jnp.floating) else v,
           variables)
-    self.data = NamedSharding(mesh, PartitionSpec("data"))
-    replicated = NamedSharding(mesh, PartitionSpec())
+    try:
+      hash(model)
+      factory = _jitted_forward
+    except TypeError:  # a module with unhashable attributes: no reuse
+      factory = _jitted_forward.__wrapped__
+    self._fwd, self.data, replicated = factory(model, representation, dtype,
+                                               normalize, mesh)
     self.variables = jax.tree.map(
         lambda v: jax.make_array_from_process_local_data(replicated, np.asarray(v),
                                                          np.shape(v)), variables)
-
-    def fwd(variables, images):
-      x = images
-      if normalize is not None:
-        mean, std = normalize
-        x = (x.astype(jnp.float32) / jnp.float32(255.0) - mean) / std
-      out = model.apply(variables, x.astype(compute), train=False)
-      if representation not in out:
-        raise ValueError(f"Unknown representation {representation!r}; this model "
-                         f"returns: {', '.join(sorted(out))}")
-      feats = out[representation]
-      return feats.reshape(feats.shape[0], -1).astype(jnp.float32)
-
-    self._fwd = jax.jit(fwd, in_shardings=(replicated, self.data),
-                        out_shardings=self.data)
     probe = jax.ShapeDtypeStruct((len(mesh.devices.flat),) + tuple(pixel_shape),
                                  pixel_dtype)
-    self.feature_dim = int(jax.eval_shape(fwd, variables, probe).shape[1])
+    self.feature_dim = int(jax.eval_shape(self._fwd, self.variables, probe).shape[1])
 
   def to_device(self, images: np.ndarray) -> jax.Array:
     return jax.make_array_from_process_local_data(self.data, images)
@@ -270,6 +261,29 @@ class _Forward:
     return np.concatenate([np.asarray(s.data) for s in shards])
 
 
+@functools.lru_cache(maxsize=32)
+def _jitted_forward(model, representation, dtype, normalize, mesh):
+  """Cached per (model, representation, dtype, normalisation, mesh): one trace each."""
+  compute = DTYPES[dtype]
+  data = NamedSharding(mesh, PartitionSpec("data"))
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def fwd(variables, images):
+    x = images
+    if normalize is not None:
+      mean, std = (np.asarray(v, np.float32) for v in normalize)
+      x = (x.astype(jnp.float32) / jnp.float32(255.0) - mean) / std
+    out = model.apply(variables, x.astype(compute), train=False)
+    if representation not in out:
+      raise ValueError(f"Unknown representation {representation!r}; this model "
+                       f"returns: {', '.join(sorted(out))}")
+    feats = out[representation]
+    return feats.reshape(feats.shape[0], -1).astype(jnp.float32)
+
+  jitted = jax.jit(fwd, in_shardings=(replicated, data), out_shardings=data)
+  return jitted, data, replicated
+
+
 def _split_preprocess(preprocess):
   """(host pixels fn or None, on-device normalisation or None)."""
   if preprocess is None:
@@ -277,9 +291,8 @@ def _split_preprocess(preprocess):
   config = getattr(preprocess, "config", None)
   if hasattr(preprocess, "geometry") and hasattr(config, "mean"):
     # uint8 pixels cross to the device (4x less traffic); normalise there.
-    mean = np.asarray(config.mean, np.float32)
-    std = np.asarray(config.std, np.float32)
-    return preprocess.geometry, (mean, std)
+    return preprocess.geometry, (tuple(map(float, config.mean)),
+                                 tuple(map(float, config.std)))
   return (lambda img: np.asarray(preprocess(img), np.float32)), None
 
 
@@ -389,12 +402,15 @@ def _everyone(flag: bool) -> bool:
 
 
 def _provenance(key, meta, representation, dtype) -> dict[str, Any]:
-  out = dict(meta or {})
+  # The key's fields, refined by the caller's meta (e.g. a plain dataset name
+  # where the key also holds its location), then what this run measured.
+  out = {}
   if key is not None:
     out.update(arch=key.arch, arch_options=key.arch_options,
                weights_sha256=key.weights_sha256, dataset=key.dataset,
                split=key.split, preprocessing=key.preprocessing,
                cache_key=key.digest())
+  out.update(meta or {})
   out.update(representation=representation, dtype=dtype,
              device_count=jax.device_count(), process_count=jax.process_count(),
              versions=_versions())

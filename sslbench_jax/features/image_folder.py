@@ -11,7 +11,7 @@ import hashlib
 import os
 from typing import Any
 
-from PIL import Image
+from sslbench_jax.data import images
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".tif",
                     ".tiff", ".webp")
@@ -43,14 +43,13 @@ class ImageFolder:
     return len(self.files)
 
   def get(self, i: int) -> dict[str, Any]:
-    """Opens image ``i``: ``{"image": PIL image (fully loaded), "label": -1, "id"}``."""
+    """Decodes image ``i``: ``{"image": PIL image, "label": -1, "id": relative path}``.
+
+    Raises:
+      data.images.CorruptImageError: (a ValueError) naming the file.
+    """
     path = os.path.join(self.directory, self.files[i])
-    try:
-      with Image.open(path) as img:
-        img.load()
-    except (OSError, SyntaxError) as e:
-      raise ValueError(f"cannot decode image {path}: {e}") from None
-    return {"image": img, "label": -1, "id": self.files[i]}
+    return {"image": images.to_pil(path, path), "label": -1, "id": self.files[i]}
 
   def fingerprint(self) -> str:
     """Hash of the listing (relative paths, sizes, mtimes) for cache keys."""

@@ -86,7 +86,8 @@ def _topk_cached(ks: tuple[int, ...]) -> Metric:
     mask = mask.astype(bool)
     labels = labels.astype(jnp.int32)
     # lax.top_k breaks ties towards the lower index, like a stable argsort.
-    _, idx = jax.lax.top_k(logits, kmax)
+    # With fewer classes than k, every class is in the top k.
+    _, idx = jax.lax.top_k(logits, min(kmax, logits.shape[1]))
     hit = idx == labels[:, None]
     out = {"n": jnp.sum(mask, dtype=jnp.int32)}
     for k in ks:

@@ -77,6 +77,13 @@ def fit(features: np.ndarray,
     (W (num_C, D, K), b (num_C, K)) float32 NumPy arrays.
   """
   x, y = _check(features, labels, num_classes)
+  return _fit(x, y, np.ones(len(x), bool), num_classes, cs, max_iter, tol, chunk)
+
+
+def _fit(x, y, mask, num_classes, cs, max_iter=1000, tol=1e-6, chunk=65536):
+  """``fit`` on the rows where ``mask`` is True. Masking (rather than slicing)
+  keeps one array shape for the selection fit and the final refit, so the
+  solver compiles once per grid size."""
   cs = np.asarray(cs, np.float32)
   if cs.ndim != 1 or len(cs) == 0 or not np.all(cs > 0):
     raise ValueError(f"cs must be a non-empty list of positive numbers, got {cs}")
@@ -87,8 +94,10 @@ def fit(features: np.ndarray,
   xp[:n] = x
   yp = np.zeros((n_pad,), np.int32)
   yp[:n] = y
-  solve = _solver(n, n_pad // chunk, chunk, d, num_classes, max_iter, float(tol))
-  w, b = solve(jnp.asarray(xp), jnp.asarray(yp), jnp.asarray(cs))
+  mp = np.zeros((n_pad,), bool)
+  mp[:n] = mask
+  solve = _solver(n_pad // chunk, chunk, d, num_classes, max_iter, float(tol))
+  w, b = solve(jnp.asarray(xp), jnp.asarray(yp), jnp.asarray(mp), jnp.asarray(cs))
   return np.asarray(w), np.asarray(b)
 
 
@@ -146,14 +155,17 @@ def run(train_features: np.ndarray,
   if len(held) == 0:
     raise ValueError("the held-out slice is empty: every class has < 2 training "
                      "examples")
-  w, b = fit(train_features[fit_idx], train_labels[fit_idx], num_classes, cs,
-             **fit_kwargs)
+  train_features, train_labels = _check(train_features, train_labels, num_classes)
+  in_fit = np.zeros(len(train_labels), bool)
+  in_fit[fit_idx] = True
+  w, b = _fit(train_features, train_labels, in_fit, num_classes, cs, **fit_kwargs)
   held_acc = np.array([_accuracy(w[i], b[i], train_features[held],
                                  train_labels[held])[0] for i in range(len(cs))])
   best = int(np.argmax(held_acc))
   logging.info("logreg: selected C=%g (held-out top-1 %.2f)", cs[best],
                held_acc[best])
-  w, b = fit(train_features, train_labels, num_classes, [cs[best]], **fit_kwargs)
+  w, b = _fit(train_features, train_labels, np.ones_like(in_fit), num_classes,
+              [cs[best]], **fit_kwargs)
   test = _accuracy(w[0], b[0], test_features, test_labels)
   return LogRegResult(cs, held_acc.tolist(), cs[best], "holdout",
                       float(test[0]), float(test[1]), len(test_labels))
@@ -178,14 +190,14 @@ def _check(features, labels, num_classes):
 
 
 @functools.lru_cache(maxsize=16)
-def _solver(n, n_chunks, chunk, d, k, max_iter, tol):
-  """Jitted (x, y, cs) -> (W, b) for every C (cached per shape)."""
+def _solver(n_chunks, chunk, d, k, max_iter, tol):
+  """Jitted (x, y, mask, cs) -> (W, b) for every C (cached per shape)."""
 
-  def data_term(params, x, y):
-    """mean CE over the N valid rows, chunk by chunk, recomputed in backward."""
+  def data_term(params, x, y, mask):
+    """mean CE over the masked rows, chunk by chunk, recomputed in backward."""
     xs = x.reshape(n_chunks, chunk, d)
     ys = y.reshape(n_chunks, chunk)
-    valid = (jnp.arange(n_chunks * chunk) < n).reshape(n_chunks, chunk)
+    valid = mask.reshape(n_chunks, chunk)
 
     @jax.checkpoint
     def body(total, inputs):
@@ -195,11 +207,14 @@ def _solver(n, n_chunks, chunk, d, k, max_iter, tol):
       return total + jnp.sum(jnp.where(vc, ce, 0.0)), None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (xs, ys, valid))
-    return total / n
+    return total
 
-  def solve_one(x, y, c):
+  def solve_one(x, y, mask, c):
+    n = jnp.sum(mask.astype(jnp.float32))
+
     def f(params):
-      return data_term(params, x, y) + jnp.sum(jnp.square(params["w"])) / (2 * c * n)
+      return (data_term(params, x, y, mask)
+              + 0.5 * jnp.sum(jnp.square(params["w"])) / c) / n
 
     opt = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(f)
@@ -222,4 +237,4 @@ def _solver(n, n_chunks, chunk, d, k, max_iter, tol):
     params, _ = jax.lax.while_loop(cond, body, (params, opt.init(params)))
     return params["w"], params["b"]
 
-  return jax.jit(jax.vmap(solve_one, in_axes=(None, None, 0)))
+  return jax.jit(jax.vmap(solve_one, in_axes=(None, None, None, 0)))

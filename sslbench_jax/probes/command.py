@@ -1,0 +1,289 @@
+"""``sslbench-jax probe``: kNN / linear / logreg / least-squares / few-shot on
+cached feature files.
+
+Example::
+
+  sslbench-jax probe --features-train train.npz --features-test val.npz \\
+      --protocol knn --knn-metric cosine --results results.jsonl
+
+Reads two ``features.io`` files, runs one protocol, prints a table and, with
+``--results``, appends one row per metric to the results store (accuracies in
+percent). Flags may be spelled with underscores or dashes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+from absl import flags
+from absl import logging
+import numpy as np
+
+PROTOCOLS = ("knn", "linear", "logreg", "leastsquares", "fewshot")
+FLAGS = flags.FLAGS
+
+_DEFINED = []
+
+
+def define_flags() -> None:
+  """Defines this subcommand's absl flags (idempotent), with dashed aliases."""
+  if _DEFINED:
+    return
+  _DEFINED.append(True)
+  names = []
+
+  def string(name, default, help_):
+    flags.DEFINE_string(name, default, help_)
+    names.append(name)
+
+  def lst(name, default, help_):
+    flags.DEFINE_list(name, default, help_)
+    names.append(name)
+
+  def integer(name, default, help_):
+    flags.DEFINE_integer(name, default, help_)
+    names.append(name)
+
+  def real(name, default, help_):
+    flags.DEFINE_float(name, default, help_)
+    names.append(name)
+
+  def boolean(name, default, help_):
+    flags.DEFINE_bool(name, default, help_)
+    names.append(name)
+
+  string("features_train", None, "training feature file (.npz from `features`)")
+  string("features_test", None, "test feature file (.npz from `features`)")
+  string("protocol", "knn", f"one of {', '.join(PROTOCOLS)}")
+  string("results", None, "results store (.jsonl) to append to; default: print only")
+  string("model", None, "model name for the results; default: the files' arch")
+  string("dataset", None, "dataset name for the results; default: from the files")
+  integer("num_classes", None, "classes; default: meta num_classes or max label + 1")
+  integer("seed", 0, "seed of splits, subsets and initialisation")
+  boolean("select_on_test", False,
+          "'max over test' model selection (unfair; only to compare with papers "
+          "that did it); results are labelled so")
+  real("holdout", 0.1, "fraction of every training class held out for selection")
+  # kNN
+  lst("knn_k", ["10", "20", "100", "200"], "numbers of neighbours")
+  string("knn_metric", "cosine", "cosine (DINO) or euclidean (Closer Look)")
+  real("knn_temperature", 0.07, "DINO's temperature (cosine only)")
+  boolean("zscore", False, "z-score features with training statistics first")
+  string("bank_dtype", "float32", "kNN bank storage: float32 or bfloat16")
+  integer("query_chunk", 256, "kNN test examples per step")
+  # linear
+  lst("lr", None, "linear: absolute peak learning rates; default 0.1*batch/256")
+  lst("weight_decay", ["0"], "linear: weight decays")
+  lst("batchnorm", ["false", "true"], "linear: BN-without-affine settings")
+  lst("optimizer", ["sgd"], "linear: sgd and/or adamw")
+  integer("epochs", 100, "linear: epochs")
+  integer("batch_size", 1024, "linear: batch size")
+  integer("warmup_epochs", 5, "linear: warmup epochs")
+  real("clip_norm", 0.5, "linear: gradient global-norm clip (0: off)")
+  # logreg / least squares
+  lst("c", None, "logreg: C grid; default 45 values logspace(-6, 5)")
+  integer("max_iter", 1000, "logreg: L-BFGS iterations at most")
+  lst("l2", None, "leastsquares: l2 grid; default 2^-10..2^19")
+  # few-shot
+  lst("setups", ["1shot", "5shot", "10shot", "25shot", "1%", "10%"],
+      "few-shot: 'Kshot' / 'P%' setups")
+  lst("fewshot_probes", ["knn", "linear", "leastsquares"], "few-shot: probes")
+  integer("tries", 5, "few-shot: subsets per setup")
+  real("fewshot_l2", 2.0 ** 10, "few-shot: l2 of the closed-form probe")
+  integer("fewshot_k", 20, "few-shot: kNN neighbours")
+
+  for name in names:
+    if "_" in name:
+      flags.DEFINE_alias(name.replace("_", "-"), name)
+
+
+def main(argv: Sequence[str]) -> None:
+  """Runs the probe described by the flags; prints and stores the results."""
+  if len(argv) > 1:
+    raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    rows = run(_options())
+  except (ValueError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+  _print(rows)
+  if FLAGS.results:
+    from sslbench_jax.results import store  # pylint: disable=g-import-not-at-top
+    store.append_results(FLAGS.results, rows)
+    print(f"appended {len(rows)} rows to {FLAGS.results}")
+
+
+def _options() -> dict[str, Any]:
+  return {name: FLAGS[name].value for name in _OPTION_NAMES}
+
+
+_OPTION_NAMES = frozenset((
+    "features_train", "features_test", "protocol", "model", "dataset",
+    "num_classes", "seed", "select_on_test", "holdout", "knn_k", "knn_metric",
+    "knn_temperature", "zscore", "bank_dtype", "query_chunk", "lr",
+    "weight_decay", "batchnorm", "optimizer", "epochs", "batch_size",
+    "warmup_epochs", "clip_norm", "c", "max_iter", "l2", "setups",
+    "fewshot_probes", "tries", "fewshot_l2", "fewshot_k"))
+
+
+def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
+  """Runs one protocol from an options dict (the flag values).
+
+  Args:
+    opts: flag name -> value (see ``define_flags``).
+
+  Returns:
+    Results-store rows (accuracies in percent).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.features import io  # pylint: disable=g-import-not-at-top
+
+  protocol = opts["protocol"]
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
+  for name in ("features_train", "features_test"):
+    if not opts.get(name):
+      raise ValueError(f"--{name.replace('_', '-')} is required")
+    if not os.path.exists(opts[name]):
+      raise FileNotFoundError(f"--{name.replace('_', '-')}: no such file {opts[name]}")
+  train, test = io.load(opts["features_train"]), io.load(opts["features_test"])
+  ytr, yte = _labels(train, opts["features_train"]), _labels(test, opts["features_test"])
+  if train.features.shape[1] != test.features.shape[1]:
+    raise ValueError(f"feature dims differ: train {train.features.shape[1]}, "
+                     f"test {test.features.shape[1]}")
+  num_classes = (opts.get("num_classes") or train.meta.get("num_classes")
+                 or int(max(ytr.max(), yte.max())) + 1)
+  if max(ytr.max(), yte.max()) >= num_classes:
+    raise ValueError(f"labels exceed --num-classes {num_classes}")
+  xtr, xte = train.features, test.features
+
+  base = dict(
+      model=opts.get("model") or train.meta.get("arch") or
+      os.path.splitext(os.path.basename(opts["features_train"]))[0],
+      checkpoint_sha256=str(train.meta.get("weights_sha256", "")),
+      dataset=opts.get("dataset") or test.meta.get("dataset") or "unknown",
+      split=str(test.meta.get("split") or "test"),
+      seed=int(opts["seed"]), device_count=jax.device_count())
+  rows = []
+
+  def add(protocol_name, hparams, metric, value, n):
+    rows.append(dict(base, protocol=protocol_name, hparams=hparams, metric=metric,
+                     value=float(value), n_examples=int(n)))
+
+  if protocol == "knn":
+    from sslbench_jax.probes import knn  # pylint: disable=g-import-not-at-top
+    ks = [_int(k, "knn-k") for k in opts["knn_k"]]
+    scores = knn.classify(xtr, ytr, xte, num_classes, ks=ks,
+                          metric=opts["knn_metric"],
+                          temperature=opts["knn_temperature"],
+                          zscore=opts["zscore"], bank_dtype=opts["bank_dtype"],
+                          query_chunk=opts["query_chunk"])
+    for k in ks:
+      hp = dict(k=k, metric=opts["knn_metric"], zscore=bool(opts["zscore"]))
+      if opts["knn_metric"] == "cosine":
+        hp["temperature"] = opts["knn_temperature"]
+      add("knn", hp, "top1", 100 * np.mean(scores[k].argmax(1) == yte), len(yte))
+      add("knn", hp, "top5", 100 * np.mean(knn.topk_correct(scores[k], yte, 5)),
+          len(yte))
+
+  elif protocol == "linear":
+    from sslbench_jax.probes import linear  # pylint: disable=g-import-not-at-top
+    bs = opts["batch_size"]
+    lrs = ([_float(v, "lr") for v in opts["lr"]] if opts["lr"]
+           else [0.1 * bs / 256])
+    configs = linear.grid(
+        ["features"], lrs, [_float(v, "weight-decay") for v in opts["weight_decay"]],
+        [_bool(v, "batchnorm") for v in opts["batchnorm"]], opts["optimizer"])
+    tc = linear.TrainConfig(epochs=opts["epochs"], batch_size=bs,
+                            warmup_epochs=opts["warmup_epochs"],
+                            clip_norm=opts["clip_norm"] or None, seed=opts["seed"])
+    r = linear.run({"features": xtr}, ytr, {"features": xte}, yte, num_classes,
+                   configs, tc, holdout=opts["holdout"],
+                   select_on_test=opts["select_on_test"])
+    hp = dict(r.selected.hparams(), epochs=tc.epochs, batch_size=bs,
+              warmup_epochs=tc.warmup_epochs, clip_norm=tc.clip_norm,
+              grid_size=len(configs), selection=r.selection)
+    add("linear", hp, "top1", r.test_top1, r.n_test)
+    add("linear", hp, "top5", r.test_top5, r.n_test)
+
+  elif protocol == "logreg":
+    from sslbench_jax.probes import logreg  # pylint: disable=g-import-not-at-top
+    cs = ([_float(v, "c") for v in opts["c"]] if opts["c"] else list(logreg.DEFAULT_CS))
+    r = logreg.run(xtr, ytr, xte, yte, num_classes, cs, holdout=opts["holdout"],
+                   seed=opts["seed"], select_on_test=opts["select_on_test"],
+                   max_iter=opts["max_iter"])
+    hp = dict(C=r.selected_c, grid_size=len(cs), selection=r.selection)
+    add("logreg", hp, "top1", r.test_top1, r.n_test)
+    add("logreg", hp, "top5", r.test_top5, r.n_test)
+
+  elif protocol == "leastsquares":
+    from sslbench_jax.probes import leastsquares  # pylint: disable=g-import-not-at-top
+    l2s = ([_float(v, "l2") for v in opts["l2"]] if opts["l2"]
+           else list(leastsquares.DEFAULT_L2))
+    r = leastsquares.run(xtr, ytr, xte, yte, num_classes, l2s,
+                         holdout=opts["holdout"], seed=opts["seed"],
+                         select_on_test=opts["select_on_test"])
+    hp = dict(l2=r.selected_l2, grid_size=len(l2s), selection=r.selection)
+    add("leastsquares", hp, "top1", r.test_top1, r.n_test)
+    add("leastsquares", hp, "top5", r.test_top5, r.n_test)
+
+  else:
+    from sslbench_jax.probes import fewshot  # pylint: disable=g-import-not-at-top
+    results = fewshot.run(xtr, ytr, xte, yte, num_classes, setups=opts["setups"],
+                          probes=opts["fewshot_probes"], tries=opts["tries"],
+                          seed=opts["seed"], knn_k=opts["fewshot_k"],
+                          knn_metric=opts["knn_metric"], l2=opts["fewshot_l2"])
+    for r in results:
+      hp = dict(setup=r.setup, per_class=r.per_class, tries=len(r.top1))
+      if r.probe == "knn":
+        hp.update(k=opts["fewshot_k"], metric=opts["knn_metric"])
+      elif r.probe == "leastsquares":
+        hp.update(l2=opts["fewshot_l2"])
+      add(f"fewshot_{r.probe}", hp, "top1_mean", r.mean, r.n_test)
+      add(f"fewshot_{r.probe}", hp, "top1_std", r.std, r.n_test)
+  logging.info("probe %s: %d rows", protocol, len(rows))
+  return rows
+
+
+def _labels(fs, path) -> np.ndarray:
+  y = np.asarray(fs.labels)
+  if y.ndim != 1:
+    raise ValueError(f"{path}: multi-label (N, C) labels are not supported by the "
+                     "probes; need (N,) class indices")
+  if len(y) == 0:
+    raise ValueError(f"{path}: no examples")
+  if y.min() < 0:
+    raise ValueError(f"{path}: {int(np.sum(y < 0))} examples have unknown label -1")
+  return y.astype(np.int64)
+
+
+def _int(v, name):
+  try:
+    return int(v)
+  except ValueError:
+    raise ValueError(f"--{name}: {v!r} is not an integer") from None
+
+
+def _float(v, name):
+  try:
+    return float(v)
+  except ValueError:
+    raise ValueError(f"--{name}: {v!r} is not a number") from None
+
+
+def _bool(v, name):
+  s = str(v).strip().lower()
+  if s in ("true", "1", "yes", "on"):
+    return True
+  if s in ("false", "0", "no", "off"):
+    return False
+  raise ValueError(f"--{name}: {v!r} is not true/false")
+
+
+def _print(rows) -> None:
+  for r in rows:
+    print(f"{r['protocol']:<20} {r['metric']:<10} {r['value']:7.2f}  "
+          f"n={r['n_examples']:<7} {json.dumps(r['hparams'], sort_keys=True)}")
