@@ -184,6 +184,7 @@ def test_npid_numpy_arrays_in_legacy_format(tmp_path):
                _use_new_zipfile_serialization=False)
   variables, meta = convert_checkpoint(path, "resnet18")
   assert meta["source_format"] == "torch_legacy"
+  assert meta["source"] == "vissl_npid"
   assert meta["prefix"] == "model_state_dict.module."
   _assert_parity(variables, meta, model)
 

@@ -104,3 +104,16 @@ def test_bfloat16_compute_stays_close():
   assert out["pre_logits"].dtype == jnp.float32
   rel = np.abs(np.asarray(out["pre_logits"]) - ref).max() / np.abs(ref).max()
   assert rel < 0.05
+
+
+@pytest.mark.parametrize("arch,millions", [
+    ("resnet50", 23.5), ("resnet50x2", 93.9), ("resnet50x4", 375.4)])
+def test_wide_resnet_sizes_match_published_counts(arch, millions):
+  # Trunk parameters (no fc) of SwAV's resnet50 / resnet50w2 / resnet50w4 and
+  # SimCLR's r50_1x/2x/4x: 23.5M / 94M / 375M. Scaling the bottleneck inner
+  # width by w**2 (an older SwAV revision) would give ~170M for x2.
+  model = registry.create_model(arch)
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))
+  n_params = sum(np.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
+  assert abs(n_params / 1e6 - millions) < 0.1

@@ -26,13 +26,26 @@ def define_flags() -> None:
 
 
 def run(html_too: bool) -> dict[str, str]:
-  """Loads ``--results``, analyses, writes tables, plots and the report."""
+  """Runs ``write_all`` with the flag values."""
   f = flags.FLAGS
-  tab = table_lib.load_results(f.results, f.metric)
-  a = summary.analyze(tab, f.n_boot, f.n_perm, f.seed, f.matrix_method)
-  out = summary.write_tables(a, f.out)
-  out.update(report.write_report(a, f.out, source=os.path.abspath(f.results),
-                                 html_too=html_too))
-  logging.info("wrote %d files to %s", len(out), f.out)
+  out = write_all(f.results, f.out, metric=f.metric, n_boot=f.n_boot, n_perm=f.n_perm,
+                  seed=f.seed, matrix_method=f.matrix_method, html_too=html_too)
   print(f"wrote {len(out)} files to {f.out} (report: {out['report.md']})")
+  return out
+
+
+def write_all(results: str, out_dir: str, *, metric: str = "top1", n_boot: int = 2000,
+              n_perm: int = 2000, seed: int = 0, matrix_method: str = "spearman",
+              html_too: bool = True) -> dict[str, str]:
+  """Loads ``results``, analyses, writes tables, plots and the report.
+
+  Returns:
+    Output file name -> path.
+  """
+  tab = table_lib.load_results(results, metric)
+  a = summary.analyze(tab, n_boot, n_perm, seed, matrix_method)
+  out = summary.write_tables(a, out_dir)
+  out.update(report.write_report(a, out_dir, source=os.path.abspath(results),
+                                 html_too=html_too))
+  logging.info("wrote %d files to %s", len(out), out_dir)
   return out

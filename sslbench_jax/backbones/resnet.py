@@ -9,7 +9,12 @@ projection shortcut. Padding is written out as torch's symmetric padding, never
 Wide variants (``width_multiplier`` 2 or 4, SimCLR's r50_2x / SwAV's
 ``resnet50w2``/``resnet50w4``) multiply *every* width by the multiplier,
 including the stem (SwAV: ``inplanes = width_per_group * widen`` feeds conv1),
-so ResNet-50x2 has a 128-channel stem and a 4096-d representation.
+so ResNet-50x2 has a 128-channel stem, 128-wide first bottlenecks and a
+4096-d representation: 94M / 375M trunk parameters for x2 / x4, the counts
+SwAV and SimCLR publish. (One SwAV revision scaled the bottleneck inner
+width by the multiplier a second time; the later code and the published
+parameter counts do not.) A checkpoint of the other kind fails conversion
+with a shape error rather than loading wrongly.
 
 Parameter names follow torchvision (``conv1``, ``bn1``, ``layer{i}_{j}``,
 ``downsample_conv``/``downsample_bn``, ``fc``) so the checkpoint key map stays

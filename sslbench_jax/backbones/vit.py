@@ -307,13 +307,14 @@ class VisionTransformer(nn.Module):
                         name="fc_norm" if self.pool == "mean" else "norm")
     first_patch = 1 + self.num_registers
     if self.pool == "mean":
-      patch_mean = norm(x[:, first_patch:].mean(axis=1))
+      # Means are taken in float32 so bf16 compute does not lose the average.
+      patch_mean = norm(x[:, first_patch:].mean(axis=1, dtype=jnp.float32))
       cls_out = norm(x[:, 0])
       pre_logits = patch_mean
     else:
       x = norm(x)
       cls_out = x[:, 0]
-      patch_mean = x[:, first_patch:].mean(axis=1)
+      patch_mean = x[:, first_patch:].mean(axis=1, dtype=jnp.float32).astype(x.dtype)
       pre_logits = cls_out
     # The last block's CLS is the one already normalised above.
     last = [norm(c) for c in cls_per_block[:-1]] + [cls_out]

@@ -59,7 +59,7 @@ def _other_family_hint(keys: list[str], family: str) -> str:
     roots = detect.find_roots(keys, module.MARKERS)
     if roots:
       archs = [a for a in registry.ARCHS if registry.family(a) == other]
-      return f"; it looks like a {other} checkpoint (e.g. arch={archs[0]})"
+      return f"; it looks like a {other} checkpoint: use arch={'|'.join(archs)}"
   return ""
 
 
@@ -88,6 +88,39 @@ def _check_against_model(variables: Any, expected: dict[str, Any]) -> None:
     if shape != tuple(expected[name].shape):
       raise ConversionError(f"shape mismatch for {name}: checkpoint gives {shape}, "
                             f"the model expects {tuple(expected[name].shape)}")
+
+
+def _locate_backbone(flat: dict[str, np.ndarray], module, family: str, path: str,
+                     select: str | None) -> tuple[str, str]:
+  """Returns ``(root prefix, source name)`` of the backbone in ``flat``."""
+  if not flat:
+    raise ConversionError(f"{path} holds no tensors (a pickled nn.Module? save "
+                          "its state_dict() instead)")
+  keys = list(flat)
+  roots = detect.find_roots(keys, module.MARKERS)
+  if not roots:
+    raise ConversionError(
+        f"no {family} backbone in {path}: no key ends with "
+        f"{' or '.join(module.MARKERS)} (keys look like {_short_list(keys, 3)})"
+        f"{_other_family_hint(keys, family)}")
+  root = detect.choose_root(roots, select)
+  source = detect.describe_source(keys, root)
+  logging.info("%s: %s checkpoint, backbone under prefix %r", path, source, root)
+  return root, source
+
+
+def _finalize(variables: Any, expected: dict[str, Any], model, example) -> Any:
+  """Casts leaves to the model's dtypes; ``MISSING`` leaves take its init."""
+  flat = _flat(variables)
+  missing = [k for k, v in flat.items() if _family.is_missing(v)]
+  if missing:
+    init = _flat(model.init(jax.random.PRNGKey(0), example, train=False))
+    flat.update({k: init[k] for k in missing})
+    logging.warning("leaves initialised randomly (allow_missing): %s",
+                    _short_list(missing))
+  return traverse_util.unflatten_dict({
+      tuple(name.split("/")): np.asarray(value, expected[name].dtype)
+      for name, value in flat.items()})
 
 
 def convert_checkpoint(
@@ -136,21 +169,8 @@ def convert_checkpoint(
 
   obj, source_format = readers.read_checkpoint(path)
   flat = detect.flatten(obj)
-  if not flat:
-    raise ConversionError(f"{path} holds no tensors (a pickled nn.Module? save "
-                          "its state_dict() instead)")
-  keys = list(flat)
-  roots = detect.find_roots(keys, module.MARKERS)
-  if not roots:
-    raise ConversionError(
-        f"no {family} backbone in {path}: no key ends with "
-        f"{' or '.join(module.MARKERS)} (keys look like {_short_list(keys, 3)})"
-        f"{_other_family_hint(keys, family)}")
-  root = detect.choose_root(roots, select)
-  source = detect.describe_source(keys, root)
-  logging.info("%s: %s checkpoint, backbone under prefix %r", path, source, root)
-
-  outside = [k for k in keys if not k.startswith(root)]
+  root, source = _locate_backbone(flat, module, family, path, select)
+  outside = [k for k in flat if not k.startswith(root)]
   state = module.canonicalize({k[len(root):]: v for k, v in flat.items()
                                if k.startswith(root)})
   arch_options = dict(module.infer_options(dict(state), arch))
@@ -185,18 +205,7 @@ def convert_checkpoint(
         f"checkpoint has tensors under {root!r} that {arch} does not use: "
         f"{_short_list(unexpected)} (wrong arch, or pass options=...)")
 
-  flat_vars = _flat(variables)
-  missing_leaves = [k for k, v in flat_vars.items() if _family.is_missing(v)]
-  if missing_leaves:
-    init = _flat(model.init(jax.random.PRNGKey(0), example, train=False))
-    logging.warning("leaves initialised randomly (allow_missing): %s",
-                    _short_list(missing_leaves))
-  converted = {}
-  for name, value in flat_vars.items():
-    value = init[name] if name in missing_leaves else value
-    converted[tuple(name.split("/"))] = np.asarray(value, expected[name].dtype)
-  variables = traverse_util.unflatten_dict(converted)
-
+  variables = _finalize(variables, expected, model, example)
   # BatchNorm step counters are dropped silently (counted, not listed).
   counters = {k for k in heads if k.endswith(_COUNTER_SUFFIXES)}
   dropped = sorted(root + k for k in heads - counters) + sorted(outside)

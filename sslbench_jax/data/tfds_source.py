@@ -145,7 +145,13 @@ class TfdsSource:
         self._ids = json.load(f)
       return self._ids
     logging.info("Indexing %s %s ids (one pass, cached at %s)", self.name, self.split, path)
-    self._ids = [self.example_id(i) for i in range(len(self))]
+    ids = []
+    getitems = getattr(self._ds, "__getitems__", None)
+    for start in range(0, len(self), 512):
+      keys = list(range(start, min(len(self), start + 512)))
+      exs = getitems(keys) if getitems else [self.example(i) for i in keys]
+      ids.extend(self.example_id(i, ex) for i, ex in zip(keys, exs))
+    self._ids = ids
     try:
       os.makedirs(cache_dir, exist_ok=True)
       fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-")

