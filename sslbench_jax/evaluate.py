@@ -122,7 +122,7 @@ def _convert(name: str, m: ml_collections.ConfigDict, workdir: str) -> str:
   if os.path.exists(out) and os.path.exists(weights.sidecar_path(out)):
     with open(weights.sidecar_path(out)) as f:
       meta = json.load(f)
-    if meta.get("input_sha256") == sha and meta.get("arch") == m.arch:
+    if meta.get("checkpoint_sha256") == sha and meta.get("arch") == m.arch:
       logging.info("model %s: reusing %s", name, out)
       return out
   convert_checkpoint(path, m.arch, out, select=m.select, allow_missing=m.allow_missing,
@@ -234,7 +234,7 @@ def iterate(config: ml_collections.ConfigDict, workdir: str, progress: _Progress
 def _weights_sha(weights_path: str) -> str:
   from sslbench_jax.backbones import weights  # pylint: disable=g-import-not-at-top
   _, meta = weights.load_variables(weights_path)
-  return meta.get("input_sha256", "")
+  return meta.get("checkpoint_sha256", "")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -74,7 +74,7 @@ def create_model(arch: str, **options: Any) -> nn.Module:
   Args:
     arch: one of ``ARCHS``.
     **options: family-specific options (e.g. ``num_classes`` for ResNet,
-      ``pool="mean"``, ``layerscale=True``, ``num_registers=4`` for ViT).
+      ``pool="mean"``, ``layerscale=1e-5`` (init value), ``num_registers=4`` for ViT).
 
   Returns:
     An unbound ``flax.linen.Module``.

@@ -258,6 +258,26 @@ def _inat_space(src):
   return label_spaces.simple("inat2021_family", src.classes)
 
 
+def _wnid_prefixed_files(split, data_dir):
+  """A flat folder of ``<wnid>_<anything>.<ext>`` (the ../shared ImageNet samples)."""
+  del split
+  if not os.path.isdir(data_dir):
+    raise FileNotFoundError(f"image folder not found: {data_dir}")
+  index = {w: i for i, w in enumerate(label_spaces.imagenet_wnids())}
+  samples = []
+  for name in sorted(os.listdir(data_dir)):
+    if not folder_source._is_image(name):  # pylint: disable=protected-access
+      continue
+    wnid = name.split("_", 1)[0]
+    if wnid not in index:
+      raise ValueError(f"{os.path.join(data_dir, name)}: file name does not start with "
+                       "an ImageNet wnid (<wnid>_...)")
+    samples.append((os.path.join(data_dir, name), index[wnid], name))
+  if not samples:
+    raise FileNotFoundError(f"no images in {data_dir}")
+  return folder_source.ListSource(samples)
+
+
 def _csv(split, data_dir):
   path = data_dir if data_dir.endswith(".csv") else os.path.join(data_dir, f"{split}.csv")
   return folder_source.CsvSource(path)
@@ -384,6 +404,13 @@ register(DatasetSpec(
     lambda src: label_spaces.simple("digits", range(10)), "imagenet_bilinear",
     folder=lambda split, d: array_source.digits(split), folder_needs_dir=False,
     prepare="Ships with scikit-learn."))
+
+register(DatasetSpec(
+    "imagenet_samples",
+    "Flat folder of ImageNet images named <wnid>_*.JPEG (e.g. ../shared's 1000, one per class)",
+    {"test": "test"}, lambda src: _IN(), "imagenet_bilinear",
+    folder=_wnid_prefixed_files,
+    prepare="Pass data_dir= the folder (e.g. shared/data/imagenet_samples)."))
 
 register(DatasetSpec(
     "folder", "Generic image folder: <data_dir>/<split>/<class>/* (or <data_dir>/<class>/*)",

@@ -216,8 +216,7 @@ def _solver(n_chunks, chunk, d, k, max_iter, tol):
       return (data_term(params, x, y, mask)
               + 0.5 * jnp.sum(jnp.square(params["w"])) / c) / n
 
-    opt = optax.lbfgs(linesearch=optax.scale_by_backtracking_linesearch(
-        max_backtracking_steps=30, store_grad=True))
+    opt = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(f)
     params = {"w": jnp.zeros((d, k), jnp.float32), "b": jnp.zeros((k,), jnp.float32)}
 
