@@ -11,6 +11,8 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -94,6 +96,39 @@ def test_kill_after_first_shard_then_resume_is_byte_identical(images, tmp_path,
   et._check(result.features, images)  # pylint: disable=protected-access
   assert _snapshot(entry) == uninterrupted
   et._check(cache_lib.load(root, et.tiny_key(images)), images)  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.13, 0.31])
+def test_kill_at_an_arbitrary_moment_then_resume(images, tmp_path, uninterrupted, delay):
+  # An external SIGKILL some time after the first shard lands: between shards,
+  # during a forward pass or during a write. Whatever survives is either a
+  # complete, checksummed shard (reused) or nothing the resume will read.
+  root = str(tmp_path / "cache")
+  entry = cache_lib.entry_dir(root, et.tiny_key(images))
+  proc = et.start_worker(dict(images=images, out=str(tmp_path / "f.npz"), cache=root,
+                              batch_size_per_device=2, sleep_after_shard=0.05))
+  deadline = time.time() + 120
+  while not (os.path.isdir(entry) and any(n.endswith(".npz") for n in os.listdir(entry))):
+    assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+    time.sleep(0.005)
+  time.sleep(delay)
+  proc.send_signal(signal.SIGKILL)
+  proc.communicate(timeout=60)
+  intact = 0
+  for name in os.listdir(entry):
+    if name.endswith(".npz"):
+      data = open(os.path.join(entry, name), "rb").read()
+      intact += hashlib.sha256(data).hexdigest() == name.split(".")[-2]
+  assert intact >= 1
+
+  result = et.run_extract(images, cache=root)
+  if result.stats.from_complete_entry:  # the kill came after the last write
+    assert intact == NUM_SHARDS
+  else:
+    assert result.stats.shards_reused == intact
+    assert result.stats.shards_computed == NUM_SHARDS - intact
+  et._check(result.features, images)  # pylint: disable=protected-access
+  assert _snapshot(entry) == uninterrupted
 
 
 def test_partial_and_corrupt_files_are_never_read(images, tmp_path, uninterrupted):

@@ -44,6 +44,7 @@ def test_converts_selected_backbone_and_prints_one_line(tmp_path, dino_checkpoin
   assert len(lines) == 1
   assert "resnet18 from dino checkpoint" in lines[0]
   assert "prefix 'student.module.backbone.'" in lines[0]
+  assert lines[0].endswith("(dropped teacher.*)")
   variables, meta = weights.load_variables(out)
   with open(out + ".json") as f:
     assert json.load(f)["prefix"] == "student.module.backbone."

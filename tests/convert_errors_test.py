@@ -44,7 +44,13 @@ def _fails(tmp_path, path, arch, match, **kwargs):
 
 def test_resnet50_as_resnet18_names_the_right_arch(tmp_path, rn50_path):
   _fails(tmp_path, rn50_path, "resnet18",
-         "bottleneck blocks 3-4-6-3 and width x1, not resnet18: use arch=resnet50")
+         r"bottleneck blocks 3-4-6-3 and width x1 \(layer1.0.conv3.weight, 16 "
+         r"blocks layer1-4, conv1.weight \(64, 3, 7, 7\)\), not resnet18: "
+         "use arch=resnet50")
+
+
+def test_resnet50_as_resnet50x2(tmp_path, rn50_path):
+  _fails(tmp_path, rn50_path, "resnet50x2", "width x1 .*use arch=resnet50$")
 
 
 def test_resnet50_as_vit_says_what_it_is(tmp_path, rn50_path):
@@ -91,6 +97,11 @@ def test_random_binary_and_plain_pickle(tmp_path):
 def test_no_tensors(tmp_path):
   path = _save(tmp_path, {"epoch": 3})
   _fails(tmp_path, path, "resnet18", "holds no tensors")
+
+
+def test_pickled_module_instead_of_state_dict(tmp_path, rn18):
+  path = _save(tmp_path, rn18)
+  _fails(tmp_path, path, "resnet18", "holds no tensors .a pickled nn.Module")
 
 
 def test_shape_mismatch_names_the_leaf(tmp_path, rn18):

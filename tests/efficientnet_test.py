@@ -45,7 +45,7 @@ def test_matches_torch_reference(random_pair, height, width):
   assert meta["arch_options"] == {"num_classes": 10}
   images = np.random.RandomState(1).randn(2, height, width, 3).astype(np.float32)
   flax_model = registry.create_model(ARCH, **meta["arch_options"])
-  out = flax_model.apply(variables, images, train=False)
+  out = jax.jit(flax_model.apply)(variables, images)
   pre, logits = _torch_forward(model, images)
   assert out["pre_logits"].shape == (2, 1280) and out["logits"].shape == (2, 10)
   # Scale check so the tolerance below means something.
@@ -58,7 +58,8 @@ def test_train_mode_uses_batch_statistics(random_pair):
   model, variables, meta = random_pair
   images = np.random.RandomState(2).randn(4, 64, 64, 3).astype(np.float32)
   flax_model = registry.create_model(ARCH, **meta["arch_options"])
-  out, updates = flax_model.apply(variables, images, train=True, mutable=["batch_stats"])
+  out, updates = jax.jit(lambda v, x: flax_model.apply(
+      v, x, train=True, mutable=["batch_stats"]))(variables, images)
   model.train()
   try:
     pre, logits = _torch_forward(model, images)
@@ -90,8 +91,9 @@ def test_depthwise_conv_matches_grouped_conv(kernel, stride, height, width):
 def test_bfloat16_close_to_float32(random_pair):
   _, variables, meta = random_pair
   images = np.random.RandomState(4).randn(2, 64, 64, 3).astype(np.float32)
-  f32 = registry.create_model(ARCH, **meta["arch_options"]).apply(variables, images)
-  bf16 = registry.create_model(ARCH, dtype=jnp.bfloat16, **meta["arch_options"]).apply(
+  f32 = jax.jit(registry.create_model(ARCH, **meta["arch_options"]).apply)(
+      variables, images)
+  bf16 = jax.jit(registry.create_model(ARCH, dtype=jnp.bfloat16, **meta["arch_options"]).apply)(
       variables, images)
   assert bf16["logits"].dtype == jnp.float32
   scale = np.abs(f32["logits"]).max()
@@ -101,9 +103,10 @@ def test_bfloat16_close_to_float32(random_pair):
 def test_no_classifier_and_bad_input():
   model = registry.create_model(ARCH, num_classes=0)
   x = jnp.zeros((1, 32, 32, 3))
-  variables = model.init(jax.random.PRNGKey(0), x)
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
   assert "classifier" not in variables["params"]
-  out = model.apply(variables, x)
+  variables = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), variables)
+  out = jax.jit(model.apply)(variables, x)
   assert set(out) == {"pre_logits"} and out["pre_logits"].shape == (1, 1280)
   with pytest.raises(ValueError, match="NHWC"):
     model.apply(variables, jnp.zeros((1, 3, 32, 32)))

@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -144,6 +145,7 @@ def _worker_main(config: dict[str, Any]) -> None:
 
   Config keys: images, out, cache, batch_size_per_device, steps_per_shard,
   kill_after_shards (SIGKILL itself once that many shards are written),
+  sleep_after_shard (seconds, to slow a run down for an external kill),
   coordinator/num_processes/process_id, corrupt_and_rerun (multi-process:
   process 1 corrupts its last shard, then every process reruns).
   """
@@ -158,6 +160,7 @@ def _worker_main(config: dict[str, Any]) -> None:
     written.append(shard)
     if len(written) == config.get("kill_after_shards"):
       os.kill(os.getpid(), 9)
+    time.sleep(config.get("sleep_after_shard", 0))
 
   def once():
     result = run_extract(config["images"], cache=config.get("cache"),
@@ -273,6 +276,33 @@ def test_registry_dataset_with_skipped_corrupt_image(tmp_path):
   os.remove(root / "dog" / "img_99.jpg")
   ref = np.concatenate([reference_features(str(root / c)) for c in ("cat", "dog")])
   np.testing.assert_allclose(fs.features, ref, atol=1e-5, rtol=0)
+
+
+class _NoDtypeNet(nn.Module):
+  """No ``dtype`` field: bfloat16 extraction casts the variables instead."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    del train
+    return {"pre_logits": nn.Dense(4)(nn.Conv(5, (3, 3))(x).mean(axis=(1, 2)))}
+
+
+def test_bfloat16_for_a_module_without_dtype_field(images):
+  model = _NoDtypeNet()
+  variables = jax.tree.map(np.asarray, model.init(jax.random.PRNGKey(2),
+                                                  jnp.zeros((1, 16, 16, 3))))
+  kwargs = dict(batch_size_per_device=4, progress=False)
+  f32 = extract_lib.extract(model, variables, image_folder.ImageFolder(images),
+                            tiny_preset(), **kwargs).features.features
+  bf16 = extract_lib.extract(model, variables, image_folder.ImageFolder(images),
+                             tiny_preset(), dtype="bfloat16", **kwargs).features.features
+  preset = tiny_preset()
+  batch = np.stack([preset(image_folder.ImageFolder(images).get(i)["image"])
+                    for i in range(NUM_IMAGES)])
+  np.testing.assert_allclose(f32, model.apply(variables, batch)["pre_logits"],
+                             atol=1e-5, rtol=0)
+  err = np.abs(bf16 - f32).max() / np.abs(f32).max()
+  assert 0 < err < 3e-2
 
 
 def test_bad_arguments(images):

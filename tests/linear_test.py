@@ -146,3 +146,17 @@ def test_bad_config_is_rejected():
     linear.train({"x": x}, y, 5, [linear.HeadConfig("cls", 0.1)])
   with pytest.raises(ValueError, match="optimizer"):
     linear.train({"x": x}, y, 5, [linear.HeadConfig("x", 0.1, optimizer="lamb")])
+
+
+def test_evaluate_matches_numpy_topk():
+  x, y = _data(6, n=150)
+  configs = linear.grid(["x"], [0.05, 0.5], [0.0], batchnorm=[False, True])
+  tc = linear.TrainConfig(epochs=2, batch_size=64, warmup_epochs=1)
+  heads = linear.train({"x": x}, y, 5, configs, tc)
+  acc = linear.evaluate(heads, {"x": x}, y, ks=(1, 2), batch_size=40)
+  for i in range(len(configs)):
+    logits = heads.logits({"x": x}, i)
+    order = np.argsort(-logits, axis=1, kind="stable")
+    for j, k in enumerate((1, 2)):
+      ref = 100 * np.mean(np.any(order[:, :k] == y[:, None], axis=1))
+      assert acc[i, j] == pytest.approx(ref)

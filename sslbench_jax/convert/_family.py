@@ -14,8 +14,9 @@ Flax variables of ``registry.create_model(arch, **options)``. It exposes:
 ``HEAD_PREFIXES: tuple[str, ...]``
   Prefixes of *canonical* keys (relative to the root) that are known not to be
   part of the backbone (``"fc."``, ``"head."``, ``"projection_head."``...).
-  Tensors under them that ``to_flax`` does not read are dropped and reported;
-  any other unread tensor is an error.
+  Tensors under them that ``to_flax`` does not read are dropped and reported
+  (as are BatchNorm ``num_batches_tracked`` counters); any other unread
+  tensor is an error.
 
 ``canonicalize(state) -> state``
   Renames the root-relative keys into the family's canonical PyTorch naming
@@ -23,8 +24,9 @@ Flax variables of ``registry.create_model(arch, **options)``. It exposes:
   through unchanged. Pure; no checks needed.
 
 ``infer_options(state, arch) -> dict``
-  Architecture options (``registry.create_model`` kwargs) implied by the
-  canonical state, e.g. ``{"num_classes": 1000}`` when a classifier is present.
+  ``state`` is a plain dict of the canonical tensors. Returns architecture
+  options (``registry.create_model`` kwargs) implied by the canonical state,
+  e.g. ``{"num_classes": 1000}`` when a classifier is present.
   May raise ``ConversionError`` when the state is clearly another architecture
   (say which arch it looks like). User options override the inferred ones.
 

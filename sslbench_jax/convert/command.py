@@ -33,6 +33,21 @@ def define_flags() -> None:
   flags.mark_flags_as_required(["checkpoint", "arch", "out"])
 
 
+def _dropped_groups(dropped: list[str], prefix: str, limit: int = 4) -> str:
+  """Dropped keys grouped where they leave the backbone's path: ``a.b.*``."""
+  root = [c for c in prefix.split(".") if c]
+  groups = set()
+  for key in dropped:
+    parts = key.split(".")
+    shared = 0
+    while shared < min(len(root), len(parts)) and parts[shared] == root[shared]:
+      shared += 1
+    groups.add(".".join(parts[:shared + 1]) + (".*" if len(parts) > shared + 1 else ""))
+  groups = sorted(groups)
+  more = f" +{len(groups) - limit} more" if len(groups) > limit else ""
+  return ", ".join(groups[:limit]) + more
+
+
 def main(argv: list[str]) -> None:
   """Runs the conversion; exit code 2 with a one-line message on bad input."""
   if len(argv) > 1:
@@ -49,4 +64,6 @@ def main(argv: list[str]) -> None:
   print(f"{FLAGS.out}: {meta['arch']} from {meta['source']} checkpoint "
         f"({meta['source_format']}, prefix {meta['prefix']!r}); "
         f"{counts['mapped']} tensors mapped, {counts['dropped']} dropped, "
-        f"{counts['missing_allowed']} missing allowed")
+        f"{counts['missing_allowed']} missing allowed"
+        + (f" (dropped {_dropped_groups(meta['dropped_keys'], meta['prefix'])})"
+           if meta["dropped_keys"] else ""))

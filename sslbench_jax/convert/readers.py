@@ -222,7 +222,8 @@ def _read_torch_zip(path: str) -> Any:
         nbytes = storage.numel * dt.itemsize
         if len(raw) < nbytes:
           raise ConversionError(f"storage {key} is truncated")
-        storage.data = np.frombuffer(raw[:nbytes], dt).astype(storage.dtype)
+        storage.data = np.frombuffer(raw, dt, count=storage.numel).astype(
+            storage.dtype, copy=False)
         storages[key] = storage
       return storages[key]
 

@@ -62,9 +62,13 @@ def infer_options(state: dict[str, np.ndarray], arch: str) -> dict[str, Any]:
     matches = [a for a in registry.ARCHS if registry.family(a) == "resnet"
                and _arch_structure(a) == found]
     hint = f"use arch={matches[0]}" if matches else "no registered ResNet matches"
+    evidence = ("layer1.0.conv3.weight" if block == "bottleneck" else
+                "no layer1.0.conv3.weight") + f", {sum(stages)} blocks layer1-4"
+    if "conv1.weight" in state:
+      evidence += f", conv1.weight {tuple(state['conv1.weight'].shape)}"
     raise ConversionError(
         f"checkpoint is a ResNet with {block} blocks {'-'.join(map(str, stages))} "
-        f"and width x{width}, not {arch}: {hint}")
+        f"and width x{width} ({evidence}), not {arch}: {hint}")
   fc = state.get("fc.weight")
   if fc is not None and fc.ndim == 2 and "fc.bias" in state and \
       fc.shape[0] >= _MIN_CLASSIFIER_OUTPUTS:

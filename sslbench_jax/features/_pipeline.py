@@ -109,24 +109,23 @@ def device_batches(steps: Iterable[int], positions_fn: Callable[[int], np.ndarra
     return step, pos, [pool.submit(load, int(i)) if i >= 0 else None for i in pos]
 
   def produce():
+    pool = concurrent.futures.ThreadPoolExecutor(num_threads, "feature-decode")
     try:
-      with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
-        pending = collections.deque()
-        it = iter(steps)
-        for step in it:
-          pending.append(submit(pool, step))
-          # Decode one step beyond the device queue so the pool never idles.
-          if len(pending) <= depth:
-            continue
-          if not _emit(pending.popleft()):
-            return
-        while pending:
-          if not _emit(pending.popleft()):
-            return
+      pending = collections.deque()
+      for step in steps:
+        pending.append(submit(pool, step))
+        # Decode `depth` steps beyond the one being stacked: the pool never idles.
+        if len(pending) > depth and not _emit(pending.popleft()):
+          return
+      while pending:
+        if not _emit(pending.popleft()):
+          return
+      _put(None)
     except BaseException as e:  # pylint: disable=broad-except
       _put(e)
-    else:
-      _put(None)
+    finally:
+      # The consumer stopped early (or failed): drop decodes not yet started.
+      pool.shutdown(wait=True, cancel_futures=True)
 
   def _emit(item) -> bool:
     step, pos, futures = item

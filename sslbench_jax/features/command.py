@@ -2,15 +2,20 @@
 
 Examples:
   sslbench-jax features --weights lite0.npz --images photos/ --out feats.npz
-  sslbench-jax features --weights dino_vitb16.npz --dataset imagenet2012 \\
-      --split validation --cache /cache --representation last4_cls --dtype bfloat16
-  # two hosts (run on each, process_id 0 and 1):
+  sslbench-jax features --weights dino_vitb16.npz --dataset imagenet1k \\
+      --split validation --data_dir ~/tfds --cache /cache \\
+      --representation last4_cls --dtype bfloat16
+  # two hosts (run on each, process_id 0 and 1; or set JAX_COORDINATOR_ADDRESS,
+  # JAX_NUM_PROCESSES, JAX_PROCESS_ID; SLURM / Cloud TPU pods are detected):
   sslbench-jax features ... --coordinator_address host0:1234 --num_processes 2 \\
       --process_id 0
 
 The architecture comes from the weights' sidecar (``--arch`` only checks it);
 the preprocessing defaults to the architecture's. ``--out`` is written by
-process 0; with ``--cache`` an interrupted run resumes where it stopped.
+process 0; with ``--cache`` an interrupted run resumes where it stopped, and a
+finished one is read back instead of recomputed. With several hosts the cache
+directory must be on a file system they share for later single-host reads;
+each host writes only its own shards.
 """
 
 from __future__ import annotations
@@ -66,8 +71,8 @@ def main(argv: list[str]) -> None:
         coordinator_address=FLAGS.coordinator_address,
         num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
         progress=FLAGS.progress))
-  except (ValueError, FileNotFoundError, KeyError) as e:
-    msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+  except (ValueError, OSError) as e:  # bad input, unreadable / unwritable files
+    msg = str(e).strip()
     sys.exit(f"features: error: {msg.splitlines()[0] if msg else type(e).__name__}")
   if summary:
     print(json.dumps(summary, sort_keys=True))

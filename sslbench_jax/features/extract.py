@@ -107,8 +107,8 @@ def extract(model: Any, variables: Any, source: Any,
     cache_root: cache directory; None disables caching.
     key: the ``CacheKey`` of these features; required with ``cache_root``.
     steps_per_shard: steps per cache shard of each process.
-    meta: extra provenance for the FeatureSet (e.g. arch, dataset) when no
-      ``key`` is given.
+    meta: provenance for the FeatureSet; completes (and overrides) what the
+      ``key`` says, e.g. a plain dataset name.
     progress: show a tqdm bar on process 0.
     prefetch: batches kept ready on device.
     on_shard_written: called with the shard index after each shard this
@@ -214,8 +214,12 @@ def extract(model: Any, variables: Any, source: Any,
   fs = _gather(parts, layout, forward.feature_dim, run_meta)
   if directory is not None:
     _finalize(directory, key, layout, run_meta, forward.feature_dim, written)
+  seconds = time.time() - t0
+  if steps:
+    logging.info("features: %d images (all processes) through %s in %.1fs: %.1f images/s",
+                 num_images, representation, seconds, num_images / seconds)
   stats = ExtractStats(layout.num_shards, len(hits), len(to_compute),
-                       int(own_missing.sum()), False, time.time() - t0)
+                       len(written) - len(hits), False, seconds)
   if directory is not None:
     _log_stats(directory, stats)
   return ExtractResult(fs, stats, directory)

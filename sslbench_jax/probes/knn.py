@@ -68,7 +68,8 @@ def classify(train_features: np.ndarray,
     temperature: DINO's T, used by "cosine" only.
     zscore: standardise every dimension with the training mean and std
       (std 0 replaced by 1) before anything else.
-    query_chunk: test examples per step (bounds memory; any value works).
+    query_chunk: test examples per step (bounds memory; any value works;
+      "euclidean" caps it so its (chunk, k, D) re-ranking block is <= 64 MB).
     bank_shard: training rows per matmul on a device (bounds memory).
     bank_dtype: "float32" or "bfloat16" storage of the bank and queries
       (similarities are accumulated in float32 either way).
@@ -98,7 +99,8 @@ def classify(train_features: np.ndarray,
                         tuple(min(k, n_train) for k in ks), metric,
                         float(temperature), num_classes)
   outputs = {k: [] for k in ks}
-  for n, queries in _query_chunks(xte, query_chunk, bank.dtype):
+  chunk = _chunk_size(query_chunk, metric, k_max, xtr.shape[1])
+  for n, queries in _query_chunks(xte, chunk, bank.dtype):
     for k, scores in zip(ks, fn(bank, labels, queries)):
       outputs[k].append(np.asarray(scores)[:n])
   return {k: (np.concatenate(v) if v else np.zeros((0, num_classes), np.float32))
@@ -138,9 +140,10 @@ def neighbours(train_features: np.ndarray,
   xtr, xte = preprocess(xtr, xte, metric=metric, zscore=zscore)
   k = min(k, len(xtr))
   mesh, bank, rows, shard = _place_bank(xtr, bank_shard, bank_dtype, devices)
-  fn = jax.jit(_search(mesh, len(xtr), rows, shard, k, metric))
+  fn = _search(mesh, len(xtr), rows, shard, k, metric)
   values, indices = [], []
-  for n, queries in _query_chunks(xte, query_chunk, bank.dtype):
+  chunk = _chunk_size(query_chunk, metric, k, xtr.shape[1])
+  for n, queries in _query_chunks(xte, chunk, bank.dtype):
     keys, idx = fn(bank, queries)
     keys = np.asarray(keys)[:n]
     values.append(-keys if metric == "cosine" else keys)
@@ -255,6 +258,14 @@ def _place_bank(xtr, bank_shard, bank_dtype, devices):
   return mesh, bank, rows, shard
 
 
+def _chunk_size(query_chunk, metric, k, dim):
+  """Caps the query chunk for "euclidean", whose exact re-ranking gathers a
+  (chunk, k, D) float32 block of candidates, at ~64 MB."""
+  if metric != "euclidean":
+    return query_chunk
+  return max(1, min(query_chunk, (64 << 20) // (4 * k * dim)))
+
+
 def _query_chunks(queries, chunk, dtype):
   """Yields (n_valid, chunk) with the last chunk zero-padded to full size so
   that every step has one shape (one compilation)."""
@@ -329,8 +340,8 @@ def _search(mesh, n_train, rows, shard, k_max, metric):
     keys, idx = jax.lax.sort((keys, idx), dimension=1, num_keys=2)
     return keys[:, :k_max], idx[:, :k_max]
 
-  return jax.shard_map(per_device, mesh=mesh, in_specs=(P("bank"), P()),
-                       out_specs=(P(), P()), check_vma=False)
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("bank"), P()),
+                               out_specs=(P(), P()), check_vma=False))
 
 
 @functools.lru_cache(maxsize=32)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sslbench_jax.probes._selection import stratified_split, topk_hits
+from sslbench_jax.probes._selection import stratified_split
 
 OPTIMIZERS = ("sgd", "adamw")
 BN_EPS = 1e-6        # MAE: BatchNorm1d(affine=False, eps=1e-6)
@@ -254,19 +254,47 @@ def evaluate(heads: Heads, features: Mapping[str, np.ndarray],
              batch_size: int = 4096) -> np.ndarray:
   """Top-k accuracies (%) of every head: array (num_heads, len(ks)).
 
-  Classes are ranked by logit, ties by lower class index.
+  Heads sharing a source and BN setting are scored together (one batched
+  matmul per chunk of examples, jitted). Classes are ranked by logit, ties by
+  lower class index.
   """
-  labels = np.asarray(labels)
+  labels = np.asarray(labels, np.int32)
+  n = len(labels)
   out = np.zeros((len(heads.configs), len(ks)))
-  for i in range(len(heads.configs)):
-    hits = np.zeros(len(ks))
-    for start in range(0, len(labels), batch_size):
-      sl = slice(start, start + batch_size)
-      logits = heads.logits({s: v[sl] for s, v in features.items()
-                             if s == heads.configs[i].source}, i)
-      hits += topk_hits(logits, labels[sl], ks)
-    out[i] = 100.0 * hits / max(len(labels), 1)
+  if n == 0:
+    return out
+  chunk = min(batch_size, n)
+  groups: dict[tuple, list[int]] = {}
+  for i, c in enumerate(heads.configs):
+    groups.setdefault((c.source, c.batchnorm), []).append(i)
+  for (source, use_bn), members in groups.items():
+    x = np.asarray(features[source], np.float32)
+    if use_bn:
+      mean, var = heads.bn_stats[source]
+      x = (x - mean) / np.sqrt(var + BN_EPS)
+    w = jnp.asarray(np.stack([heads.weights[i] for i in members]))
+    b = jnp.asarray(np.stack([heads.biases[i] for i in members]))
+    hits = np.zeros((len(members), len(ks)))
+    for start in range(0, n, chunk):
+      xc, yc = x[start:start + chunk], labels[start:start + chunk]
+      valid = len(yc)
+      if valid < chunk:  # one shape for every chunk
+        xc = np.concatenate([xc, np.zeros((chunk - valid, x.shape[1]), np.float32)])
+        yc = np.concatenate([yc, np.full((chunk - valid,), -1, np.int32)])
+      hits += np.asarray(_topk_hits(w, b, jnp.asarray(xc), jnp.asarray(yc),
+                                    tuple(ks)))
+    out[members] = 100.0 * hits / n
   return out
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _topk_hits(w, b, x, y, ks):
+  """(H, len(ks)) counts of labels in each head's top-k; label -1 never hits."""
+  logits = jnp.einsum("nd,hdc->hnc", x, w) + b[:, None, :]
+  _, top = jax.lax.top_k(logits, max(ks))    # ties: lower class index first
+  hit = top == y[None, :, None]
+  return jnp.stack([jnp.sum(jnp.any(hit[..., :k], axis=-1), axis=-1) for k in ks],
+                   axis=-1)
 
 
 def run(train_features: Mapping[str, np.ndarray],
