@@ -59,8 +59,12 @@ def save_variables(path: str, variables: Any, meta: dict[str, Any]) -> None:
           traverse_util.flatten_dict(dict(variables)).items()}
   _atomic_write(path, lambda f: np.savez(f, **flat))
   meta = dict(meta, weights_sha256=sha256_file(path))
-  _atomic_write(sidecar_path(path),
-                lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()))
+  try:
+    _atomic_write(sidecar_path(path),
+                  lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()))
+  except BaseException:
+    os.remove(path)  # weights without their sidecar are unusable: leave nothing
+    raise
 
 
 def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
