@@ -1,7 +1,8 @@
 """End-to-end extraction throughput: JPEG on disk -> cached features, vs the forward pass alone.
 
 Three measurements on the same model, batch and images, each the median of
-``--repeats`` runs after a warm-up that compiles the forward pass:
+``--repeats`` runs (taken round-robin) after a warm-up that compiles the
+forward pass:
 
 * ``forward only``: the jitted, sharded forward pass on a batch already on
   device (uint8 pixels, normalised on device, exactly as extraction runs it);
@@ -23,6 +24,7 @@ Usage:
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 import platform
 import statistics
@@ -52,7 +54,7 @@ flags.DEFINE_string("arch", "efficientnet_lite0", "registry architecture (random
 flags.DEFINE_integer("num_images", 256, "images per run (the first N of the folder)")
 flags.DEFINE_integer("batch_size_per_device", 32, "images per device and step")
 flags.DEFINE_list("threads", ["1", "2", "4"], "decode thread counts")
-flags.DEFINE_integer("repeats", 3, "runs per measurement (the median is reported)")
+flags.DEFINE_integer("repeats", 5, "runs per measurement (the median is reported)")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
 
 
@@ -67,15 +69,6 @@ class _FirstN:
 
   def get(self, i):
     return self.source.get(i)
-
-
-def _median_rate(fn, num_images, repeats):
-  rates = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    rates.append(num_images / (time.perf_counter() - t0))
-  return statistics.median(rates), min(rates), max(rates)
 
 
 def main(argv):
@@ -93,7 +86,6 @@ def main(argv):
                            dataset=f"folder:{folder.directory}", split=str(n),
                            preprocessing=preset.name, representation="pre_logits",
                            dtype=FLAGS.dtype)
-  rows = []
 
   def extract(num_threads, root, source=source):
     return extract_lib.extract(model, variables, source, preset, dtype=FLAGS.dtype,
@@ -121,23 +113,31 @@ def main(argv):
     outs = [fwd(batch) for _ in range(steps)]
     jax.block_until_ready(outs)
 
-  med, lo, hi = _median_rate(forward_only, steps * len(pixels), FLAGS.repeats)
-  rows.append(("forward only (batch on device)", "-", med, lo, hi))
+  def decode_only(t):
+    with concurrent.futures.ThreadPoolExecutor(t) as pool:
+      list(pool.map(lambda i: preset.geometry(folder.get(i)["image"]), range(n)))
 
-  for t in threads:
-    def decode_only(t=t):
-      with concurrent.futures.ThreadPoolExecutor(t) as pool:
-        list(pool.map(lambda i: preset.geometry(folder.get(i)["image"]), range(n)))
-    med, lo, hi = _median_rate(decode_only, n, FLAGS.repeats)
-    rows.append(("decode only (JPEG -> uint8 224x224)", str(t), med, lo, hi))
+  def end_to_end(t):
+    with tempfile.TemporaryDirectory() as root:
+      result = extract(t, root)
+      assert result.stats.shards_computed == result.stats.num_shards
 
-  for t in threads:
-    def end_to_end(t=t):
-      with tempfile.TemporaryDirectory() as root:
-        result = extract(t, root)
-        assert result.stats.shards_computed == result.stats.num_shards
-    med, lo, hi = _median_rate(end_to_end, n, FLAGS.repeats)
-    rows.append(("end to end (JPEG -> cached features)", str(t), med, lo, hi))
+  cases = [("forward only (batch on device)", "-", forward_only, steps * len(pixels))]
+  cases += [("decode only (JPEG -> uint8 224x224)", str(t),
+             functools.partial(decode_only, t), n) for t in threads]
+  cases += [("end to end (JPEG -> cached features)", str(t),
+             functools.partial(end_to_end, t), n) for t in threads]
+  # Round-robin over the cases, so load from other jobs on a shared machine
+  # hits every case alike instead of skewing whichever ran during a spike.
+  rates = {c[0] + c[1]: [] for c in cases}
+  load_start = os.getloadavg()[0]
+  for _ in range(FLAGS.repeats):
+    for name, t, fn, count in cases:
+      t0 = time.perf_counter()
+      fn()
+      rates[name + t].append(count / (time.perf_counter() - t0))
+  rows = [(name, t, statistics.median(rates[name + t]), min(rates[name + t]),
+           max(rates[name + t])) for name, t, _, _ in cases]
 
   versions = extract_lib._versions()  # pylint: disable=protected-access
   print(f"\n{FLAGS.arch} (random init), {FLAGS.dtype}, {n} images from "
@@ -145,7 +145,8 @@ def main(argv):
         f"{bs}/device x {jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"median of {FLAGS.repeats} runs\n")
   print(f"machine: {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at the end; "
+        f"{os.cpu_count()} CPU cores, load average {load_start:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end; "
         + ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) + "\n")
   forward = rows[0][2]
   print("| measurement | decode threads | images/s (median) | min | max | / forward only |")

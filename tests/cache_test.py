@@ -43,7 +43,7 @@ def uninterrupted(images, tmp_path_factory) -> dict[str, bytes]:
   root = str(tmp_path_factory.mktemp("cache_ref"))
   result = et.run_extract(images, cache=root)
   assert result.stats.shards_computed == NUM_SHARDS == result.stats.shards_written
-  et._check(result.features, images)  # pylint: disable=protected-access
+  et.check_features(result.features, images)
   return _snapshot(result.entry_dir)
 
 
@@ -93,9 +93,9 @@ def test_kill_after_first_shard_then_resume_is_byte_identical(images, tmp_path,
   assert (result.stats.shards_reused, result.stats.shards_computed,
           result.stats.shards_written) == (1, NUM_SHARDS - 1, NUM_SHARDS - 1)
   assert not result.stats.from_complete_entry
-  et._check(result.features, images)  # pylint: disable=protected-access
+  et.check_features(result.features, images)
   assert _snapshot(entry) == uninterrupted
-  et._check(cache_lib.load(root, et.tiny_key(images)), images)  # pylint: disable=protected-access
+  et.check_features(cache_lib.load(root, et.tiny_key(images)), images)
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.13, 0.31])
@@ -127,7 +127,7 @@ def test_kill_at_an_arbitrary_moment_then_resume(images, tmp_path, uninterrupted
   else:
     assert result.stats.shards_reused == intact
     assert result.stats.shards_computed == NUM_SHARDS - intact
-  et._check(result.features, images)  # pylint: disable=protected-access
+  et.check_features(result.features, images)
   assert _snapshot(entry) == uninterrupted
 
 
@@ -147,7 +147,7 @@ def test_partial_and_corrupt_files_are_never_read(images, tmp_path, uninterrupte
 
   result = et.run_extract(images, cache=root)
   assert (result.stats.shards_reused, result.stats.shards_computed) == (1, NUM_SHARDS - 1)
-  et._check(result.features, images)  # pylint: disable=protected-access
+  et.check_features(result.features, images)
   assert _snapshot(entry) == uninterrupted
 
 
@@ -160,7 +160,7 @@ def test_corrupted_complete_entry_recomputes_only_that_shard(images, tmp_path,
     open(os.path.join(entry, name), "wb").write(data)
   again = et.run_extract(images, cache=root)
   assert again.stats.from_complete_entry and again.stats.shards_computed == 0
-  et._check(again.features, images)  # pylint: disable=protected-access
+  et.check_features(again.features, images)
 
   victim = sorted(n for n in uninterrupted if n.endswith(".npz"))[4]
   data = bytearray(uninterrupted[victim])
@@ -171,7 +171,7 @@ def test_corrupted_complete_entry_recomputes_only_that_shard(images, tmp_path,
   result = et.run_extract(images, cache=root)
   assert (result.stats.shards_reused, result.stats.shards_computed,
           result.stats.shards_written) == (NUM_SHARDS - 1, 1, 1)
-  et._check(result.features, images)  # pylint: disable=protected-access
+  et.check_features(result.features, images)
   assert _snapshot(entry) == uninterrupted
 
 
@@ -190,7 +190,7 @@ def test_complete_entry_is_reused_with_another_batch_size(images, tmp_path):
   assert third.stats.shards_reused == 0 and third.stats.shards_written == 4
   tags = {n.split("-")[0] for n in os.listdir(first.entry_dir) if n.endswith(".npz")}
   assert tags == {cache_lib.read_manifest(first.entry_dir)["layout"]["tag"]}
-  et._check(third.features, images)  # pylint: disable=protected-access
+  et.check_features(third.features, images)
 
 
 def test_manifest_records_provenance_and_checksums(images, tmp_path):

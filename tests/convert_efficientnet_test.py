@@ -110,8 +110,7 @@ def test_imagenet_samples_accuracy(converted, imagenet_samples_dir):
 
 
 def _state(checkpoint_path):
-  sd = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-  return {k: v for k, v in sd.items()}
+  return dict(torch.load(checkpoint_path, map_location="cpu", weights_only=True))
 
 
 def test_prefixed_and_headless(checkpoint_path, tmp_path):
@@ -119,9 +118,10 @@ def test_prefixed_and_headless(checkpoint_path, tmp_path):
   path = str(tmp_path / "wrapped.pth")
   torch.save({"state_dict": sd}, path)
   variables, meta = convert_checkpoint(path, ARCH, options={"num_classes": 0})
-  assert meta["prefix"] == "module."
+  assert meta["prefix"] == "state_dict.module."
   assert "classifier" not in variables["params"]
-  assert meta["dropped_keys"] == ["module._fc.bias", "module._fc.weight"]
+  assert meta["dropped_keys"] == ["state_dict.module._fc.bias",
+                                  "state_dict.module._fc.weight"]
 
 
 @pytest.mark.parametrize("edit,message", [

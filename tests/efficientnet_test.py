@@ -4,7 +4,6 @@ import os
 import sys
 
 import jax
-from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -73,18 +72,19 @@ def test_train_mode_uses_batch_statistics(random_pair):
   assert efficientnet.BN_MOMENTUM == 0.99 and efficientnet.BN_EPSILON == 1e-3
 
 
+@pytest.mark.parametrize("impl", ["shifted", "grouped"])
 @pytest.mark.parametrize("kernel,stride,height,width", [
     (3, 1, 9, 9), (3, 2, 10, 7), (5, 2, 11, 12), (5, 1, 6, 5)])
-def test_depthwise_conv_matches_grouped_conv(kernel, stride, height, width):
-  rng = np.random.RandomState(3)
-  x = rng.randn(2, height, width, 6).astype(np.float32)
-  conv = efficientnet.DepthwiseConv(kernel, stride)
+def test_depthwise_conv_matches_torch(impl, kernel, stride, height, width):
+  x = np.random.RandomState(3).randn(2, height, width, 6).astype(np.float32)
+  conv = efficientnet.DepthwiseConv(kernel, stride, impl=impl)
   variables = conv.init(jax.random.PRNGKey(0), x)
-  w = variables["params"]["kernel"]
+  w = np.array(variables["params"]["kernel"])
   assert w.shape == (kernel, kernel, 1, 6)
-  expected = lax.conv_general_dilated(
-      x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=6, precision=lax.Precision.HIGHEST)
+  ref = torch_efficientnet.SameConv2d(6, 6, kernel, stride, groups=6)
+  with torch.no_grad():
+    ref.weight.copy_(torch.from_numpy(w.transpose(3, 2, 0, 1)))
+    expected = ref(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
   np.testing.assert_allclose(conv.apply(variables, x), expected, atol=1e-5, rtol=0)
 
 

@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from sslbench_jax.data import preprocess  # pylint: disable=g-import-not-at-top,wrong-import-position
+from sslbench_jax.data import preprocess  # pylint: disable=wrong-import-position
 from sslbench_jax.features import cache as cache_lib  # pylint: disable=wrong-import-position
 from sslbench_jax.features import extract as extract_lib  # pylint: disable=wrong-import-position
 from sslbench_jax.features import image_folder  # pylint: disable=wrong-import-position
@@ -197,7 +197,8 @@ def images(tmp_path_factory) -> str:
   return directory
 
 
-def _check(fs, images_dir, atol=1e-5):
+def check_features(fs, images_dir, atol=1e-5):
+  """Features equal the direct pass; ids in dataset order, once each; no labels."""
   ref = reference_features(images_dir)
   np.testing.assert_allclose(fs.features, ref, atol=atol, rtol=0)
   assert list(fs.ids) == sorted(os.listdir(images_dir))  # dataset order, no duplicates
@@ -208,7 +209,7 @@ def _check(fs, images_dir, atol=1e-5):
 @pytest.mark.parametrize("batch_size_per_device", [1, 4, 16])
 def test_single_process_matches_direct_apply(images, batch_size_per_device):
   result = run_extract(images, batch_size_per_device=batch_size_per_device)
-  _check(result.features, images)
+  check_features(result.features, images)
   meta = result.features.meta
   assert meta["representation"] == "pre_logits" and meta["dtype"] == "float32"
   assert meta["device_count"] == jax.device_count() and meta["process_count"] == 1
@@ -223,7 +224,7 @@ def test_eight_devices_match_direct_apply(images, tmp_path):
   assert stats["device_count"] == 8
   from sslbench_jax.features import io as features_io  # pylint: disable=g-import-not-at-top
   fs = features_io.load(str(tmp_path / "f.npz"))
-  _check(fs, images)
+  check_features(fs, images)
   assert fs.meta["device_count"] == 8
 
 
@@ -233,7 +234,7 @@ def test_float_preprocess_path_matches(images):
   result = extract_lib.extract(
       TinyNet(), tiny_variables(), image_folder.ImageFolder(images),
       lambda img: preset(img), batch_size_per_device=3, progress=False)
-  _check(result.features, images)
+  check_features(result.features, images)
 
 
 def test_multidimensional_representation_is_flattened(images):

@@ -99,3 +99,15 @@ def test_errors_are_one_line(files, tmp_path):
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 2, r.stderr
     assert msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_run_with_options_dict(files):
+  tr, te, x, y, _ = files
+  opts = command.default_options()
+  assert opts["knn_k"] == ["10", "20", "100", "200"] and "results" not in opts
+  rows = command.run(dict(features_train=tr, features_test=te, protocol="leastsquares",
+                          l2=["8"], model="m", dataset="d"))
+  assert [r["metric"] for r in rows] == ["top1", "top5"]
+  assert rows[0]["model"] == "m" and rows[0]["hparams"]["l2"] == 8.0
+  with pytest.raises(ValueError, match="unknown probe options \\['knn_kk'\\]"):
+    command.run(dict(features_train=tr, features_test=te, knn_kk=["5"]))

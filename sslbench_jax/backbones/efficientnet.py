@@ -4,8 +4,9 @@ Lite differs from EfficientNet-B0 in what makes it quantisation friendly: no
 squeeze-excite, ReLU6 instead of swish, and a stem (32) and head (1280) whose
 widths are not scaled. Convolutions use TensorFlow "SAME" padding (extra pixel
 at the bottom/right for even padding), as the released weights were trained
-in TensorFlow and ported with that padding kept; symmetric padding shifts
-every stride-2 feature map by half a pixel and costs accuracy.
+in TensorFlow and ported with that padding kept (the lukemelas PyTorch port
+pads the same way); PyTorch's usual symmetric ``padding=k//2`` would sample
+every stride-2 layer half a pixel off.
 
 The model expects NHWC images normalised as ``(x - 127) / 128`` on 0..255
 pixels (preset ``"efficientnet_lite"``).
@@ -19,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 from jax import lax
 import jax.numpy as jnp
 
@@ -49,20 +51,23 @@ def _batch_norm(train: bool, dtype: Any, name: str) -> nn.BatchNorm:
 class DepthwiseConv(nn.Module):
   """Depthwise k x k convolution with TF "SAME" padding, no bias.
 
-  Computed as a sum of k*k strided shifted slices times per-channel weights:
-  XLA:CPU lowers ``feature_group_count=C`` convolutions to a slow generic
-  loop (2.5-7x slower than this on the Lite0 shapes), while the shifted sum
-  fuses into one elementwise kernel. The parameter is the same ``kernel``
-  (k, k, 1, C) that ``nn.Conv(..., feature_group_count=C)`` would hold.
+  On CPU it is computed as a sum of k*k strided shifted slices times
+  per-channel weights: XLA:CPU runs ``feature_group_count=C`` convolutions
+  2.5-7x slower than that on the Lite0 shapes (measured with jaxlib 0.10.2),
+  while the shifted sum fuses into one elementwise loop. Accelerators use the
+  native grouped convolution. The parameter is the same ``kernel`` (k, k, 1,
+  C) that ``nn.Conv(..., feature_group_count=C)`` would hold.
 
   Attributes:
     kernel_size: k.
     stride: spatial stride.
     dtype: computation dtype.
+    impl: "auto" (shifted on CPU, grouped elsewhere), "shifted" or "grouped".
   """
   kernel_size: int
   stride: int = 1
   dtype: Any = jnp.float32
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -70,6 +75,15 @@ class DepthwiseConv(nn.Module):
     batch, height, width, channels = x.shape
     kernel = self.param("kernel", nn.initializers.lecun_normal(),
                         (k, k, 1, channels), jnp.float32).astype(self.dtype)
+    impl = self.impl
+    if impl == "auto":
+      impl = "shifted" if jax.default_backend() == "cpu" else "grouped"
+    if impl == "grouped":
+      return lax.conv_general_dilated(
+          x.astype(self.dtype), kernel, (s, s), "SAME",
+          dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=channels)
+    if impl != "shifted":
+      raise ValueError(f"DepthwiseConv impl must be auto, shifted or grouped, got {impl!r}")
     (top, bottom), (left, right) = lax.padtype_to_pads(
         (height, width), (k, k), (s, s), "SAME")
     x = jnp.pad(x.astype(self.dtype), ((0, 0), (top, bottom), (left, right), (0, 0)))

@@ -13,8 +13,9 @@ Inside an entry:
   (bit rot, truncation, tampering) is never read, it is deleted and recomputed.
   Shards hold ``features`` (n, D) float32, ``index`` (n,) int64 (positions in
   the dataset), ``labels``, ``ids`` and ``skipped`` (positions of examples
-  the source masked out, e.g. corrupt images it was told to skip); they are written as zip archives with
-  fixed timestamps so the same features always give the same bytes.
+  the source masked out, e.g. corrupt images it was told to skip). They are
+  zip archives with fixed timestamps (plain ``.npz`` to NumPy), so the same
+  features always give the same bytes.
 * ``manifest.json``, written by process 0 only: the key, the layout, the
   provenance and, once complete, every shard with its sha256. It holds no
   timestamps or host names, so a resumed run ends with the same bytes as an
@@ -84,6 +85,7 @@ class CacheKey:
   code_version: str = dataclasses.field(default_factory=code_version)
 
   def as_dict(self) -> dict[str, Any]:
+    """The fields as a JSON-able dict (recorded in the manifest)."""
     return dataclasses.asdict(self)
 
   def digest(self) -> str:
@@ -144,6 +146,7 @@ def entry_dir(cache_root: str, key: CacheKey) -> str:
 
 
 def shard_name(layout_tag: str, process: int, shard: int, sha256: str) -> str:
+  """File name of a shard: layout, process, shard index and content checksum."""
   return f"{layout_tag}-p{process:05d}-s{shard:06d}.{sha256}.npz"
 
 

@@ -2,12 +2,13 @@
 
 The forward pass is one ``jax.jit`` over a 1-D ``("data",)`` mesh of every
 device of every process: the batch is sharded over ``"data"``, the variables
-are replicated. Each process decodes its own rows (``cache.Layout``), builds
-its part of the global batch with ``jax.make_array_from_process_local_data``
-and reads back the rows its own devices produced, in its own row order. The
-last step is zero-padded to a full batch; padded rows are dropped on the host,
-so every example is evaluated exactly once and every process runs the same
-number of steps.
+are replicated. Each process decodes its own block of the dataset
+(``data.sharding.shard_plan`` via ``cache.Layout``), builds its part of the
+global batch with ``jax.make_array_from_process_local_data`` and reads back
+the rows its own devices produced, in its own row order. Batches past the end
+of a block are zero-padded; padded rows are dropped on the host, so every
+example is evaluated exactly once and every process runs the same number of
+steps.
 
 With a cache, each process writes its rows in checksummed shards every
 ``steps_per_shard`` steps; a rerun reuses every valid shard and computes only
@@ -54,7 +55,8 @@ class ExtractStats:
   """What one ``extract`` call did (per process).
 
   Attributes:
-    num_shards: shards of this process in the layout.
+    num_shards: shards of this process in the current layout (or, for a
+      complete entry read back whole, all the entry's shards).
     shards_reused: valid shards read back from the cache (hits).
     shards_computed: shards run through the model (the union over processes of
       what is missing, so it can exceed this process's own misses).
@@ -72,6 +74,13 @@ class ExtractStats:
 
 @dataclasses.dataclass(frozen=True)
 class ExtractResult:
+  """What ``extract`` returns.
+
+  Attributes:
+    features: every kept example, in dataset order, with provenance meta.
+    stats: cache hits / misses of this call.
+    entry_dir: the cache entry directory, None without a cache.
+  """
   features: features_io.FeatureSet
   stats: ExtractStats
   entry_dir: str | None
@@ -171,12 +180,14 @@ def extract(model: Any, variables: Any, source: Any,
 
   parts = {k: arrays for k, (_, _, arrays) in hits.items()}
   written = {k: (name, digest) for k, (name, digest, _) in hits.items()}
+  plan = layout.plan(process)
   steps = [s for k in to_compute for s in layout.shard_steps(k)]
+  my_images = int((plan.indices[steps] >= 0).sum())
   # The bar counts every process's images (process 0's, scaled): an estimate
   # that is exact but for the uneven padding of the last steps.
-  num_images = int((layout.plan(process).indices[steps] >= 0).sum()) * num_processes
-  bar = tqdm.tqdm(total=num_images, unit="img", unit_scale=True, smoothing=0.1,
-                  desc="features", disable=not progress or process != 0 or not steps)
+  bar = tqdm.tqdm(total=my_images * num_processes, unit="img", unit_scale=True,
+                  smoothing=0.1, desc="features",
+                  disable=not progress or process != 0 or not steps)
   pending: dict[int, list[dict[str, np.ndarray]]] = {}
 
   def finish(batch: _pipeline.Batch, feats: np.ndarray) -> None:
@@ -196,7 +207,6 @@ def extract(model: Any, variables: Any, source: Any,
       if on_shard_written is not None:
         on_shard_written(shard)
 
-  plan = layout.plan(process)
   batches = _pipeline.device_batches(
       steps, lambda s: plan.indices[s], load, first.shape, first.dtype,
       forward.to_device, num_threads or min(32, os.cpu_count() or 1), depth=prefetch)
@@ -216,8 +226,9 @@ def extract(model: Any, variables: Any, source: Any,
     _finalize(directory, key, layout, run_meta, forward.feature_dim, written)
   seconds = time.time() - t0
   if steps:
-    logging.info("features: %d images (all processes) through %s in %.1fs: %.1f images/s",
-                 num_images, representation, seconds, num_images / seconds)
+    logging.info("features: process %d put %d images through %s in %.1fs: "
+                 "%.1f images/s", process, my_images, representation, seconds,
+                 my_images / seconds)
   stats = ExtractStats(layout.num_shards, len(hits), len(to_compute),
                        len(written) - len(hits), False, seconds)
   if directory is not None:

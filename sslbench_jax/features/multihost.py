@@ -32,11 +32,14 @@ def initialize(coordinator_address: str | None = None,
     process_id: index of this process in ``[0, num_processes)``.
 
   Returns:
-    True when ``jax.distributed`` was initialised, False for a single process.
+    True when ``jax.distributed`` is (now, or already was) initialised, False
+    for a single process.
 
   Raises:
     ValueError: an incomplete or inconsistent set of settings.
   """
+  if jax.distributed.is_initialized():
+    return True  # e.g. by the caller of a library entry point
   env = os.environ
   address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
   n = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")

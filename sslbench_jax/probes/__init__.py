@@ -1,1 +1,14 @@
-"""sslbench_jax.probes."""
+"""Probes on cached features, all with the same call shape (train features and
+labels, test features, number of classes, protocol settings):
+
+* ``knn``: DINO's weighted cosine kNN and the Closer Look Euclidean kNN,
+  memory-bounded and sharded over devices;
+* ``linear``: many linear heads (lr x wd x BN x source x optimizer) trained in
+  one jitted pass, selected on held-out train;
+* ``logreg``: L2 multinomial logistic regression, a C grid solved with
+  vmapped L-BFGS (scikit-learn's objective);
+* ``leastsquares``: big_vision's closed-form ridge classifier, one
+  eigendecomposition for a whole l2 grid;
+* ``fewshot``: class-balanced k-shot / percent-of-labels subsets, several tries;
+* ``command``: the ``sslbench-jax probe`` subcommand.
+"""

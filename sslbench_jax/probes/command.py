@@ -25,77 +25,68 @@ import numpy as np
 PROTOCOLS = ("knn", "linear", "logreg", "leastsquares", "fewshot")
 FLAGS = flags.FLAGS
 
-_DEFINED = []
+# (name, kind, default, help); also the option keys of ``run``.
+_FLAG_SPECS = (
+    ("features_train", "string", None, "training feature file (.npz from `features`)"),
+    ("features_test", "string", None, "test feature file (.npz from `features`)"),
+    ("protocol", "string", "knn", f"one of {', '.join(PROTOCOLS)}"),
+    ("model", "string", None, "model name for the results; default: the files' arch"),
+    ("dataset", "string", None, "dataset name for the results; default: from the files"),
+    ("num_classes", "integer", None,
+     "classes; default: meta num_classes or max label + 1"),
+    ("seed", "integer", 0, "seed of splits, subsets and initialisation"),
+    ("select_on_test", "bool", False,
+     "'max over test' model selection (unfair; only to compare with papers that "
+     "did it); results are labelled so"),
+    ("holdout", "float", 0.1, "fraction of every training class held out for selection"),
+    # kNN
+    ("knn_k", "list", ["10", "20", "100", "200"], "kNN: numbers of neighbours"),
+    ("knn_metric", "string", "cosine", "kNN: cosine (DINO) or euclidean (Closer Look)"),
+    ("knn_temperature", "float", 0.07, "kNN: DINO's temperature (cosine only)"),
+    ("zscore", "bool", False, "kNN: z-score features with training statistics first"),
+    ("bank_dtype", "string", "float32", "kNN: bank storage, float32 or bfloat16"),
+    ("query_chunk", "integer", 1024, "kNN: test examples per step"),
+    # linear
+    ("lr", "list", None, "linear: absolute peak learning rates; default 0.1*batch/256"),
+    ("weight_decay", "list", ["0"], "linear: weight decays"),
+    ("batchnorm", "list", ["false", "true"], "linear: BN-without-affine settings"),
+    ("optimizer", "list", ["sgd"], "linear: sgd and/or adamw"),
+    ("epochs", "integer", 100, "linear: epochs"),
+    ("batch_size", "integer", 1024, "linear: batch size"),
+    ("warmup_epochs", "integer", 5, "linear: warmup epochs"),
+    ("clip_norm", "float", 0.5, "linear: gradient global-norm clip (0: off)"),
+    # logreg / least squares
+    ("c", "list", None, "logreg: C grid; default 45 values logspace(-6, 5)"),
+    ("max_iter", "integer", 1000, "logreg: L-BFGS iterations at most"),
+    ("l2", "list", None, "leastsquares: l2 grid; default 2^-10..2^19"),
+    # few-shot
+    ("setups", "list", ["1shot", "5shot", "10shot", "25shot", "1%", "10%"],
+     "few-shot: 'Kshot' / 'P%' setups"),
+    ("fewshot_probes", "list", ["knn", "linear", "leastsquares"], "few-shot: probes"),
+    ("tries", "integer", 5, "few-shot: subsets per setup"),
+    ("fewshot_l2", "float", 2.0 ** 10, "few-shot: l2 of the closed-form probe"),
+    ("fewshot_k", "integer", 20, "few-shot: kNN neighbours"),
+)
+_DEFINE = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer,
+           "float": flags.DEFINE_float, "bool": flags.DEFINE_bool,
+           "list": flags.DEFINE_list}
+
+
+def default_options() -> dict[str, Any]:
+  """The options ``run`` accepts, with their defaults (the flags' defaults)."""
+  return {name: (list(default) if isinstance(default, list) else default)
+          for name, _, default, _ in _FLAG_SPECS}
 
 
 def define_flags() -> None:
   """Defines this subcommand's absl flags (idempotent), with dashed aliases."""
-  if _DEFINED:
+  if "features_train" in FLAGS:
     return
-  _DEFINED.append(True)
-  names = []
-
-  def string(name, default, help_):
-    flags.DEFINE_string(name, default, help_)
-    names.append(name)
-
-  def lst(name, default, help_):
-    flags.DEFINE_list(name, default, help_)
-    names.append(name)
-
-  def integer(name, default, help_):
-    flags.DEFINE_integer(name, default, help_)
-    names.append(name)
-
-  def real(name, default, help_):
-    flags.DEFINE_float(name, default, help_)
-    names.append(name)
-
-  def boolean(name, default, help_):
-    flags.DEFINE_bool(name, default, help_)
-    names.append(name)
-
-  string("features_train", None, "training feature file (.npz from `features`)")
-  string("features_test", None, "test feature file (.npz from `features`)")
-  string("protocol", "knn", f"one of {', '.join(PROTOCOLS)}")
-  string("results", None, "results store (.jsonl) to append to; default: print only")
-  string("model", None, "model name for the results; default: the files' arch")
-  string("dataset", None, "dataset name for the results; default: from the files")
-  integer("num_classes", None, "classes; default: meta num_classes or max label + 1")
-  integer("seed", 0, "seed of splits, subsets and initialisation")
-  boolean("select_on_test", False,
-          "'max over test' model selection (unfair; only to compare with papers "
-          "that did it); results are labelled so")
-  real("holdout", 0.1, "fraction of every training class held out for selection")
-  # kNN
-  lst("knn_k", ["10", "20", "100", "200"], "numbers of neighbours")
-  string("knn_metric", "cosine", "cosine (DINO) or euclidean (Closer Look)")
-  real("knn_temperature", 0.07, "DINO's temperature (cosine only)")
-  boolean("zscore", False, "z-score features with training statistics first")
-  string("bank_dtype", "float32", "kNN bank storage: float32 or bfloat16")
-  integer("query_chunk", 256, "kNN test examples per step")
-  # linear
-  lst("lr", None, "linear: absolute peak learning rates; default 0.1*batch/256")
-  lst("weight_decay", ["0"], "linear: weight decays")
-  lst("batchnorm", ["false", "true"], "linear: BN-without-affine settings")
-  lst("optimizer", ["sgd"], "linear: sgd and/or adamw")
-  integer("epochs", 100, "linear: epochs")
-  integer("batch_size", 1024, "linear: batch size")
-  integer("warmup_epochs", 5, "linear: warmup epochs")
-  real("clip_norm", 0.5, "linear: gradient global-norm clip (0: off)")
-  # logreg / least squares
-  lst("c", None, "logreg: C grid; default 45 values logspace(-6, 5)")
-  integer("max_iter", 1000, "logreg: L-BFGS iterations at most")
-  lst("l2", None, "leastsquares: l2 grid; default 2^-10..2^19")
-  # few-shot
-  lst("setups", ["1shot", "5shot", "10shot", "25shot", "1%", "10%"],
-      "few-shot: 'Kshot' / 'P%' setups")
-  lst("fewshot_probes", ["knn", "linear", "leastsquares"], "few-shot: probes")
-  integer("tries", 5, "few-shot: subsets per setup")
-  real("fewshot_l2", 2.0 ** 10, "few-shot: l2 of the closed-form probe")
-  integer("fewshot_k", 20, "few-shot: kNN neighbours")
-
-  for name in names:
+  specs = _FLAG_SPECS + (
+      ("results", "string", None,
+       "results store (.jsonl) to append to; default: print only"),)
+  for name, kind, default, help_ in specs:
+    _DEFINE[kind](name, default, help_)
     if "_" in name:
       flags.DEFINE_alias(name.replace("_", "-"), name)
 
@@ -117,23 +108,15 @@ def main(argv: Sequence[str]) -> None:
 
 
 def _options() -> dict[str, Any]:
-  return {name: FLAGS[name].value for name in _OPTION_NAMES}
-
-
-_OPTION_NAMES = frozenset((
-    "features_train", "features_test", "protocol", "model", "dataset",
-    "num_classes", "seed", "select_on_test", "holdout", "knn_k", "knn_metric",
-    "knn_temperature", "zscore", "bank_dtype", "query_chunk", "lr",
-    "weight_decay", "batchnorm", "optimizer", "epochs", "batch_size",
-    "warmup_epochs", "clip_norm", "c", "max_iter", "l2", "setups",
-    "fewshot_probes", "tries", "fewshot_l2", "fewshot_k"))
+  return {name: FLAGS[name].value for name in default_options()}
 
 
 def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
   """Runs one protocol from an options dict (the flag values).
 
   Args:
-    opts: flag name -> value (see ``define_flags``).
+    opts: option name -> value; missing options take ``default_options()``,
+      unknown ones are rejected.
 
   Returns:
     Results-store rows (accuracies in percent).
@@ -141,6 +124,11 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
   import jax  # pylint: disable=g-import-not-at-top
   from sslbench_jax.features import io  # pylint: disable=g-import-not-at-top
 
+  unknown = sorted(set(opts) - set(default_options()))
+  if unknown:
+    raise ValueError(f"unknown probe options {unknown}; valid: "
+                     f"{sorted(default_options())}")
+  opts = {**default_options(), **opts}
   protocol = opts["protocol"]
   if protocol not in PROTOCOLS:
     raise ValueError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")

@@ -50,8 +50,8 @@ def classify(train_features: np.ndarray,
              temperature: float = 0.07,
              zscore: bool = False,
              *,
-             query_chunk: int = 256,
-             bank_shard: int = 8192,
+             query_chunk: int = 1024,
+             bank_shard: int = 4096,
              bank_dtype: str = "float32",
              devices: Sequence[jax.Device] | None = None,
              ) -> dict[int, np.ndarray]:
@@ -129,8 +129,8 @@ def neighbours(train_features: np.ndarray,
     training indices (ties: lower index first).
   """
   labels = np.zeros((len(train_features),), np.int64)
-  query_chunk = kwargs.pop("query_chunk", 256)
-  bank_shard = kwargs.pop("bank_shard", 8192)
+  query_chunk = kwargs.pop("query_chunk", 1024)
+  bank_shard = kwargs.pop("bank_shard", 4096)
   bank_dtype = kwargs.pop("bank_dtype", "float32")
   devices = kwargs.pop("devices", None)
   if kwargs:
@@ -298,14 +298,17 @@ def _local_top_k(bank, queries, *, rows, shard, k, metric, n_train):
       # -|q - y|^2 up to the per-query constant |q|^2 (same ranking).
       sq = jnp.sum(jnp.square(block.astype(jnp.float32)), axis=1)
       dots = 2.0 * dots - sq[None, :]
-    idx = offset + s * shard + jnp.arange(shard, dtype=jnp.int32)
+    start = offset + s * shard
+    idx = start + jnp.arange(shard, dtype=jnp.int32)
     dots = jnp.where((idx < n_train)[None, :], dots, -jnp.inf)
     # Running list first: on equal values lax.top_k keeps the lower position,
     # which is the lower global index (running entries precede this shard).
     values = jnp.concatenate([best_v, dots], axis=1)
-    indices = jnp.concatenate([best_i, jnp.broadcast_to(idx, (q, shard))], axis=1)
     best_v, pos = jax.lax.top_k(values, k)
-    return (best_v, jnp.take_along_axis(indices, pos, axis=1)), None
+    # Position -> global index without materialising a (q, k + shard) index
+    # matrix: the first k positions are the running list, the rest this shard.
+    kept = jnp.take_along_axis(best_i, jnp.minimum(pos, k - 1), axis=1)
+    return (best_v, jnp.where(pos < k, kept, start + pos - k)), None
 
   init = (jnp.full((q, k), -jnp.inf, jnp.float32),
           jnp.full((q, k), jnp.iinfo(jnp.int32).max, jnp.int32))

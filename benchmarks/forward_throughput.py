@@ -1,0 +1,409 @@
+"""Forward-pass throughput: JAX (jit) versus PyTorch on the same weights.
+
+For ResNet-50, ViT-S/16 and ViT-B/16 at 224x224, batch 32 and 128, float32
+and bfloat16, measures images/s of
+
+* JAX: the project's Flax backbone under ``jax.jit``, warmed up (compiled);
+* PyTorch eager, and eager with ``channels_last`` (ResNet only: ViT has one
+  conv), with the plain-PyTorch reference modules of ``tests/``;
+* ``torch.compile`` (inductor) where it works; its failure reason is recorded.
+
+Both sides get the same weights: the torch module is randomised (non-trivial
+BatchNorm statistics), saved to a ``.pth`` and converted with
+``convert_checkpoint``. bfloat16 means bfloat16 computation: Flax modules with
+``dtype=bfloat16`` (float32 parameters cast at use) on bfloat16 inputs; torch
+modules cast to bfloat16 with bfloat16 inputs.
+
+The machine may be shared, so the implementations are measured interleaved
+(one timed call of each per round), the median over rounds is reported, and
+the ratio JAX/PyTorch is the number to read. "Fraction of peak" divides the
+model's FLOPs (XLA's cost analysis of the jitted forward) times images/s by
+the best rate of a large square matmul measured in the same run, per dtype
+(max over JAX and PyTorch): a measured, not a datasheet, peak.
+
+On CPU it also runs JAX in subprocesses with XLA:CPU flag variants that could
+change the bfloat16 speed (oneDNN, XNNPACK, thunk runtime) and reports them.
+
+Usage::
+
+  .venv/bin/python benchmarks/forward_throughput.py            # full
+  .venv/bin/python benchmarks/forward_throughput.py --quick    # a few configs
+
+Writes/updates the ``## Forward pass throughput`` section of BENCHMARKS.md
+(atomic rewrite; other sections are kept). Runs unchanged on GPU/TPU (torch
+uses CUDA when available; the XLA:CPU sweep is skipped off CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+_QUICK = flags.DEFINE_bool("quick", False, "RN50 + ViT-S/16 at batch 32 only, no torch.compile.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds per config (fewer when a call is slow).")
+_CONFIG_BUDGET = flags.DEFINE_float(
+    "config_budget_s", 25.0, "Timed seconds allowed per implementation and config; "
+    "rounds are cut to fit (at least 1).")
+_MODELS = flags.DEFINE_list("models", ["resnet50", "vit_small_patch16", "vit_base_patch16"],
+                           "Architectures (full mode).")
+_BATCHES = flags.DEFINE_list("batches", ["32", "128"], "Batch sizes (full mode).")
+_COMPILE = flags.DEFINE_bool("torch_compile", True, "Also time torch.compile (batch 32 only).")
+_SWEEP = flags.DEFINE_bool("xla_sweep", True, "Run the XLA:CPU flag sweep (CPU only).")
+_OUTPUT = flags.DEFINE_string("output", os.path.join(ROOT, "BENCHMARKS.md"),
+                              "Markdown file whose section is written; empty: print only.")
+_CHILD = flags.DEFINE_string("child", "", "Internal: JSON config to time in a subprocess.")
+
+SECTION = "## Forward pass throughput"
+MODELS = {
+    "resnet50": "RN50",
+    "vit_small_patch16": "ViT-S/16",
+    "vit_base_patch16": "ViT-B/16",
+}
+# XLA:CPU flags that exist in jaxlib 0.10.2 (checked: an unknown flag aborts at
+# start-up; --xla_cpu_use_mkl_dnn is gone) and plausibly touch bf16 dots/convs.
+XLA_VARIANTS = (
+    "",
+    "--xla_cpu_use_onednn=true",
+    "--xla_cpu_experimental_onednn_custom_call=true",
+    "--xla_cpu_use_xnnpack=true",
+    "--xla_cpu_use_thunk_runtime=false",
+)
+IMAGE = 224
+
+
+def _jax():
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax
+
+
+def _sync_torch(torch, device: str) -> None:
+  if device == "cuda":
+    torch.cuda.synchronize()
+
+
+def _time_once(fn: Callable[[], Any]) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _torch_model(arch: str):
+  """Random torch reference module (eval mode) for ``arch``."""
+  import torch_resnet  # pylint: disable=g-import-not-at-top
+  import torch_vit  # pylint: disable=g-import-not-at-top
+  if arch == "resnet50":
+    return torch_resnet.randomize(torch_resnet.resnet("resnet50"), seed=0)
+  from sslbench_jax.backbones import registry  # pylint: disable=g-import-not-at-top
+  cfg = registry.create_model(arch)
+  model = torch_vit.VisionTransformer(patch_size=cfg.patch_size, width=cfg.width,
+                                      depth=cfg.depth, num_heads=cfg.num_heads)
+  return model.randomize_(0).eval()
+
+
+def _convert(torch, model, arch: str, workdir: str):
+  """Same weights in Flax: save the torch state dict, convert it from disk."""
+  from sslbench_jax.convert.converter import convert_checkpoint  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, f"{arch}.pth")
+  torch.save(model.state_dict(), path)
+  variables, meta = convert_checkpoint(path, arch)
+  os.remove(path)
+  return variables, meta["arch_options"]
+
+
+def _jax_forward(arch: str, options: dict[str, Any], dtype_name: str, variables, batch: int):
+  """(callable running one forward to completion, FLOPs per image)."""
+  jax = _jax()
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.backbones import registry  # pylint: disable=g-import-not-at-top
+  dtype = jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32
+  model = registry.create_model(arch, **dict(options, dtype=dtype))
+  fn = jax.jit(lambda v, x: model.apply(v, x, train=False)["pre_logits"])
+  images = jnp.asarray(np.random.RandomState(0).randn(batch, IMAGE, IMAGE, 3), dtype)
+  variables = jax.device_put(variables)
+  compiled = fn.lower(variables, images).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0)) / batch if cost else 0.0
+  run = lambda: compiled(variables, images).block_until_ready()
+  run()  # warm-up
+  return run, flops
+
+
+def _torch_variants(torch, model, dtype_name: str, batch: int, device: str,
+                    arch: str, with_compile: bool) -> tuple[dict[str, Callable], dict[str, str]]:
+  """name -> callable for each torch variant that works; notes (compile time or
+  the reason torch.compile failed)."""
+  dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
+  model = model.to(device=device, dtype=dtype).eval()
+  images = torch.randn(batch, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed(0))
+  images = images.to(device=device, dtype=dtype)
+  variants: dict[str, Callable] = {}
+  notes: dict[str, str] = {}
+
+  def make(module, x):
+    def run():
+      with torch.inference_mode():
+        module(x)
+      _sync_torch(torch, device)
+    return run
+
+  variants["torch eager"] = make(model, images)
+  if arch.startswith("resnet"):
+    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    variants["torch channels_last"] = make(cl_model, images.contiguous(
+        memory_format=torch.channels_last))
+  if with_compile:
+    try:
+      compiled = torch.compile(model)
+      run = make(compiled, images)
+      start = time.perf_counter()
+      run()  # compiles
+      variants["torch.compile"] = run
+      notes["torch.compile time"] = f"{time.perf_counter() - start:.0f} s"
+    except Exception as e:  # pylint: disable=broad-except  # recorded, not fatal
+      notes["torch.compile failed"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+  for name, run in variants.items():
+    if name != "torch.compile":
+      run()  # warm-up (oneDNN primitive creation)
+  return variants, notes
+
+
+# --------------------------------------------------------------------------- peak
+
+
+def _matmul_rates(torch, device: str) -> dict[str, dict[str, float]]:
+  """GFLOP/s of an n x n matmul per dtype, for JAX and torch (best of 5)."""
+  jax = _jax()
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  n = 4096 if jax.devices()[0].platform != "cpu" else 2048
+  flops = 2.0 * n ** 3
+  rates: dict[str, dict[str, float]] = {}
+  for name, jdt, tdt in (("float32", jnp.float32, torch.float32),
+                         ("bfloat16", jnp.bfloat16, torch.bfloat16)):
+    a = jnp.ones((n, n), jdt)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    jt = min(_time_once(lambda: f(a).block_until_ready()) for _ in range(5))
+    t = torch.ones(n, n, dtype=tdt, device=device)
+    t @ t
+    _sync_torch(torch, device)
+    def tmm():
+      t @ t
+      _sync_torch(torch, device)
+    tt = min(_time_once(tmm) for _ in range(5))
+    rates[name] = {"jax": flops / jt / 1e9, "torch": flops / tt / 1e9}
+  return rates
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _measure(runs: dict[str, Callable], rounds: int, budget: float) -> dict[str, float]:
+  """Interleaved timing: median seconds per call for each implementation."""
+  probe = {name: _time_once(run) for name, run in runs.items()}
+  slowest = max(probe.values())
+  rounds = max(1, min(rounds, int(budget // max(slowest, 1e-9))))
+  times = {name: [t] for name, t in probe.items()}
+  for _ in range(rounds - 1):
+    for name, run in runs.items():
+      times[name].append(_time_once(run))
+  return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _child_main(spec: dict[str, Any]) -> None:
+  """Subprocess: time the JAX forward of one config under the inherited XLA_FLAGS."""
+  jax = _jax()
+  from sslbench_jax.backbones import registry  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  model = registry.create_model(spec["arch"])
+  variables = jax.jit(model.init)(jax.random.PRNGKey(0),
+                                  jnp.zeros((1, IMAGE, IMAGE, 3), jnp.float32))
+  run, _ = _jax_forward(spec["arch"], {}, spec["dtype"], variables, spec["batch"])
+  t = _measure({"jax": run}, spec["rounds"], spec["budget"])["jax"]
+  print("RESULT " + json.dumps({"images_per_s": spec["batch"] / t}))
+
+
+def _sweep(configs: list[tuple[str, int]], rounds: int, budget: float) -> list[dict[str, Any]]:
+  rows = []
+  for arch, batch in configs:
+    for variant in XLA_VARIANTS:
+      # float32 only once (reference); the question is the bfloat16 speed.
+      for dtype in (("float32", "bfloat16") if not variant else ("bfloat16",)):
+        spec = dict(arch=arch, batch=batch, dtype=dtype, rounds=rounds, budget=budget)
+        env = dict(os.environ, XLA_FLAGS=variant)
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__),
+                               "--child=" + json.dumps(spec)], env=env,
+                              capture_output=True, text=True, timeout=1800)
+        found = re.search(r"^RESULT (.*)$", proc.stdout, re.M)
+        if found:
+          result = f"{json.loads(found.group(1))['images_per_s']:.1f}"
+        else:
+          last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+          result = f"failed: {last[:120]}"
+        print(f"  sweep {arch} b{batch} {dtype} [{variant or 'default'}]: {result}", flush=True)
+        rows.append(dict(arch=arch, batch=batch, dtype=dtype, flags=variant or "(default)",
+                         result=result))
+  return rows
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _machine() -> dict[str, str]:
+  jax = _jax()
+  import flax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  model_name = platform.processor() or "unknown"
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    found = re.search(r"^Model name:\s*(.+)$", out, re.M)
+    model_name = found.group(1).strip() if found else model_name
+  except OSError:
+    pass
+  return {
+      "cpu": model_name,
+      "cores": str(os.cpu_count()),
+      "device": f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind} "
+                f"x{jax.device_count()}",
+      "versions": f"jax {jax.__version__}, flax {flax.__version__}, torch {torch.__version__}, "
+                  f"python {platform.python_version()}",
+      "torch_threads": str(torch.get_num_threads()),
+  }
+
+
+def _markdown(machine, rates, results, notes, sweep, wall, quick) -> str:
+  lines = [SECTION, "",
+           f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with "
+           f"`benchmarks/forward_throughput.py{' --quick' if quick else ''}` "
+           f"(wall time {wall / 60:.1f} min).", "",
+           f"- Machine: {machine['cpu']}, {machine['cores']} logical cores "
+           f"(shared with other jobs: absolute numbers are noisy, read the ratios); "
+           f"JAX device {machine['device']}; torch threads {machine['torch_threads']}.",
+           f"- Versions: {machine['versions']}.",
+           "- Method: forward pass of the backbone (pre-logits) on random 224x224 inputs; "
+           "same weights on both sides (torch reference module randomised, saved, converted "
+           "with `convert_checkpoint`). JAX: `jax.jit`, compiled and warmed up. PyTorch: "
+           "`inference_mode`, one warm-up call. Implementations are timed interleaved, "
+           "one call each per round; the median over rounds (up to the `--rounds` flag, fewer "
+           "when a call is slow) is reported. bfloat16 = bfloat16 compute on both sides.",
+           "- Fraction of peak = XLA cost-analysis FLOPs per image x images/s / the measured "
+           "matmul peak of that dtype (best of JAX and torch on a large square matmul, "
+           "this run): " + "; ".join(
+               f"{d}: JAX {r['jax']:.0f}, torch {r['torch']:.0f} GFLOP/s"
+               for d, r in rates.items()) + ".",
+           "",
+           "| model | batch | dtype | GFLOPs/img | JAX img/s | torch eager img/s | "
+           "torch channels_last img/s | torch.compile img/s | JAX / best torch | "
+           "JAX % peak | best torch % peak |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in results:
+    torch_vals = {k: v for k, v in r["ips"].items() if k != "jax"}
+    best = max(torch_vals.values())
+    peak = max(rates[r["dtype"]].values()) * 1e9
+    fmt = lambda k: f"{r['ips'][k]:.1f}" if k in r["ips"] else "n/a"
+    lines.append(
+        f"| {MODELS[r['arch']]} | {r['batch']} | {r['dtype']} | {r['flops'] / 1e9:.2f} | "
+        f"{fmt('jax')} | {fmt('torch eager')} | {fmt('torch channels_last')} | "
+        f"{fmt('torch.compile')} | {r['ips']['jax'] / best:.2f} | "
+        f"{100 * r['flops'] * r['ips']['jax'] / peak:.0f}% | "
+        f"{100 * r['flops'] * best / peak:.0f}% |")
+  if notes:
+    lines += ["", "torch.compile (inductor, batch 32 only to bound compile time): " + "; ".join(
+        f"{k}: {v}" for k, v in notes.items()) + "."]
+  if sweep:
+    lines += ["", "XLA:CPU flag variants (JAX only, subprocess per variant, images/s; the "
+              "flags are the ones present in this jaxlib that could touch bf16 dots/convs):", "",
+              "| model | batch | flags | float32 img/s | bfloat16 img/s |", "|---|---|---|---|---|"]
+    keyed = {(s["arch"], s["batch"], s["flags"], s["dtype"]): s["result"] for s in sweep}
+    for arch, batch, fl in dict.fromkeys((s["arch"], s["batch"], s["flags"]) for s in sweep):
+      lines.append(f"| {MODELS[arch]} | {batch} | `{fl}` | "
+                   f"{keyed.get((arch, batch, fl, 'float32'), '')} | "
+                   f"{keyed.get((arch, batch, fl, 'bfloat16'), '')} |")
+  return "\n".join(lines) + "\n"
+
+
+def _write_section(path: str, section: str) -> None:
+  """Replaces (or appends) this script's section, keeping the others; atomic."""
+  text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+  pattern = re.compile(r"^## Forward pass throughput\n.*?(?=^## |\Z)", re.M | re.S)
+  if pattern.search(text):
+    text = pattern.sub(lambda _: section + "\n", text)
+  else:
+    text = text.rstrip("\n") + "\n\n" + section
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+  with os.fdopen(fd, "w") as f:
+    f.write(text.rstrip("\n") + "\n")
+  os.replace(tmp, path)
+
+
+def main(argv):
+  del argv
+  if _CHILD.value:
+    _child_main(json.loads(_CHILD.value))
+    return
+  import torch  # pylint: disable=g-import-not-at-top
+  jax = _jax()
+  start = time.perf_counter()
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  quick = _QUICK.value
+  archs = ("resnet50", "vit_small_patch16") if quick else tuple(_MODELS.value)
+  batches = (32,) if quick else tuple(int(b) for b in _BATCHES.value)
+  unknown = [a for a in archs if a not in MODELS]
+  if unknown:
+    raise app.UsageError(f"--models: unknown {unknown}; known: {', '.join(MODELS)}")
+  machine = _machine()
+  print(machine, flush=True)
+  print(f"configs: {archs} x batch {batches} x (float32, bfloat16)", flush=True)
+  rates = _matmul_rates(torch, device)
+  print("matmul GFLOP/s:", rates, flush=True)
+  results, notes = [], {}
+  with tempfile.TemporaryDirectory() as workdir:
+    for arch in archs:
+      base = _torch_model(arch)
+      variables, options = _convert(torch, base, arch, workdir)
+      for batch in batches:
+        for dtype in ("float32", "bfloat16"):
+          with_compile = _COMPILE.value and not quick and batch == 32
+          runs, config_notes = _torch_variants(torch, copy.deepcopy(base), dtype, batch,
+                                               device, arch, with_compile)
+          notes.update({f"{MODELS[arch]} {dtype} {k}": v for k, v in config_notes.items()})
+          jax_run, flops = _jax_forward(arch, options, dtype, variables, batch)
+          seconds = _measure({"jax": jax_run, **runs}, _ROUNDS.value, _CONFIG_BUDGET.value)
+          ips = {k: batch / t for k, t in seconds.items()}
+          results.append(dict(arch=arch, batch=batch, dtype=dtype, flops=flops, ips=ips))
+          print(f"{MODELS[arch]} b{batch} {dtype}: " + ", ".join(
+              f"{k} {v:.1f}" for k, v in ips.items()) + " img/s", flush=True)
+          del runs, jax_run
+  sweep = []
+  if _SWEEP.value and jax.devices()[0].platform == "cpu":
+    sweep = _sweep([("resnet50", 32), ("vit_small_patch16", 32)] if not quick
+                   else [("resnet50", 32)], 2, _CONFIG_BUDGET.value / 2)
+  section = _markdown(machine, rates, results, notes, sweep,
+                      time.perf_counter() - start, quick)
+  print(section)
+  if _OUTPUT.value:
+    _write_section(_OUTPUT.value, section)
+
+
+if __name__ == "__main__":
+  app.run(main)
