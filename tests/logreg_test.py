@@ -49,6 +49,15 @@ def test_selection_uses_holdout_only(digits):
   assert best.test_top1 >= r.test_top1
 
 
+def test_c_batches_equal_one_batch(digits):
+  xtr, ytr, _, _ = digits
+  cs = [1e-3, 0.1, 3.0]
+  w1, b1 = logreg.fit(xtr[:300], ytr[:300], 10, cs, max_iter=50)
+  w2, b2 = logreg.fit(xtr[:300], ytr[:300], 10, cs, max_iter=50, c_batch=2)
+  np.testing.assert_allclose(w1, w2, atol=1e-5)
+  np.testing.assert_allclose(b1, b2, atol=1e-5)
+
+
 def test_bad_inputs():
   x = np.zeros((4, 3), np.float32)
   with pytest.raises(ValueError, match="positive"):

@@ -111,3 +111,27 @@ def test_run_with_options_dict(files):
   assert rows[0]["model"] == "m" and rows[0]["hparams"]["l2"] == 8.0
   with pytest.raises(ValueError, match="unknown probe options \\['knn_kk'\\]"):
     command.run(dict(features_train=tr, features_test=te, knn_kk=["5"]))
+
+
+def test_linear_with_two_feature_sources(files, capsys):
+  tr, te, x, y, d = files
+  paths = {}
+  for rep, feats in (("raw", x), ("sq", x[:, :20] ** 2)):
+    for split, sl in (("train", slice(0, 1000)), ("test", slice(1000, None))):
+      p = str(d / f"{rep}_{split}.npz")
+      io.save(p, io.FeatureSet(feats[sl], y[sl], np.arange(len(y))[sl].astype(str),
+                               {"arch": "pixels", "representation": rep}))
+      paths[rep, split] = p
+  out_path = str(d / "two.jsonl")
+  _run(["--features-train", f"{paths['raw', 'train']},{paths['sq', 'train']}",
+        "--features-test", f"{paths['raw', 'test']},{paths['sq', 'test']}",
+        "--protocol", "linear", "--epochs", "2", "--batch-size", "128",
+        "--warmup-epochs", "0", "--lr", "0.5", "--results", out_path], capsys)
+  rows = store.read_results(out_path)
+  hp = json.loads(rows["hparams"][0])
+  assert hp["grid_size"] == 4 and hp["source"] in ("raw", "sq")
+  with pytest.raises(ValueError, match="only supported by --protocol linear"):
+    command.run(dict(features_train=f"{tr},{tr}", features_test=f"{te},{te}"))
+  with pytest.raises(ValueError, match="labels differ"):
+    command.run(dict(features_train=f"{tr},{paths['raw', 'test']}",
+                     features_test=f"{te},{te}", protocol="linear"))

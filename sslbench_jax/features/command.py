@@ -47,7 +47,7 @@ def define_flags() -> None:
                       "preprocessing preset; default: the architecture's")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
   flags.DEFINE_integer("batch_size_per_device", 64, "images per device and step")
-  flags.DEFINE_integer("num_threads", 0, "image decode threads (0: CPU count)")
+  flags.DEFINE_integer("num_threads", None, "image decode threads (default: CPU count)")
   flags.DEFINE_integer("steps_per_shard", 16, "steps per cache shard and process")
   flags.DEFINE_string("coordinator_address", None,
                       "multi-host: host:port of process 0's coordinator")
@@ -61,21 +61,21 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     sys.exit(f"features: unexpected arguments {argv[1:]}")
   try:
-    summary = run(dict(
-        weights=FLAGS.weights, arch=FLAGS.arch, images=FLAGS.images,
-        dataset=FLAGS.dataset, split=FLAGS.split, data_dir=FLAGS.data_dir,
-        out=FLAGS.out, cache=FLAGS.cache, representation=FLAGS.representation,
-        preprocessing=FLAGS.preprocessing, dtype=FLAGS.dtype,
-        batch_size_per_device=FLAGS.batch_size_per_device,
-        num_threads=FLAGS.num_threads or None, steps_per_shard=FLAGS.steps_per_shard,
-        coordinator_address=FLAGS.coordinator_address,
-        num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
-        progress=FLAGS.progress))
+    summary = run({name: FLAGS[name].value for name in default_options()})
   except (ValueError, OSError) as e:  # bad input, unreadable / unwritable files
     msg = str(e).strip()
     sys.exit(f"features: error: {msg.splitlines()[0] if msg else type(e).__name__}")
   if summary:
     print(json.dumps(summary, sort_keys=True))
+
+
+def default_options() -> dict[str, Any]:
+  """The options of ``run`` (the flags, by name) with their defaults."""
+  return dict(weights=None, arch=None, images=None, dataset=None, split=None,
+              data_dir=None, out=None, cache=None, representation="pre_logits",
+              preprocessing=None, dtype="float32", batch_size_per_device=64,
+              num_threads=None, steps_per_shard=16, coordinator_address=None,
+              num_processes=None, process_id=None, progress=True)
 
 
 def run(opts: dict[str, Any]) -> dict[str, Any] | None:

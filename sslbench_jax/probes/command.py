@@ -27,8 +27,11 @@ FLAGS = flags.FLAGS
 
 # (name, kind, default, help); also the option keys of ``run``.
 _FLAG_SPECS = (
-    ("features_train", "string", None, "training feature file (.npz from `features`)"),
-    ("features_test", "string", None, "test feature file (.npz from `features`)"),
+    ("features_train", "string", None,
+     "training feature file (.npz from `features`); linear: several comma-"
+     "separated files = several feature sources (e.g. cls,avgpool)"),
+    ("features_test", "string", None,
+     "test feature file(s), in the order of --features-train"),
     ("protocol", "string", "knn", f"one of {', '.join(PROTOCOLS)}"),
     ("model", "string", None, "model name for the results; default: the files' arch"),
     ("dataset", "string", None, "dataset name for the results; default: from the files"),
@@ -58,6 +61,8 @@ _FLAG_SPECS = (
     # logreg / least squares
     ("c", "list", None, "logreg: C grid; default 45 values logspace(-6, 5)"),
     ("max_iter", "integer", 1000, "logreg: L-BFGS iterations at most"),
+    ("c_batch", "integer", None,
+     "logreg: C values solved together (default all; lower it to bound memory)"),
     ("l2", "list", None, "leastsquares: l2 grid; default 2^-10..2^19"),
     # few-shot
     ("setups", "list", ["1shot", "5shot", "10shot", "25shot", "1%", "10%"],
@@ -132,16 +137,27 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
   protocol = opts["protocol"]
   if protocol not in PROTOCOLS:
     raise ValueError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
-  for name in ("features_train", "features_test"):
-    if not opts.get(name):
-      raise ValueError(f"--{name.replace('_', '-')} is required")
-    if not os.path.exists(opts[name]):
-      raise FileNotFoundError(f"--{name.replace('_', '-')}: no such file {opts[name]}")
-  train, test = io.load(opts["features_train"]), io.load(opts["features_test"])
-  ytr, yte = _labels(train, opts["features_train"]), _labels(test, opts["features_test"])
-  if train.features.shape[1] != test.features.shape[1]:
-    raise ValueError(f"feature dims differ: train {train.features.shape[1]}, "
-                     f"test {test.features.shape[1]}")
+  train_sources = _load_sources(opts, "features_train", io)
+  test_sources = _load_sources(opts, "features_test", io)
+  if len(train_sources) != len(test_sources):
+    raise ValueError(f"--features-train has {len(train_sources)} files but "
+                     f"--features-test has {len(test_sources)}")
+  if len(train_sources) > 1 and protocol != "linear":
+    raise ValueError(f"several feature files (sources) are only supported by "
+                     f"--protocol linear, not {protocol}")
+  names = _source_names([fs for _, fs in train_sources])
+  train, test = train_sources[0][1], test_sources[0][1]
+  ytr = _labels(train, train_sources[0][0])
+  yte = _labels(test, test_sources[0][0])
+  for (path_tr, fs_tr), (path_te, fs_te) in zip(train_sources, test_sources):
+    if fs_tr.features.shape[1] != fs_te.features.shape[1]:
+      raise ValueError(f"feature dims differ: {path_tr} has "
+                       f"{fs_tr.features.shape[1]}, {path_te} has "
+                       f"{fs_te.features.shape[1]}")
+    for path, fs, y in ((path_tr, fs_tr, ytr), (path_te, fs_te, yte)):
+      if not np.array_equal(_labels(fs, path), y):
+        raise ValueError(f"{path}: labels differ from those of the first file; "
+                         "sources must hold the same examples in the same order")
   num_classes = (opts.get("num_classes") or train.meta.get("num_classes")
                  or int(max(ytr.max(), yte.max())) + 1)
   if max(ytr.max(), yte.max()) >= num_classes:
@@ -150,7 +166,7 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
 
   base = dict(
       model=opts.get("model") or train.meta.get("arch") or
-      os.path.splitext(os.path.basename(opts["features_train"]))[0],
+      os.path.splitext(os.path.basename(train_sources[0][0]))[0],
       checkpoint_sha256=str(train.meta.get("weights_sha256", "")),
       dataset=opts.get("dataset") or test.meta.get("dataset") or "unknown",
       split=str(test.meta.get("split") or "test"),
@@ -183,13 +199,15 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
     lrs = ([_float(v, "lr") for v in opts["lr"]] if opts["lr"]
            else [0.1 * bs / 256])
     configs = linear.grid(
-        ["features"], lrs, [_float(v, "weight-decay") for v in opts["weight_decay"]],
+        names, lrs, [_float(v, "weight-decay") for v in opts["weight_decay"]],
         [_bool(v, "batchnorm") for v in opts["batchnorm"]], opts["optimizer"])
     tc = linear.TrainConfig(epochs=opts["epochs"], batch_size=bs,
                             warmup_epochs=opts["warmup_epochs"],
                             clip_norm=opts["clip_norm"] or None, seed=opts["seed"])
-    r = linear.run({"features": xtr}, ytr, {"features": xte}, yte, num_classes,
-                   configs, tc, holdout=opts["holdout"],
+    r = linear.run({n: fs.features for n, (_, fs) in zip(names, train_sources)},
+                   ytr,
+                   {n: fs.features for n, (_, fs) in zip(names, test_sources)},
+                   yte, num_classes, configs, tc, holdout=opts["holdout"],
                    select_on_test=opts["select_on_test"])
     hp = dict(r.selected.hparams(), epochs=tc.epochs, batch_size=bs,
               warmup_epochs=tc.warmup_epochs, clip_norm=tc.clip_norm,
@@ -202,7 +220,7 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
     cs = ([_float(v, "c") for v in opts["c"]] if opts["c"] else list(logreg.DEFAULT_CS))
     r = logreg.run(xtr, ytr, xte, yte, num_classes, cs, holdout=opts["holdout"],
                    seed=opts["seed"], select_on_test=opts["select_on_test"],
-                   max_iter=opts["max_iter"])
+                   max_iter=opts["max_iter"], c_batch=opts["c_batch"])
     hp = dict(C=r.selected_c, grid_size=len(cs), selection=r.selection)
     add("logreg", hp, "top1", r.test_top1, r.n_test)
     add("logreg", hp, "top5", r.test_top5, r.n_test)
@@ -234,6 +252,32 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
       add(f"fewshot_{r.probe}", hp, "top1_std", r.std, r.n_test)
   logging.info("probe %s: %d rows", protocol, len(rows))
   return rows
+
+
+def _load_sources(opts, name, io) -> list[tuple[str, Any]]:
+  """Loads one feature file, or several (comma-separated: feature sources)."""
+  flag = "--" + name.replace("_", "-")
+  spec = opts.get(name)
+  if not spec:
+    raise ValueError(f"{flag} is required")
+  paths = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
+  out = []
+  for path in paths:
+    path = path.strip()
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{flag}: no such file {path}")
+    out.append((path, io.load(path)))
+  return out
+
+
+def _source_names(feature_sets) -> list[str]:
+  """Source names: the files' ``representation`` when distinct, else s0, s1..."""
+  if len(feature_sets) == 1:
+    return [str(feature_sets[0].meta.get("representation") or "features")]
+  reps = [str(fs.meta.get("representation") or "") for fs in feature_sets]
+  if all(reps) and len(set(reps)) == len(reps):
+    return reps
+  return [f"s{i}" for i in range(len(feature_sets))]
 
 
 def _labels(fs, path) -> np.ndarray:
