@@ -18,8 +18,9 @@ The machine may be shared, so the implementations are measured interleaved
 (one timed call of each per round), the median over rounds is reported, and
 the ratio JAX/PyTorch is the number to read. "Fraction of peak" divides the
 model's FLOPs (XLA's cost analysis of the jitted forward) times images/s by
-the best rate of a large square matmul measured in the same run, per dtype
-(max over JAX and PyTorch): a measured, not a datasheet, peak.
+the best rate of a large square matmul of the same dtype (max over JAX and
+PyTorch) timed in the same interleaved rounds: a measured, not a datasheet,
+peak, taken under the same load as the model.
 
 On CPU it also runs JAX in subprocesses with XLA:CPU flag variants that could
 change the bfloat16 speed (oneDNN, XNNPACK, thunk runtime) and reports them.
@@ -81,9 +82,15 @@ XLA_VARIANTS = (
     "",
     "--xla_cpu_use_onednn=true",
     "--xla_cpu_experimental_onednn_custom_call=true",
+    "--xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT",
     "--xla_cpu_use_xnnpack=true",
+    "--xla_cpu_experimental_xnn_fusion_type=LIBRARY_FUSION_TYPE_DOT,"
+    "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
+    "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT,"
+    "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
     "--xla_cpu_use_thunk_runtime=false",
 )
+SWEEP_BATCH = 32
 IMAGE = 224
 
 
@@ -191,28 +198,27 @@ def _torch_variants(torch, model, dtype_name: str, batch: int, device: str,
 # --------------------------------------------------------------------------- peak
 
 
-def _matmul_rates(torch, device: str) -> dict[str, dict[str, float]]:
-  """GFLOP/s of an n x n matmul per dtype, for JAX and torch (best of 5)."""
+def _matmul_runs(torch, device: str, dtype_name: str) -> tuple[dict[str, Callable], float]:
+  """Timed n x n matmuls (JAX and torch) of ``dtype_name``, and their FLOPs.
+
+  They are timed in the same interleaved rounds as the models, so the peak
+  they give is measured under the same machine load as the model it divides.
+  """
   jax = _jax()
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   n = 4096 if jax.devices()[0].platform != "cpu" else 2048
-  flops = 2.0 * n ** 3
-  rates: dict[str, dict[str, float]] = {}
-  for name, jdt, tdt in (("float32", jnp.float32, torch.float32),
-                         ("bfloat16", jnp.bfloat16, torch.bfloat16)):
-    a = jnp.ones((n, n), jdt)
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    jt = min(_time_once(lambda: f(a).block_until_ready()) for _ in range(5))
-    t = torch.ones(n, n, dtype=tdt, device=device)
+  a = jnp.ones((n, n), jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  t = torch.ones(n, n, dtype=torch.bfloat16 if dtype_name == "bfloat16" else torch.float32,
+                 device=device)
+
+  def torch_mm():
     t @ t
     _sync_torch(torch, device)
-    def tmm():
-      t @ t
-      _sync_torch(torch, device)
-    tt = min(_time_once(tmm) for _ in range(5))
-    rates[name] = {"jax": flops / jt / 1e9, "torch": flops / tt / 1e9}
-  return rates
+
+  torch_mm()
+  return {"matmul jax": lambda: f(a).block_until_ready(), "matmul torch": torch_mm}, 2.0 * n ** 3
 
 
 # --------------------------------------------------------------------------- timing
@@ -231,38 +237,44 @@ def _measure(runs: dict[str, Callable], rounds: int, budget: float) -> dict[str,
 
 
 def _child_main(spec: dict[str, Any]) -> None:
-  """Subprocess: time the JAX forward of one config under the inherited XLA_FLAGS."""
+  """Subprocess: time JAX forwards and a matmul under the inherited XLA_FLAGS."""
   jax = _jax()
   from sslbench_jax.backbones import registry  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  model = registry.create_model(spec["arch"])
-  variables = jax.jit(model.init)(jax.random.PRNGKey(0),
-                                  jnp.zeros((1, IMAGE, IMAGE, 3), jnp.float32))
-  run, _ = _jax_forward(spec["arch"], {}, spec["dtype"], variables, spec["batch"])
-  t = _measure({"jax": run}, spec["rounds"], spec["budget"])["jax"]
-  print("RESULT " + json.dumps({"images_per_s": spec["batch"] / t}))
+  result = {}
+  for arch in spec["archs"]:
+    model = registry.create_model(arch)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0),
+                                    jnp.zeros((1, IMAGE, IMAGE, 3), jnp.float32))
+    run, _ = _jax_forward(arch, {}, spec["dtype"], variables, spec["batch"])
+    result[arch] = spec["batch"] / _measure({"jax": run}, spec["rounds"], spec["budget"])["jax"]
+  n = 2048
+  a = jnp.ones((n, n), jnp.bfloat16 if spec["dtype"] == "bfloat16" else jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(a).block_until_ready()
+  result["matmul"] = 2.0 * n ** 3 / min(
+      _time_once(lambda: f(a).block_until_ready()) for _ in range(5)) / 1e9
+  print("RESULT " + json.dumps(result))
 
 
-def _sweep(configs: list[tuple[str, int]], rounds: int, budget: float) -> list[dict[str, Any]]:
+def _sweep(archs: tuple[str, ...], batch: int, dtype: str, rounds: int,
+           budget: float) -> list[dict[str, Any]]:
+  """One subprocess per XLA flag variant; the default runs first and last."""
   rows = []
-  for arch, batch in configs:
-    for variant in XLA_VARIANTS:
-      # float32 only once (reference); the question is the bfloat16 speed.
-      for dtype in (("float32", "bfloat16") if not variant else ("bfloat16",)):
-        spec = dict(arch=arch, batch=batch, dtype=dtype, rounds=rounds, budget=budget)
-        env = dict(os.environ, XLA_FLAGS=variant)
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__),
-                               "--child=" + json.dumps(spec)], env=env,
-                              capture_output=True, text=True, timeout=1800)
-        found = re.search(r"^RESULT (.*)$", proc.stdout, re.M)
-        if found:
-          result = f"{json.loads(found.group(1))['images_per_s']:.1f}"
-        else:
-          last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-          result = f"failed: {last[:120]}"
-        print(f"  sweep {arch} b{batch} {dtype} [{variant or 'default'}]: {result}", flush=True)
-        rows.append(dict(arch=arch, batch=batch, dtype=dtype, flags=variant or "(default)",
-                         result=result))
+  for variant in XLA_VARIANTS + ("",):
+    spec = dict(archs=archs, batch=batch, dtype=dtype, rounds=rounds, budget=budget)
+    env = dict(os.environ, XLA_FLAGS=variant)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__),
+                           "--child=" + json.dumps(spec)], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    found = re.search(r"^RESULT (.*)$", proc.stdout, re.M)
+    row = dict(flags=variant or "(default)")
+    if found:
+      row.update(json.loads(found.group(1)))
+    else:
+      row["error"] = (proc.stderr.strip().splitlines() or ["no output"])[-1][:120]
+    print(f"  sweep {dtype} b{batch} [{row['flags']}]: {row}", flush=True)
+    rows.append(row)
   return rows
 
 
@@ -291,7 +303,7 @@ def _machine() -> dict[str, str]:
   }
 
 
-def _markdown(machine, rates, results, notes, sweep, wall, quick) -> str:
+def _markdown(machine, results, notes, sweep, wall, quick) -> str:
   lines = [SECTION, "",
            f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with "
            f"`benchmarks/forward_throughput.py{' --quick' if quick else ''}` "
@@ -306,39 +318,45 @@ def _markdown(machine, rates, results, notes, sweep, wall, quick) -> str:
            "`inference_mode`, one warm-up call. Implementations are timed interleaved, "
            "one call each per round; the median over rounds (up to the `--rounds` flag, fewer "
            "when a call is slow) is reported. bfloat16 = bfloat16 compute on both sides.",
-           "- Fraction of peak = XLA cost-analysis FLOPs per image x images/s / the measured "
-           "matmul peak of that dtype (best of JAX and torch on a large square matmul, "
-           "this run): " + "; ".join(
-               f"{d}: JAX {r['jax']:.0f}, torch {r['torch']:.0f} GFLOP/s"
-               for d, r in rates.items()) + ".",
+           "- Fraction of peak = XLA cost-analysis FLOPs per image (2 x multiply-adds) x "
+           "images/s / a measured peak: the faster of a JAX and a torch 2048x2048 matmul "
+           "(4096 on accelerators) of the same dtype, timed in the same interleaved rounds "
+           "as the models (column 'matmul peak'), so both see the same machine load.",
            "",
            "| model | batch | dtype | GFLOPs/img | JAX img/s | torch eager img/s | "
            "torch channels_last img/s | torch.compile img/s | JAX / best torch | "
-           "JAX % peak | best torch % peak |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "matmul peak GFLOP/s (JAX / torch) | JAX % peak | best torch % peak |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in results:
     torch_vals = {k: v for k, v in r["ips"].items() if k != "jax"}
     best = max(torch_vals.values())
-    peak = max(rates[r["dtype"]].values()) * 1e9
+    peak = r["peak"]
     fmt = lambda k: f"{r['ips'][k]:.1f}" if k in r["ips"] else "n/a"
     lines.append(
         f"| {MODELS[r['arch']]} | {r['batch']} | {r['dtype']} | {r['flops'] / 1e9:.2f} | "
         f"{fmt('jax')} | {fmt('torch eager')} | {fmt('torch channels_last')} | "
         f"{fmt('torch.compile')} | {r['ips']['jax'] / best:.2f} | "
+        f"{r['peaks']['matmul jax'] / 1e9:.0f} / {r['peaks']['matmul torch'] / 1e9:.0f} | "
         f"{100 * r['flops'] * r['ips']['jax'] / peak:.0f}% | "
         f"{100 * r['flops'] * best / peak:.0f}% |")
   if notes:
     lines += ["", "torch.compile (inductor, batch 32 only to bound compile time): " + "; ".join(
         f"{k}: {v}" for k, v in notes.items()) + "."]
   if sweep:
-    lines += ["", "XLA:CPU flag variants (JAX only, subprocess per variant, images/s; the "
-              "flags are the ones present in this jaxlib that could touch bf16 dots/convs):", "",
-              "| model | batch | flags | float32 img/s | bfloat16 img/s |", "|---|---|---|---|---|"]
-    keyed = {(s["arch"], s["batch"], s["flags"], s["dtype"]): s["result"] for s in sweep}
-    for arch, batch, fl in dict.fromkeys((s["arch"], s["batch"], s["flags"]) for s in sweep):
-      lines.append(f"| {MODELS[arch]} | {batch} | `{fl}` | "
-                   f"{keyed.get((arch, batch, fl, 'float32'), '')} | "
-                   f"{keyed.get((arch, batch, fl, 'bfloat16'), '')} |")
+    archs = [a for a in MODELS if a in sweep[0]] or list(MODELS)[:2]
+    lines += ["", f"XLA:CPU flag variants, bfloat16, batch {SWEEP_BATCH} (JAX only, one "
+              "subprocess per variant, run in this order; the default runs first and last "
+              "to show the drift; flags present in jaxlib 0.10.2 that could route bf16 "
+              "dots/convs to oneDNN/XNNPACK/YNNPACK):", "",
+              "| flags | " + " | ".join(f"{MODELS[a]} img/s" for a in archs) +
+              " | JAX bf16 matmul GFLOP/s |",
+              "|---|" + "---|" * (len(archs) + 1)]
+    for row in sweep:
+      if "error" in row:
+        lines.append(f"| `{row['flags']}` | failed: {row['error']} |" + " |" * len(archs))
+        continue
+      lines.append(f"| `{row['flags']}` | " + " | ".join(f"{row[a]:.1f}" for a in archs) +
+                   f" | {row['matmul']:.0f} |")
   return "\n".join(lines) + "\n"
 
 
@@ -374,8 +392,6 @@ def main(argv):
   machine = _machine()
   print(machine, flush=True)
   print(f"configs: {archs} x batch {batches} x (float32, bfloat16)", flush=True)
-  rates = _matmul_rates(torch, device)
-  print("matmul GFLOP/s:", rates, flush=True)
   results, notes = [], {}
   with tempfile.TemporaryDirectory() as workdir:
     for arch in archs:
@@ -388,17 +404,22 @@ def main(argv):
                                                device, arch, with_compile)
           notes.update({f"{MODELS[arch]} {dtype} {k}": v for k, v in config_notes.items()})
           jax_run, flops = _jax_forward(arch, options, dtype, variables, batch)
-          seconds = _measure({"jax": jax_run, **runs}, _ROUNDS.value, _CONFIG_BUDGET.value)
+          mm_runs, mm_flops = _matmul_runs(torch, device, dtype)
+          seconds = _measure({"jax": jax_run, **runs, **mm_runs}, _ROUNDS.value,
+                             _CONFIG_BUDGET.value)
+          peaks = {k: mm_flops / seconds.pop(k) for k in mm_runs}
           ips = {k: batch / t for k, t in seconds.items()}
-          results.append(dict(arch=arch, batch=batch, dtype=dtype, flops=flops, ips=ips))
+          results.append(dict(arch=arch, batch=batch, dtype=dtype, flops=flops, ips=ips,
+                              peak=max(peaks.values()), peaks=peaks))
           print(f"{MODELS[arch]} b{batch} {dtype}: " + ", ".join(
-              f"{k} {v:.1f}" for k, v in ips.items()) + " img/s", flush=True)
+              f"{k} {v:.1f}" for k, v in ips.items()) + " img/s; " + ", ".join(
+                  f"{k} {v / 1e9:.0f}" for k, v in peaks.items()) + " GFLOP/s", flush=True)
           del runs, jax_run
   sweep = []
   if _SWEEP.value and jax.devices()[0].platform == "cpu":
-    sweep = _sweep([("resnet50", 32), ("vit_small_patch16", 32)] if not quick
-                   else [("resnet50", 32)], 2, _CONFIG_BUDGET.value / 2)
-  section = _markdown(machine, rates, results, notes, sweep,
+    sweep = _sweep(("resnet50",) if quick else ("resnet50", "vit_small_patch16"),
+                   SWEEP_BATCH, "bfloat16", 2, _CONFIG_BUDGET.value / 2)
+  section = _markdown(machine, results, notes, sweep,
                       time.perf_counter() - start, quick)
   print(section)
   if _OUTPUT.value:

@@ -38,7 +38,7 @@ def get_config(arg=None):
   }
   c.datasets = {
       "digits": dict(dataset="digits", train_split="train", test_split="test",
-                     data_dir=None, preprocessing=None),
+                     data_dir=None, preprocessing="smoke_32" if arg.tiny else None),
   }
   c.protocols = {
       "knn_dino": dict(type="knn", datasets=["digits"], knn_k=["10", "20", "100"],
@@ -58,7 +58,7 @@ def get_config(arg=None):
   if os.path.isdir(_SAMPLES):
     c.datasets["imagenet_samples"] = dict(dataset="imagenet_samples", train_split="test",
                                           test_split="test", data_dir=_SAMPLES,
-                                          preprocessing=None)
+                                          preprocessing="smoke_32" if arg.tiny else None)
     c.protocols["classify"] = dict(type="classify", datasets=["imagenet_samples"])
   c.extraction = dict(representation="pre_logits", dtype="float32",
                       batch_size_per_device=64, steps_per_shard=8)

@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from absl import app
+from absl import flags
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("sslbench_jax.convert.command",
@@ -45,6 +46,9 @@ def run(argv: list[str] | None = None) -> None:
     sys.exit(2)
   module = importlib.import_module(COMMANDS[name][0])
   module.define_flags()
+  # absl's --help lists the key flags of the main program (sys.argv[0]).
+  for flag in flags.FLAGS.get_flags_for_module(module.__name__):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   app.run(module.main, argv=[f"{argv[0]} {name}"] + argv[2:])
 
 

@@ -227,8 +227,25 @@ def iterate(config: ml_collections.ConfigDict, workdir: str, progress: _Progress
                     model=model_name, dataset=d.dataset, seed=config.seed)
         rows = probe_command.run(opts)
         for row in rows:
-          row["hparams"] = dict(row["hparams"], representation=rep)
+          row["hparams"] = dict(row["hparams"], representation=rep,
+                                protocol_type=row["protocol"])
+          row["protocol"] = _label(proto_name, row, len(opts["knn_k"]))
         yield step, rows
+
+
+def _label(proto_name: str, row: dict[str, Any], num_ks: int) -> str:
+  """One protocol label per number the analysis compares across models.
+
+  A kNN entry with several k, or a few-shot entry (several probes x setups),
+  yields several numbers per dataset; each gets its own label so analyses never
+  average different protocols.
+  """
+  hp = row["hparams"]
+  if row["protocol"] == "knn" and num_ks > 1:
+    return f"{proto_name}_k{hp['k']}"
+  if row["protocol"].startswith("fewshot_"):
+    return f"{proto_name}_{row['protocol'][len('fewshot_'):]}_{hp['setup']}"
+  return proto_name
 
 
 def _weights_sha(weights_path: str) -> str:

@@ -181,7 +181,8 @@ def dataset_display(key: str) -> str:
   return DATASET_DISPLAY.get(key, key)
 
 
-_BN_KEYS = ("final_batch_norm", "use_final_batch_norm", "batch_norm", "bn")
+# "batchnorm" is what probes.linear records.
+_BN_KEYS = ("batchnorm", "final_batch_norm", "use_final_batch_norm", "batch_norm", "bn")
 
 
 def protocol_label(protocol: str, hparams: str | dict | None = None) -> str:

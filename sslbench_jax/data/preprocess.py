@@ -98,6 +98,8 @@ _PRESETS: dict[str, PresetConfig] = {
     "crop_square_bicubic": PresetConfig(square="crop", interpolation="bicubic"),
     "no_norm": PresetConfig(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
     "efficientnet_lite": PresetConfig(mean=LITE_MEAN, std=LITE_STD),
+    # Not a study preset: 32x32 inputs so `tiny=True` smoke configs run in seconds.
+    "smoke_32": PresetConfig(resize=32, crop=32),
 }
 
 PRESETS: tuple[str, ...] = tuple(_PRESETS)
