@@ -112,12 +112,16 @@ def _resolve_checkpoint(spec: str) -> str:
   return spec
 
 
+def _weights_path(workdir: str, model_name: str) -> str:
+  return os.path.join(workdir, "weights", f"{model_name}.npz")
+
+
 def _convert(name: str, m: ml_collections.ConfigDict, workdir: str) -> str:
   """Converts model ``name`` once; reuses the output while the input is unchanged."""
   from sslbench_jax.backbones import weights  # pylint: disable=g-import-not-at-top
   from sslbench_jax.convert import convert_checkpoint  # pylint: disable=g-import-not-at-top
   path = _resolve_checkpoint(m.checkpoint)
-  out = os.path.join(workdir, "weights", f"{name}.npz")
+  out = _weights_path(workdir, name)
   sha = weights.sha256_file(path)
   if os.path.exists(out) and os.path.exists(weights.sidecar_path(out)):
     with open(weights.sidecar_path(out)) as f:
@@ -196,10 +200,14 @@ def iterate(config: ml_collections.ConfigDict, workdir: str, progress: _Progress
     ``(step key, result rows)`` per step.
   """
   import jax  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.features import multihost  # pylint: disable=g-import-not-at-top
   from sslbench_jax.probes import command as probe_command  # pylint: disable=g-import-not-at-top
   rep = config.extraction.representation
   for model_name, m in config.models.items():
-    weights_path = _convert(model_name, m, workdir)
+    if jax.process_index() == 0:
+      _convert(model_name, m, workdir)
+    multihost.sync(f"convert {model_name}")
+    weights_path = _weights_path(workdir, model_name)
     for proto_name, p in config.protocols.items():
       for ds_name in p.datasets:
         step = progress.key(model_name, proto_name, ds_name)
@@ -255,7 +263,15 @@ def _weights_sha(weights_path: str) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Validates ``config``, runs it into ``workdir``, returns a summary."""
+  """Validates ``config``, runs it into ``workdir``, returns a summary.
+
+  On several hosts (``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/
+  ``JAX_PROCESS_ID``, or a detected SLURM / TPU-pod environment) every host runs
+  this same call; ``workdir`` must then be on a file system all hosts share.
+  Process 0 converts weights and writes results; features are extracted by all.
+  """
+  from sslbench_jax.features import multihost  # pylint: disable=g-import-not-at-top
+  multihost.initialize()  # before anything touches a JAX backend
   import jax  # pylint: disable=g-import-not-at-top
   from sslbench_jax.analysis import _command_common as analysis_command  # pylint: disable=g-import-not-at-top
   from sslbench_jax.results import store  # pylint: disable=g-import-not-at-top
