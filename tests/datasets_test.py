@@ -230,6 +230,7 @@ _ALL = {
     "imagenet_r": (1000, False, ("subset_top1", "top1"), 200),
     "imagenet_a": (1000, False, ("subset_top1", "top1"), 200),
     "imagenet_sketch": (1000, False, ("top1",), None),
+    "imagenet_samples": (1000, False, ("top1",), None),
     "inat2021_mini_family": (1103, False, ("top1",), None),
     "cub200": (200, False, ("top1",), None),
     "voc2012": (21, False, ("top1",), None),
