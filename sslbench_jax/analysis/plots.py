@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 import numpy as np  # noqa: E402
+
+from sslbench_jax import atomic  # noqa: E402
 
 from sslbench_jax.analysis import names  # noqa: E402
 from sslbench_jax.analysis import stats  # noqa: E402
@@ -28,17 +29,11 @@ def safe_name(text: str) -> str:
 
 
 def _save(fig, path: str) -> str:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-  os.close(fd)
   try:
-    fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    os.replace(tmp, path)
+    with atomic.atomic_open(path, suffix=".png") as f:
+      fig.savefig(f, dpi=110, bbox_inches="tight", format="png")
   finally:
     plt.close(fig)
-    if os.path.exists(tmp):
-      os.remove(tmp)
   return path
 
 

@@ -10,9 +10,10 @@ import dataclasses
 import html
 import math
 import os
-import tempfile
 
 import numpy as np
+
+from sslbench_jax import atomic
 
 from sslbench_jax.analysis import correlations
 from sslbench_jax.analysis import names
@@ -246,17 +247,7 @@ def to_html(sections: list[Section], title: str = "sslbench_jax report") -> str:
 
 
 def _write_text(path: str, text: str) -> str:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  atomic.write_text(path, text)
   return path
 
 

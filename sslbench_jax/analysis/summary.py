@@ -6,9 +6,10 @@ import csv
 import dataclasses
 import math
 import os
-import tempfile
 
 import numpy as np
+
+from sslbench_jax import atomic
 
 from sslbench_jax.analysis import aggregates
 from sslbench_jax.analysis import baselines
@@ -82,20 +83,11 @@ def _cell(v) -> str:
 
 def write_csv(path: str, rows: list[dict], columns) -> str:
   """Writes ``rows`` with ``columns`` as CSV, atomically (NaN -> empty)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".csv")
-  try:
-    with os.fdopen(fd, "w", newline="") as f:
-      w = csv.writer(f)
-      w.writerow(columns)
-      for r in rows:
-        w.writerow([_cell(r[c]) for c in columns])
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic.atomic_open(path, "w", newline="", suffix=".csv") as f:
+    w = csv.writer(f)
+    w.writerow(columns)
+    for r in rows:
+      w.writerow([_cell(r[c]) for c in columns])
   return path
 
 

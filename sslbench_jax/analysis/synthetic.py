@@ -9,9 +9,10 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 
 import numpy as np
+
+from sslbench_jax import atomic
 
 from sslbench_jax.analysis import names
 
@@ -62,16 +63,7 @@ def synthetic_rows(models: list[str], datasets: dict[str, int], seed: int = 0,
 
 def write_csv(path: str, rows: list[dict]) -> None:
   """Writes rows (dicts with equal keys) as a CSV file, atomically."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".csv")
-  try:
-    with os.fdopen(fd, "w", newline="") as f:
-      w = csv.DictWriter(f, fieldnames=list(rows[0]))
-      w.writeheader()
-      w.writerows(rows)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic.atomic_open(path, "w", newline="", suffix=".csv") as f:
+    w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)

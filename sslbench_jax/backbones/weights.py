@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
 from flax import traverse_util
+
+from sslbench_jax import atomic
 
 
 def sidecar_path(path: str) -> str:
@@ -30,22 +31,6 @@ def sha256_file(path: str, chunk: int = 1 << 20) -> str:
   return h.hexdigest()
 
 
-def _atomic_write(path: str, write_fn) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write_fn(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def save_variables(path: str, variables: Any, meta: dict[str, Any]) -> None:
   """Writes ``variables`` to ``path`` (npz) and ``meta`` to its sidecar, atomically.
 
@@ -57,11 +42,11 @@ def save_variables(path: str, variables: Any, meta: dict[str, Any]) -> None:
       raise ValueError(f"weights metadata needs {key!r}")
   flat = {"/".join(k): np.asarray(v) for k, v in
           traverse_util.flatten_dict(dict(variables)).items()}
-  _atomic_write(path, lambda f: np.savez(f, **flat))
+  with atomic.atomic_open(path) as f:
+    np.savez(f, **flat)
   meta = dict(meta, weights_sha256=sha256_file(path))
   try:
-    _atomic_write(sidecar_path(path),
-                  lambda f: f.write(json.dumps(meta, indent=2, sort_keys=True).encode()))
+    atomic.write_text(sidecar_path(path), json.dumps(meta, indent=2, sort_keys=True))
   except BaseException:
     os.remove(path)  # weights without their sidecar are unusable: leave nothing
     raise

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Callable
 
 import numpy as np
 from absl import logging
+
+from sslbench_jax import atomic
 
 LabelFn = Callable[[dict[str, Any]], Any]
 
@@ -153,11 +154,7 @@ class TfdsSource:
       ids.extend(self.example_id(i, ex) for i, ex in zip(keys, exs))
     self._ids = ids
     try:
-      os.makedirs(cache_dir, exist_ok=True)
-      fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-")
-      with os.fdopen(fd, "w") as f:
-        json.dump(self._ids, f)
-      os.replace(tmp, path)
+      atomic.write_text(path, json.dumps(self._ids))
     except OSError as e:  # read-only data dir: keep the in-memory index
       logging.warning("Could not cache ids at %s: %s", path, e)
     return self._ids

@@ -35,12 +35,12 @@ import io
 import json
 import os
 import re
-import tempfile
 import zipfile
 from typing import Any
 
 import numpy as np
 
+from sslbench_jax import atomic
 from sslbench_jax.data import sharding
 from sslbench_jax.features import io as features_io
 
@@ -177,7 +177,7 @@ def write_shard(directory: str, layout_tag: str, process: int, shard: int,
   data = encode_shard(arrays)
   digest = hashlib.sha256(data).hexdigest()
   name = shard_name(layout_tag, process, shard, digest)
-  _atomic_write_bytes(os.path.join(directory, name), data,
+  atomic.write_bytes(os.path.join(directory, name), data,
                       prefix=f".tmp-p{process:05d}-")
   return name, digest
 
@@ -256,7 +256,7 @@ def read_manifest(directory: str) -> dict[str, Any] | None:
 def write_manifest(directory: str, manifest: dict[str, Any]) -> None:
   """Atomically writes the manifest (process 0 only)."""
   data = json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n"
-  _atomic_write_bytes(os.path.join(directory, MANIFEST), data, prefix=".tmp-manifest-")
+  atomic.write_bytes(os.path.join(directory, MANIFEST), data, prefix=".tmp-manifest-")
 
 
 def load_entry(directory: str) -> features_io.FeatureSet:
@@ -327,21 +327,6 @@ def assemble(parts: list[dict[str, np.ndarray]], num_examples: int,
 
 def _sha256_json(obj: Any) -> str:
   return hashlib.sha256(json.dumps(obj, sort_keys=True, default=list).encode()).hexdigest()
-
-
-def _atomic_write_bytes(path: str, data: bytes, prefix: str) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    _remove(tmp)
-    raise
 
 
 def _remove(path: str) -> None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from typing import Any
 
 import numpy as np
+
+from sslbench_jax import atomic
 
 
 @dataclasses.dataclass
@@ -35,19 +35,10 @@ class FeatureSet:
 
 def save(path: str, fs: FeatureSet) -> None:
   """Writes ``fs`` atomically (a killed writer leaves no partial file)."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, features=fs.features, labels=fs.labels,
-               ids=np.asarray(fs.ids).astype(str),
-               meta=np.asarray(json.dumps(fs.meta, sort_keys=True)))
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with atomic.atomic_open(path, suffix=".npz") as f:
+    np.savez(f, features=fs.features, labels=fs.labels,
+             ids=np.asarray(fs.ids).astype(str),
+             meta=np.asarray(json.dumps(fs.meta, sort_keys=True)))
 
 
 def load(path: str) -> FeatureSet:

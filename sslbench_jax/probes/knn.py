@@ -15,9 +15,12 @@ Two protocols:
 
 All ``ks`` are answered from ONE search of ``max(ks)`` neighbours. The search
 is memory-bounded: queries are processed in chunks, the training bank is split
-row-wise over the devices and, on each device, into shards; each shard yields a
-local top-k that is merged into a running top-k, and the per-device lists are
-merged into the global top-k. The full ``N_test x N_train`` matrix never exists.
+row-wise over the devices and, on each device, into as few shards as a memory
+budget allows (one (chunk, shard) similarity block of at most
+``SIMILARITY_BUDGET_BYTES``). Every shard gives its own exact top-k (one matmul,
+one ``lax.top_k``); the shards' lists are concatenated and cut to k once, and
+the per-device lists are merged into the global top-k. The full
+``N_test x N_train`` matrix never exists (unless it fits the budget).
 
 Tie rules (deterministic, independent of the device count and chunk sizes):
   * neighbours: among equal similarities/distances the training example with
@@ -39,6 +42,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 METRICS = ("cosine", "euclidean")
+# Largest (query chunk x bank shard) float32 similarity block per device when
+# ``bank_shard`` is not given. Bigger shards mean fewer top-k passes; 128 MB
+# keeps a 1024-query chunk against 32k bank rows in one matmul.
+SIMILARITY_BUDGET_BYTES = 128 << 20
 
 
 def classify(train_features: np.ndarray,
@@ -51,7 +58,7 @@ def classify(train_features: np.ndarray,
              zscore: bool = False,
              *,
              query_chunk: int = 1024,
-             bank_shard: int = 4096,
+             bank_shard: int | None = None,
              bank_dtype: str = "float32",
              devices: Sequence[jax.Device] | None = None,
              ) -> dict[int, np.ndarray]:
@@ -70,7 +77,8 @@ def classify(train_features: np.ndarray,
       (std 0 replaced by 1) before anything else.
     query_chunk: test examples per step (bounds memory; any value works;
       "euclidean" caps it so its (chunk, k, D) re-ranking block is <= 64 MB).
-    bank_shard: training rows per matmul on a device (bounds memory).
+    bank_shard: training rows per matmul on a device (bounds memory); default
+      None: as many as ``SIMILARITY_BUDGET_BYTES`` allows.
     bank_dtype: "float32" or "bfloat16" storage of the bank and queries
       (similarities are accumulated in float32 either way).
     devices: devices over which the bank is split (default: all).
@@ -91,7 +99,9 @@ def classify(train_features: np.ndarray,
   xtr, xte = preprocess(xtr, xte, metric=metric, zscore=zscore)
   n_train = len(xtr)
   k_max = min(max(ks), n_train)
-  mesh, bank, rows, shard = _place_bank(xtr, bank_shard, bank_dtype, devices)
+  chunk = _chunk_size(query_chunk, metric, k_max, xtr.shape[1], len(xte))
+  mesh, bank, rows, shard = _place_bank(xtr, bank_shard, bank_dtype, devices,
+                                        chunk)
   labels = np.zeros((bank.shape[0],), np.int32)
   labels[:n_train] = ytr
   labels = jax.device_put(labels, NamedSharding(mesh, P()))
@@ -99,9 +109,12 @@ def classify(train_features: np.ndarray,
                         tuple(min(k, n_train) for k in ks), metric,
                         float(temperature), num_classes)
   outputs = {k: [] for k in ks}
-  chunk = _chunk_size(query_chunk, metric, k_max, xtr.shape[1])
-  for n, queries in _query_chunks(xte, chunk, bank.dtype):
-    for k, scores in zip(ks, fn(bank, labels, queries)):
+  # Dispatch every chunk before reading any result back, so that the host
+  # copies overlap with the device work instead of stalling it.
+  pending = [(n, fn(bank, labels, queries))
+             for n, queries in _query_chunks(xte, chunk, bank.dtype)]
+  for n, scores_per_k in pending:
+    for k, scores in zip(ks, scores_per_k):
       outputs[k].append(np.asarray(scores)[:n])
   return {k: (np.concatenate(v) if v else np.zeros((0, num_classes), np.float32))
           for k, v in outputs.items()}
@@ -130,7 +143,7 @@ def neighbours(train_features: np.ndarray,
   """
   labels = np.zeros((len(train_features),), np.int64)
   query_chunk = kwargs.pop("query_chunk", 1024)
-  bank_shard = kwargs.pop("bank_shard", 4096)
+  bank_shard = kwargs.pop("bank_shard", None)
   bank_dtype = kwargs.pop("bank_dtype", "float32")
   devices = kwargs.pop("devices", None)
   if kwargs:
@@ -139,12 +152,14 @@ def neighbours(train_features: np.ndarray,
                               metric, 1.0, query_chunk, bank_shard, bank_dtype)
   xtr, xte = preprocess(xtr, xte, metric=metric, zscore=zscore)
   k = min(k, len(xtr))
-  mesh, bank, rows, shard = _place_bank(xtr, bank_shard, bank_dtype, devices)
+  chunk = _chunk_size(query_chunk, metric, k, xtr.shape[1], len(xte))
+  mesh, bank, rows, shard = _place_bank(xtr, bank_shard, bank_dtype, devices,
+                                        chunk)
   fn = _search(mesh, len(xtr), rows, shard, k, metric)
   values, indices = [], []
-  chunk = _chunk_size(query_chunk, metric, k, xtr.shape[1])
-  for n, queries in _query_chunks(xte, chunk, bank.dtype):
-    keys, idx = fn(bank, queries)
+  pending = [(n, fn(bank, queries))
+             for n, queries in _query_chunks(xte, chunk, bank.dtype)]
+  for n, (keys, idx) in pending:
     keys = np.asarray(keys)[:n]
     values.append(-keys if metric == "cosine" else keys)
     indices.append(np.asarray(idx)[:n])
@@ -229,7 +244,7 @@ def _check_inputs(train_features, train_labels, test_features, num_classes, ks,
     raise ValueError(f"ks must be positive integers, got {ks}")
   if temperature <= 0:
     raise ValueError(f"temperature must be > 0, got {temperature}")
-  if query_chunk < 1 or bank_shard < 1:
+  if query_chunk < 1 or (bank_shard is not None and bank_shard < 1):
     raise ValueError(f"query_chunk and bank_shard must be >= 1, got "
                      f"{query_chunk}, {bank_shard}")
   if bank_dtype not in ("float32", "bfloat16"):
@@ -239,17 +254,22 @@ def _check_inputs(train_features, train_labels, test_features, num_classes, ks,
   return xtr, ytr.astype(np.int32), xte
 
 
-def _place_bank(xtr, bank_shard, bank_dtype, devices):
+def _place_bank(xtr, bank_shard, bank_dtype, devices, chunk):
   """Pads the bank and splits it row-wise over the devices.
 
-  Device d holds rows [d*R, (d+1)*R), scanned in shards of S rows; padding
-  rows (index >= N_train) are masked out of every search.
+  Device d holds rows [d*R, (d+1)*R), searched in shards of S rows (S from
+  ``bank_shard`` or, if None, the largest a (chunk, S) float32 block within
+  ``SIMILARITY_BUDGET_BYTES`` allows, balanced so that padding is minimal);
+  padding rows (index >= N_train) are masked out of every search.
   """
   devices = tuple(jax.devices() if devices is None else devices)
   n_train, dim = xtr.shape
   rows = -(-n_train // len(devices))
-  shard = min(bank_shard, rows)
-  rows = -(-rows // shard) * shard
+  if bank_shard is None:
+    bank_shard = max(1, SIMILARITY_BUDGET_BYTES // (4 * chunk))
+  n_shards = -(-rows // min(bank_shard, rows))
+  shard = -(-rows // n_shards)
+  rows = n_shards * shard
   bank = np.zeros((len(devices) * rows, dim), np.float32)
   bank[:n_train] = xtr
   mesh = Mesh(np.asarray(devices), ("bank",))
@@ -258,18 +278,21 @@ def _place_bank(xtr, bank_shard, bank_dtype, devices):
   return mesh, bank, rows, shard
 
 
-def _chunk_size(query_chunk, metric, k, dim):
-  """Caps the query chunk for "euclidean", whose exact re-ranking gathers a
-  (chunk, k, D) float32 block of candidates, at ~64 MB."""
-  if metric != "euclidean":
-    return query_chunk
-  return max(1, min(query_chunk, (64 << 20) // (4 * k * dim)))
+def _chunk_size(query_chunk, metric, k, dim, n_queries):
+  """Queries per step: at most ``query_chunk`` (for "euclidean", whose exact
+  re-ranking gathers a (chunk, k, D) float32 block of candidates, also at most
+  ~64 MB of it), balanced over the steps so the padded last chunk wastes
+  little work (2,000 queries -> 2 x 1,000 rather than 1,024 + 976 + padding)."""
+  if metric == "euclidean":
+    query_chunk = max(1, min(query_chunk, (64 << 20) // (4 * k * dim)))
+  n_queries = max(n_queries, 1)
+  steps = -(-n_queries // query_chunk)
+  return -(-n_queries // steps)
 
 
 def _query_chunks(queries, chunk, dtype):
   """Yields (n_valid, chunk) with the last chunk zero-padded to full size so
   that every step has one shape (one compilation)."""
-  chunk = max(1, min(chunk, len(queries)))
   for start in range(0, len(queries), chunk):
     q = queries[start:start + chunk]
     n = len(q)
@@ -279,7 +302,13 @@ def _query_chunks(queries, chunk, dtype):
 
 
 def _local_top_k(bank, queries, *, rows, shard, k, metric, n_train):
-  """Top-k of one device's bank block, scanning it shard by shard.
+  """Top-k of one device's bank block.
+
+  Each shard of the block gives its exact top-min(k, S) with one matmul and one
+  ``lax.top_k``; the shard lists are concatenated in shard order and cut to k
+  with one more ``lax.top_k`` (no running merge after every shard). On equal
+  values ``lax.top_k`` keeps the lower position, and positions follow global
+  indices, so ties go to the lower training index.
 
   Returns (keys, indices): keys ascending (-similarity or distance), ties by
   lower global index; indices global.
@@ -288,32 +317,35 @@ def _local_top_k(bank, queries, *, rows, shard, k, metric, n_train):
   n_shards = rows // shard
   blocks = bank.reshape(n_shards, shard, bank.shape[-1])
   q = queries.shape[0]
+  k_shard = min(k, shard)
+  # float32 banks are searched exactly (accelerators would otherwise use
+  # bfloat16 passes); a bfloat16 bank has already chosen speed over exactness.
+  precision = (jax.lax.Precision.HIGHEST if bank.dtype == jnp.float32
+               else jax.lax.Precision.DEFAULT)
 
-  def step(carry, inputs):
-    best_v, best_i = carry
+  def shard_top_k(inputs):
     block, s = inputs
-    dots = jnp.einsum("qd,sd->qs", queries, block,
+    dots = jnp.einsum("qd,sd->qs", queries, block, precision=precision,
                       preferred_element_type=jnp.float32)
     if metric == "euclidean":
       # -|q - y|^2 up to the per-query constant |q|^2 (same ranking).
       sq = jnp.sum(jnp.square(block.astype(jnp.float32)), axis=1)
       dots = 2.0 * dots - sq[None, :]
-    start = offset + s * shard
-    idx = start + jnp.arange(shard, dtype=jnp.int32)
-    dots = jnp.where((idx < n_train)[None, :], dots, -jnp.inf)
-    # Running list first: on equal values lax.top_k keeps the lower position,
-    # which is the lower global index (running entries precede this shard).
-    values = jnp.concatenate([best_v, dots], axis=1)
-    best_v, pos = jax.lax.top_k(values, k)
-    # Position -> global index without materialising a (q, k + shard) index
-    # matrix: the first k positions are the running list, the rest this shard.
-    kept = jnp.take_along_axis(best_i, jnp.minimum(pos, k - 1), axis=1)
-    return (best_v, jnp.where(pos < k, kept, start + pos - k)), None
+    local = s * shard + jnp.arange(shard, dtype=jnp.int32)
+    dots = jnp.where((offset + local < n_train)[None, :], dots, -jnp.inf)
+    values, pos = jax.lax.top_k(dots, k_shard)
+    return values, s * shard + pos
 
-  init = (jnp.full((q, k), -jnp.inf, jnp.float32),
-          jnp.full((q, k), jnp.iinfo(jnp.int32).max, jnp.int32))
-  (best_v, best_i), _ = jax.lax.scan(
-      step, init, (blocks, jnp.arange(n_shards, dtype=jnp.int32)))
+  if n_shards == 1:
+    best_v, local = shard_top_k((blocks[0], jnp.int32(0)))
+  else:
+    values, local = jax.lax.map(
+        shard_top_k, (blocks, jnp.arange(n_shards, dtype=jnp.int32)))
+    values = jnp.transpose(values, (1, 0, 2)).reshape(q, n_shards * k_shard)
+    local = jnp.transpose(local, (1, 0, 2)).reshape(q, n_shards * k_shard)
+    best_v, pos = jax.lax.top_k(values, k)
+    local = jnp.take_along_axis(local, pos, axis=1)
+  best_i = offset + local
 
   if metric == "cosine":
     keys = -best_v
@@ -321,7 +353,6 @@ def _local_top_k(bank, queries, *, rows, shard, k, metric, n_train):
     # Exact distances of the few candidates: |q - y| computed directly, so that
     # exact duplicates give 0 (the expanded form above does not) and ties are
     # resolved on exact values.
-    local = jnp.clip(best_i - offset, 0, rows - 1)
     cand = bank[local].astype(jnp.float32)                  # (q, k, D)
     diff = queries.astype(jnp.float32)[:, None, :] - cand
     keys = jnp.sqrt(jnp.sum(diff * diff, axis=-1))

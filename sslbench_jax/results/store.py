@@ -25,12 +25,13 @@ import importlib.metadata
 import json
 import math
 import os
-import tempfile
 import warnings
 from typing import Any, Sequence
 
 from absl import logging
 import numpy as np
+
+from sslbench_jax import atomic
 
 REQUIRED = ("model", "dataset", "split", "protocol", "metric", "value",
             "n_examples")
@@ -268,20 +269,6 @@ def find_duplicates(records: np.ndarray) -> list[tuple[str, ...]]:
   return [k for k, c in counts.items() if c > 1]
 
 
-def _atomic_write(out_path: str, write_fn, mode: str = "w") -> None:
-  directory = os.path.dirname(os.path.abspath(out_path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-  try:
-    with os.fdopen(fd, mode, **({"newline": ""} if "b" not in mode else {})) as f:
-      write_fn(f)
-    os.replace(tmp, out_path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 EXPORT_COLUMNS = ("model", "dataset", "split", "protocol", "metric", "value",
                   "n_examples", "checkpoint_sha256", "hparams", "seed",
                   "device_count", "timestamp", "versions")
@@ -300,14 +287,12 @@ def export_csv(path: str, out_csv: str, deduplicate: bool = True) -> int:
   """
   rec = read_results(path, deduplicate)
 
-  def write(f):
+  with atomic.atomic_open(out_csv, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(EXPORT_COLUMNS)
     for r in rec:
       w.writerow([repr(float(r[k])) if k == "value" else r[k]
                   for k in EXPORT_COLUMNS])
-
-  _atomic_write(out_csv, write)
   return len(rec)
 
 
@@ -328,6 +313,7 @@ def export_parquet(path: str, out_parquet: str, deduplicate: bool = True) -> int
                       "use export_csv instead") from None
   rec = read_results(path, deduplicate)
   table = pa.table({k: rec[k].tolist() for k in EXPORT_COLUMNS})
-  _atomic_write(out_parquet, lambda f: pq.write_table(table, f), mode="wb")
+  with atomic.atomic_open(out_parquet) as f:
+    pq.write_table(table, f)
   return len(rec)
 
