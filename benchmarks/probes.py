@@ -176,25 +176,31 @@ def main():
   p.add_argument("--linear-dim", type=int, default=512)
   p.add_argument("--linear-epochs", type=int, default=3)
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--only", choices=("all", "knn", "logreg", "linear"),
+                 default="all", help="run one comparison only")
   args = p.parse_args()
   rng = np.random.default_rng(0)
 
   import jax
   print(f"jax {jax.__version__}, devices {jax.devices()}, repeats {args.repeats}")
   start = time.perf_counter()
-  t, agree = bench_knn(args, rng)
-  print(f"| kNN {args.bank}x{args.dim} bank, {args.queries} queries, k=20+200 "
-        f"| ours {t['ours']:.2f} s | faiss IndexFlatIP {t['faiss']:.2f} s "
-        f"(ours/faiss {t['ours'] / t['faiss']:.2f}x) | PyTorch DINO "
-        f"{t['torch']:.2f} s (ours/torch {t['ours'] / t['torch']:.2f}x) | "
-        f"argmax agreement faiss {agree['faiss']:.4f}, torch {agree['torch']:.4f} |")
-  t, gap = bench_logreg(args, rng)
-  print(f"| logreg {args.logreg_n}x{args.logreg_dim}, 10 classes, "
-        f"{args.logreg_cs} C values | ours (vmapped L-BFGS) {t['ours']:.2f} s | "
-        f"sklearn lbfgs loop {t['sklearn']:.2f} s (ours/sklearn "
-        f"{t['ours'] / t['sklearn']:.2f}x) | largest rel. objective gap (ours - "
-        f"sklearn) / sklearn {gap:+.1e} |")
+  if args.only in ("all", "knn"):
+    t, agree = bench_knn(args, rng)
+    print(f"| kNN {args.bank}x{args.dim} bank, {args.queries} queries, k=20+200 "
+          f"| ours {t['ours']:.2f} s | faiss IndexFlatIP {t['faiss']:.2f} s "
+          f"(ours/faiss {t['ours'] / t['faiss']:.2f}x) | PyTorch DINO "
+          f"{t['torch']:.2f} s (ours/torch {t['ours'] / t['torch']:.2f}x) | "
+          f"argmax agreement faiss {agree['faiss']:.4f}, torch {agree['torch']:.4f} |")
+  if args.only in ("all", "logreg"):
+    t, gap = bench_logreg(args, rng)
+    print(f"| logreg {args.logreg_n}x{args.logreg_dim}, 10 classes, "
+          f"{args.logreg_cs} C values | ours (vmapped L-BFGS) {t['ours']:.2f} s | "
+          f"sklearn lbfgs loop {t['sklearn']:.2f} s (ours/sklearn "
+          f"{t['ours'] / t['sklearn']:.2f}x) | largest rel. objective gap (ours - "
+          f"sklearn) / sklearn {gap:+.1e} |")
   for dim, classes in ((args.linear_dim, 100), (64, 10)):
+    if args.only not in ("all", "linear"):
+      break
     t = bench_linear(args, rng, dim, classes)
     print(f"| linear {args.linear_n}x{dim}, {classes} classes, "
           f"{args.linear_epochs} epochs, bs 1024 | 1 head {t['one']:.2f} s | 64 heads "

@@ -1,6 +1,10 @@
 """Multi-head linear probe vs a PyTorch training loop, selection hygiene."""
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -160,3 +164,41 @@ def test_evaluate_matches_numpy_topk():
     for j, k in enumerate((1, 2)):
       ref = 100 * np.mean(np.any(order[:, :k] == y[:, None], axis=1))
       assert acc[i, j] == pytest.approx(ref)
+
+
+_EIGHT_DEVICES = textwrap.dedent("""
+    import numpy as np, jax
+    from sslbench_jax.probes import linear
+    assert jax.device_count() == 8, jax.device_count()
+    rng = np.random.default_rng(11)
+    centres = rng.normal(scale=1.5, size=(5, 12))
+    y = rng.integers(0, 5, 203)
+    x = (centres[y] + rng.normal(size=(203, 12))).astype(np.float32)
+    feats = {"a": x, "b": x[:, :6] ** 2}
+    configs = (linear.grid(["a", "b"], [0.05, 0.4], [0.0, 1e-3])
+               + linear.grid(["a"], [0.01], [0.05], optimizers=["adamw"]))
+    # batch 37: neither it nor the last partial batch (18) divides by 8
+    tc = linear.TrainConfig(epochs=3, batch_size=37, warmup_epochs=1, seed=2)
+    one = linear.train(feats, y, 5, configs, tc, devices=jax.devices()[:1])
+    eight = linear.train(feats, y, 5, configs, tc)
+    for i in range(len(configs)):
+      assert np.abs(one.weights[i]).max() > 0.05  # trained
+      np.testing.assert_allclose(eight.weights[i], one.weights[i], atol=1e-5)
+      np.testing.assert_allclose(eight.biases[i], one.biases[i], atol=1e-5)
+    for s in one.bn_stats:
+      for a, b in zip(one.bn_stats[s], eight.bn_stats[s]):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+    acc1 = linear.evaluate(one, feats, y, ks=(1, 2))
+    acc8 = linear.evaluate(eight, feats, y, ks=(1, 2))
+    np.testing.assert_array_equal(acc1, acc8)
+    print("OK")
+""")
+
+
+def test_eight_devices_equal_one_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES], env=env,
+                          capture_output=True, text=True, timeout=240,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]

@@ -270,11 +270,15 @@ def _place_bank(xtr, bank_shard, bank_dtype, devices, chunk):
   n_shards = -(-rows // min(bank_shard, rows))
   shard = -(-rows // n_shards)
   rows = n_shards * shard
-  bank = np.zeros((len(devices) * rows, dim), np.float32)
-  bank[:n_train] = xtr
+  if len(devices) * rows > n_train:
+    xtr = np.concatenate([xtr, np.zeros((len(devices) * rows - n_train, dim),
+                                        np.float32)])
   mesh = Mesh(np.asarray(devices), ("bank",))
-  bank = jax.device_put(jnp.asarray(bank, jnp.dtype(bank_dtype)),
-                        NamedSharding(mesh, P("bank")))
+  # One host-to-device copy (no intermediate jnp array); bfloat16 is cast on
+  # the devices.
+  bank = jax.device_put(xtr, NamedSharding(mesh, P("bank")))
+  if bank_dtype != "float32":
+    bank = bank.astype(jnp.dtype(bank_dtype))
   return mesh, bank, rows, shard
 
 
