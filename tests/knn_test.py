@@ -105,6 +105,21 @@ def test_neighbour_ties_take_lower_index_first():
       np.testing.assert_array_equal(idx[0], [3, 17, 18, 33, 49])
 
 
+def test_default_shards_from_memory_budget(monkeypatch):
+  # A tiny budget forces the automatic shard size to split the bank into
+  # several uneven shards (600 rows, 23-query chunks -> 5 shards of 120).
+  monkeypatch.setattr(knn, "SIMILARITY_BUDGET_BYTES", 4 * 23 * 130)
+  xtr, ytr, xte, classes = _random(11)
+  xtr[400] = xtr[7]  # a tie across shards
+  xte[0] = xtr[7]
+  out = knn.classify(xtr, ytr, xte, classes, ks=(1, 50), query_chunk=23)
+  for k in (1, 50):
+    ref = _dino_reference(xtr, ytr, xte, k, classes)
+    np.testing.assert_allclose(out[k], ref, rtol=1e-4, atol=1e-6 * ref.max())
+  _, idx = knn.neighbours(xtr, xte[:23], 2, query_chunk=23)
+  np.testing.assert_array_equal(idx[0], [7, 400])
+
+
 def test_k_larger_than_train_set_uses_all():
   xtr, ytr, xte, classes = _random(6, n_train=30, n_test=9)
   out = knn.classify(xtr, ytr, xte, classes, ks=(30, 200), bank_shard=8)
