@@ -138,6 +138,7 @@ def _convert(name: str, m: ml_collections.ConfigDict, workdir: str) -> str:
 def _features(weights_path: str, d: ml_collections.ConfigDict, split: str,
               representation: str, config, workdir: str, tag: str) -> str:
   from sslbench_jax.features import command as features_command  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.features import multihost  # pylint: disable=g-import-not-at-top
   out = os.path.join(workdir, "features", f"{tag}.npz")
   opts = features_command.default_options()
   opts.update(weights=weights_path, dataset=d.dataset, split=split, data_dir=d.data_dir,
@@ -147,6 +148,8 @@ def _features(weights_path: str, d: ml_collections.ConfigDict, split: str,
               batch_size_per_device=config.extraction.batch_size_per_device,
               steps_per_shard=config.extraction.steps_per_shard)
   features_command.run(opts)
+  # Process 0 writes the file; the others must not read it before it exists.
+  multihost.sync(f"features {tag}")
   return out
 
 
@@ -299,4 +302,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                        n_boot=config.analysis.n_boot,
                                        n_perm=config.analysis.n_perm, seed=config.seed)
     out["report"] = files["report.md"]
+  multihost.sync("evaluate done")  # no process leaves while process 0 still writes
   return out
