@@ -99,3 +99,26 @@ def test_cli_rejects_override_of_unknown_key(tmp_path):
   assert proc.returncode != 0
   assert "sed" in proc.stderr
   assert not os.listdir(tmp_path)
+
+
+def _load_config(name, arg):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_closer_look_config_is_valid_and_complete():
+  config = _load_config("closer_look", "checkpoints=/ckpt")
+  evaluate.validate(config)
+  archs = [m.arch for m in config.models.values()]
+  assert archs.count("resnet50") == 17 and archs.count("vit_base_patch16") == 9
+  assert len(config.datasets) == 11
+  assert config.datasets.cub.preprocessing == "pad_square"
+  assert config.datasets.pascal.preprocessing == "crop_square"
+  small = _load_config("closer_look", "checkpoints=/c,models=swav+mae,datasets=cub")
+  assert sorted(small.models) == ["mae", "swav"] and list(small.datasets) == ["cub"]
+  with pytest.raises(ValueError, match="checkpoints"):
+    _load_config("closer_look", None)
+  with pytest.raises(ValueError, match="unknown models"):
+    _load_config("closer_look", "checkpoints=/c,models=swav+nope")
