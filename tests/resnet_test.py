@@ -40,6 +40,19 @@ def test_pre_logits_match_torch(arch, size, dim):
   np.testing.assert_allclose(out["pre_logits"], ref, atol=1e-4, rtol=0)
 
 
+def test_layer3_average_pool_matches_torch():
+  torch_model = torch_resnet.randomize(torch_resnet.resnet("resnet18"), seed=3)
+  x = np.random.RandomState(1).randn(2, 32, 32, 3).astype(np.float32)
+  out = registry.create_model("resnet18").apply(_variables(torch_model, "resnet18"), x,
+                                                train=False)
+  m = torch_model
+  with torch.no_grad():
+    h = m.maxpool(m.relu(m.bn1(m.conv1(_nchw(x)))))
+    ref = m.layer3(m.layer2(m.layer1(h))).mean(dim=(2, 3)).numpy()
+  assert out["layer3_avg"].shape == (2, 256)
+  np.testing.assert_allclose(out["layer3_avg"], ref, atol=1e-4, rtol=0)
+
+
 def test_odd_input_size_padding_matches_torch():
   # 37x41: every stride-2 layer sees an odd size, where "SAME" would differ.
   torch_model = torch_resnet.randomize(torch_resnet.resnet("resnet18"), seed=2)

@@ -98,8 +98,9 @@ class ResNet(nn.Module):
     """Args: x: (B, H, W, 3) normalised images; train: batch statistics mode.
 
     Returns:
-      ``"pre_logits"`` (B, C) global average pool of the last stage (float32)
-      and, if ``num_classes`` is set, ``"logits"`` (B, num_classes).
+      ``"pre_logits"`` (B, C) global average pool of the last stage (float32),
+      ``"layer3_avg"`` the same pool of the stage before it (layer-wise
+      probes) and, if ``num_classes`` is set, ``"logits"`` (B, num_classes).
     """
     if self.block not in _BLOCKS:
       raise ValueError(f"block must be one of {_BLOCKS}, got {self.block!r}")
@@ -127,9 +128,12 @@ class ResNet(nn.Module):
         x = _Block(width, bottleneck, strides, project, conv, norm,
                    name=f"layer{stage + 1}_{j}")(x)
         in_features = width * expansion
+      if stage == len(self.stage_sizes) - 2:
+        # Intermediate representation for layer-wise probes (cheap to keep).
+        layer3_avg = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
 
     pre_logits = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    out = {"pre_logits": pre_logits}
+    out = {"pre_logits": pre_logits, "layer3_avg": layer3_avg}
     if self.num_classes is not None:
       out["logits"] = nn.Dense(self.num_classes, dtype=jnp.float32,
                                param_dtype=jnp.float32, name="fc")(pre_logits)
