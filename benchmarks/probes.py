@@ -3,7 +3,7 @@
 Run (from the repo root, bench extras installed)::
 
   .venv/bin/python benchmarks/probes.py            # ~5 min on 2 busy CPU cores
-  .venv/bin/python benchmarks/probes.py --bank 100000 --dim 2048 --queries 10000
+  .venv/bin/python benchmarks/probes.py --only knn --bank 100000 --queries 10000
 
 Every comparison runs on the same random data in the same process; each timing
 is the median of ``--repeats`` runs after one warm-up run (which also compiles

@@ -1,6 +1,7 @@
 """kNN probe vs DINO's formula (NumPy, written here) and scikit-learn."""
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -195,3 +196,45 @@ def test_eight_devices_equal_one_device():
                           capture_output=True, text=True, timeout=240,
                           cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+_TWO_PROCESSES = textwrap.dedent("""
+    import sys, numpy as np, jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(sys.argv[1], num_processes=2,
+                               process_id=int(sys.argv[2]))
+    from sslbench_jax.probes import knn
+    assert jax.device_count() == 2 and jax.local_device_count() == 1
+    rng = np.random.default_rng(13)
+    xtr = rng.normal(size=(203, 10)).astype(np.float32)
+    xtr[150] = xtr[5]  # a tie across the two processes' halves of the bank
+    ytr = rng.integers(0, 4, 203)
+    xte = np.concatenate([xtr[5:6], rng.normal(size=(30, 10))]).astype(np.float32)
+    for metric in ("cosine", "euclidean"):
+      both = knn.classify(xtr, ytr, xte, 4, ks=(1, 20), metric=metric,
+                          bank_shard=9)
+      local = knn.classify(xtr, ytr, xte, 4, ks=(1, 20), metric=metric,
+                           bank_shard=9, devices=jax.local_devices())
+      for k in both:
+        np.testing.assert_allclose(both[k], local[k], rtol=1e-6)
+      _, i2 = knn.neighbours(xtr, xte, 20, metric=metric, bank_shard=9)
+      _, i1 = knn.neighbours(xtr, xte, 20, metric=metric, bank_shard=9,
+                             devices=jax.local_devices())
+      np.testing.assert_array_equal(i2, i1)
+    print("OK")
+""")
+
+
+def test_two_processes_equal_one_process():
+  with socket.socket() as s:  # a free port for the coordinator
+    s.bind(("localhost", 0))
+    address = f"localhost:{s.getsockname()[1]}"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES, address, str(i)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+           for i in range(2)]
+  outputs = [p.communicate(timeout=240) for p in procs]
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0 and "OK" in out, err[-3000:]

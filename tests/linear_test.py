@@ -2,6 +2,7 @@
 
 import math
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -202,3 +203,43 @@ def test_eight_devices_equal_one_device():
                           capture_output=True, text=True, timeout=240,
                           cwd=os.path.dirname(os.path.dirname(__file__)))
   assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+_TWO_PROCESSES = textwrap.dedent("""
+    import sys, numpy as np, jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(sys.argv[1], num_processes=2,
+                               process_id=int(sys.argv[2]))
+    from sslbench_jax.probes import linear
+    assert jax.device_count() == 2 and jax.local_device_count() == 1
+    rng = np.random.default_rng(12)
+    centres = rng.normal(scale=1.5, size=(5, 12))
+    y = rng.integers(0, 5, 203)
+    x = (centres[y] + rng.normal(size=(203, 12))).astype(np.float32)
+    configs = linear.grid(["a"], [0.05, 0.4], [1e-3], batchnorm=[False, True])
+    tc = linear.TrainConfig(epochs=3, batch_size=37, warmup_epochs=1, seed=2)
+    both = linear.train({"a": x}, y, 5, configs, tc)   # rows over 2 processes
+    local = linear.train({"a": x}, y, 5, configs, tc,
+                         devices=jax.local_devices())
+    for i in range(len(configs)):
+      np.testing.assert_allclose(both.weights[i], local.weights[i], atol=1e-5)
+      np.testing.assert_allclose(both.biases[i], local.biases[i], atol=1e-5)
+    np.testing.assert_allclose(both.bn_stats["a"][1], local.bn_stats["a"][1],
+                               rtol=1e-5)
+    print("OK")
+""")
+
+
+def test_two_processes_equal_one_process():
+  with socket.socket() as s:  # a free port for the coordinator
+    s.bind(("localhost", 0))
+    address = f"localhost:{s.getsockname()[1]}"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES, address, str(i)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+           for i in range(2)]
+  outputs = [p.communicate(timeout=240) for p in procs]
+  for p, (out, err) in zip(procs, outputs):
+    assert p.returncode == 0 and "OK" in out, err[-3000:]

@@ -33,6 +33,7 @@ Tie rules (deterministic, independent of the device count and chunk sizes):
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Sequence
 
@@ -109,11 +110,9 @@ def classify(train_features: np.ndarray,
                         tuple(min(k, n_train) for k in ks), metric,
                         float(temperature), num_classes)
   outputs = {k: [] for k in ks}
-  # Dispatch every chunk before reading any result back, so that the host
-  # copies overlap with the device work instead of stalling it.
-  pending = [(n, fn(bank, labels, queries))
-             for n, queries in _query_chunks(xte, chunk, bank.dtype)]
-  for n, scores_per_k in pending:
+  for n, scores_per_k in _ahead(
+      (n, fn(bank, labels, queries))
+      for n, queries in _query_chunks(xte, chunk, bank.dtype)):
     for k, scores in zip(ks, scores_per_k):
       outputs[k].append(np.asarray(scores)[:n])
   return {k: (np.concatenate(v) if v else np.zeros((0, num_classes), np.float32))
@@ -157,9 +156,9 @@ def neighbours(train_features: np.ndarray,
                                         chunk)
   fn = _search(mesh, len(xtr), rows, shard, k, metric)
   values, indices = [], []
-  pending = [(n, fn(bank, queries))
-             for n, queries in _query_chunks(xte, chunk, bank.dtype)]
-  for n, (keys, idx) in pending:
+  for n, (keys, idx) in _ahead(
+      (n, fn(bank, queries))
+      for n, queries in _query_chunks(xte, chunk, bank.dtype)):
     keys = np.asarray(keys)[:n]
     values.append(-keys if metric == "cosine" else keys)
     indices.append(np.asarray(idx)[:n])
@@ -303,6 +302,18 @@ def _query_chunks(queries, chunk, dtype):
     if n < chunk:
       q = np.concatenate([q, np.zeros((chunk - n, q.shape[1]), np.float32)])
     yield n, jnp.asarray(q, dtype)
+
+
+def _ahead(results, depth=2):
+  """Yields ``results`` while keeping ``depth`` more chunks dispatched, so the
+  device computes the next chunks while the host reads this one back (JAX
+  dispatch is asynchronous), with bounded device memory."""
+  pending = collections.deque()
+  for r in results:
+    pending.append(r)
+    if len(pending) > depth:
+      yield pending.popleft()
+  yield from pending
 
 
 def _local_top_k(bank, queries, *, rows, shard, k, metric, n_train):
