@@ -122,3 +122,34 @@ def test_closer_look_config_is_valid_and_complete():
     _load_config("closer_look", None)
   with pytest.raises(ValueError, match="unknown models"):
     _load_config("closer_look", "checkpoints=/c,models=swav+nope")
+
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_give_the_single_process_results(demo_run, tmp_path):
+  """The same command on 2 'hosts' x 2 devices (jax.distributed over gloo)."""
+  workdir, _ = demo_run
+  mp_dir = str(tmp_path / "mp")
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID=str(i))
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "sslbench_jax.cli", "evaluate",
+         "--config", os.path.join(ROOT, "configs", "demo.py") + ":tiny=True",
+         "--workdir", mp_dir], env=env, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  for p in procs:
+    _, err = p.communicate(timeout=900)
+    assert p.returncode == 0, err[-3000:]
+  single = {(r["protocol"], r["metric"]): r["value"] for r in _rows(workdir)}
+  multi = _rows(mp_dir)
+  assert {(r["protocol"], r["metric"]): r["value"] for r in multi} == single
+  assert {r["device_count"] for r in multi} == {4}
