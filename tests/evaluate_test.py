@@ -13,6 +13,7 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from sslbench_jax import evaluate
 from sslbench_jax.features import io
+import multiprocess_util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -124,18 +125,11 @@ def test_closer_look_config_is_valid_and_complete():
     _load_config("closer_look", "checkpoints=/c,models=swav+nope")
 
 
-def _free_port():
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_give_the_single_process_results(demo_run, tmp_path):
   """The same command on 2 'hosts' x 2 devices (jax.distributed over gloo)."""
   workdir, _ = demo_run
   mp_dir = str(tmp_path / "mp")
-  port = _free_port()
+  port = multiprocess_util.free_port()
   procs = []
   for i in range(2):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",

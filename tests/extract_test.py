@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -110,12 +109,6 @@ def run_extract(images: str, *, cache: str | None = None, batch_size_per_device:
       batch_size_per_device=batch_size_per_device, num_threads=2,
       cache_root=cache, key=tiny_key(images, dtype) if cache else None,
       steps_per_shard=steps_per_shard, progress=False, **kwargs)
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def worker_env(devices: int | None = None) -> dict[str, str]:

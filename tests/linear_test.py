@@ -1,9 +1,6 @@
 """Multi-head linear probe vs a PyTorch training loop, selection hygiene."""
 
 import math
-import os
-import socket
-import subprocess
 import sys
 import textwrap
 
@@ -12,6 +9,7 @@ import pytest
 import torch
 
 from sslbench_jax.probes import linear
+import multiprocess_util
 
 
 def _data(seed, n=203, dim=16, classes=5, sep=1.5):
@@ -197,12 +195,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
 
 
 def test_eight_devices_equal_one_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", _EIGHT_DEVICES], env=env,
-                          capture_output=True, text=True, timeout=240,
-                          cwd=os.path.dirname(os.path.dirname(__file__)))
-  assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+  multiprocess_util.run_on_devices(_EIGHT_DEVICES, 8)
 
 
 _TWO_PROCESSES = textwrap.dedent("""
@@ -231,15 +224,4 @@ _TWO_PROCESSES = textwrap.dedent("""
 
 
 def test_two_processes_equal_one_process():
-  with socket.socket() as s:  # a free port for the coordinator
-    s.bind(("localhost", 0))
-    address = f"localhost:{s.getsockname()[1]}"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESSES, address, str(i)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
-           for i in range(2)]
-  outputs = [p.communicate(timeout=240) for p in procs]
-  for p, (out, err) in zip(procs, outputs):
-    assert p.returncode == 0 and "OK" in out, err[-3000:]
+  multiprocess_util.run_two_processes(_TWO_PROCESSES)

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 import extract_test as et
+import multiprocess_util
 from sslbench_jax.features import cache as cache_lib
 from sslbench_jax.features import io as features_io
 from sslbench_jax.features import multihost
 
 
 def _run_two_processes(config):
-  port = et.free_port()
+  port = multiprocess_util.free_port()
   procs = [et.start_worker(dict(config, coordinator=f"127.0.0.1:{port}",
                                 num_processes=2, process_id=i), devices=2)
            for i in range(2)]
