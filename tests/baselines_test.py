@@ -6,11 +6,11 @@ import os
 
 import pytest
 
+from conftest import SHARED
 from sslbench_jax.analysis import baselines
 from sslbench_jax.analysis import table as table_lib
 
-SHARED_CSV = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference",
-                          "published_baselines.csv")
+SHARED_CSV = os.path.join(SHARED, "reference", "published_baselines.csv")
 
 
 def test_packaged_csv_loads_and_flags_unverified():

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from conftest import SHARED
 from sslbench_jax.analysis import report
 from sslbench_jax.analysis import summary
 from sslbench_jax.analysis import synthetic
 from sslbench_jax.analysis import table as table_lib
 
-REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference")
+REFERENCE = os.path.join(SHARED, "reference")
 
 
 def _reference_names():
