@@ -42,6 +42,9 @@ _MODEL_KEYS = {"arch", "checkpoint", "select", "allow_missing", "options"}
 _DATASET_KEYS = {"dataset", "train_split", "test_split", "data_dir", "preprocessing"}
 _EXTRACTION_KEYS = {"representation", "dtype", "batch_size_per_device", "steps_per_shard"}
 _TOP_KEYS = {"models", "datasets", "protocols", "extraction", "analysis", "seed"}
+# The runner fills these from the model/dataset sections.
+_PROBE_KEYS_SET_BY_RUNNER = {"features_train", "features_test", "protocol", "model",
+                             "dataset", "seed"}
 PROTOCOL_TYPES = ("classify", "knn", "linear", "logreg", "leastsquares", "fewshot")
 
 
@@ -89,11 +92,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if d not in config.datasets:
         raise ValueError(f"config.protocols.{name} uses dataset {d!r}, not in "
                          f"config.datasets ({', '.join(config.datasets)})")
-
-
-# The runner fills these from the model/dataset sections.
-_PROBE_KEYS_SET_BY_RUNNER = {"features_train", "features_test", "protocol", "model",
-                             "dataset", "seed"}
 
 
 def _resolve_checkpoint(spec: str) -> str:

@@ -1,1 +1,0 @@
-"""sslbench_jax.finetune."""
