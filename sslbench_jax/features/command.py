@@ -126,7 +126,7 @@ def run(opts: dict[str, Any]) -> dict[str, Any] | None:
   else:
     # A data.dataset.Dataset preprocesses its images itself.
     source, preset = _open_dataset(opts["dataset"], opts["split"], opts["data_dir"],
-                                   preset_name), None
+                                   preset_name, bool(opts["preprocessing"])), None
     dataset, split = opts["dataset"], opts["split"]
     if opts["data_dir"]:
       # Generic datasets ("folder", "csv") differ only by where they live.
@@ -158,11 +158,15 @@ def run(opts: dict[str, Any]) -> dict[str, Any] | None:
               seconds=round(result.stats.seconds, 3))
 
 
-def _open_dataset(name: str, split: str, data_dir: str | None, preset_name: str) -> Any:
-  """One split of a ``data.registry`` dataset, preprocessed with ``preset_name``."""
+def _open_dataset(name: str, split: str, data_dir: str | None, preset_name: str,
+                  explicit: bool) -> Any:
+  """One split of a ``data.registry`` dataset, preprocessed with ``preset_name``.
+
+  ``explicit``: the user chose the preset (no warning when it is not the study's).
+  """
   from sslbench_jax.data import registry as data_registry  # pylint: disable=g-import-not-at-top
   spec = data_registry.get_spec(name)
-  if spec.preprocessing != preset_name:
+  if spec.preprocessing != preset_name and not explicit:
     logging.warning("%s's study preprocessing is %s; using %s (--preprocessing to "
                     "change)", name, spec.preprocessing, preset_name)
   return data_registry.open_dataset(name, split, data_dir=data_dir,
