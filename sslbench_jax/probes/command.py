@@ -61,8 +61,6 @@ _FLAG_SPECS = (
     # logreg / least squares
     ("c", "list", None, "logreg: C grid; default 45 values logspace(-6, 5)"),
     ("max_iter", "integer", 1000, "logreg: L-BFGS iterations at most"),
-    ("c_batch", "integer", None,
-     "logreg: C values solved together (default all; lower it to bound memory)"),
     ("l2", "list", None, "leastsquares: l2 grid; default 2^-10..2^19"),
     # few-shot
     ("setups", "list", ["1shot", "5shot", "10shot", "25shot", "1%", "10%"],
@@ -220,7 +218,7 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
     cs = ([_float(v, "c") for v in opts["c"]] if opts["c"] else list(logreg.DEFAULT_CS))
     r = logreg.run(xtr, ytr, xte, yte, num_classes, cs, holdout=opts["holdout"],
                    seed=opts["seed"], select_on_test=opts["select_on_test"],
-                   max_iter=opts["max_iter"], c_batch=opts["c_batch"])
+                   max_iter=opts["max_iter"])
     hp = dict(C=r.selected_c, grid_size=len(cs), selection=r.selection)
     add("logreg", hp, "top1", r.test_top1, r.n_test)
     add("logreg", hp, "top5", r.test_top5, r.n_test)

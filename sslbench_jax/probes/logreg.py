@@ -1,14 +1,18 @@
-"""L2-regularised multinomial logistic regression, a grid of C solved at once.
+"""L2-regularised multinomial logistic regression over a grid of C (a warm-started path).
 
 The objective is scikit-learn's ``LogisticRegression(penalty="l2", C=C)``
 (lbfgs, multinomial): ``C * sum_i CE(W x_i + b, y_i) + 0.5 ||W||^2`` with the
 intercept ``b`` not penalised and one weight vector per class (the penalty
 makes the over-parameterised softmax unique). We minimise the same objective
 divided by ``C * N`` (``mean CE + ||W||^2 / (2 C N)``, same minimiser, better
-scaled in float32) with L-BFGS (``optax.lbfgs`` with its zoom line search)
-from zero, batched over the C values with ``vmap``. The data term is summed
-over chunks of examples with rematerialisation, so memory stays bounded by
-(num_C, chunk, num_classes) activations however large N is.
+scaled in float32) with L-BFGS (``optax.lbfgs`` with its zoom line search).
+The grid is solved as a regularisation path: C in increasing order, each solve
+starting from the previous solution (from zero for the smallest C). Solving all
+C at once under ``vmap`` instead runs every C until the slowest converges and
+was 13x slower on real features (13 C values, 1437 x 1280 digits features:
+91 s vs 6.7 s). The data term is summed over chunks of examples with
+rematerialisation, so memory stays bounded by (chunk, num_classes) activations
+however large N is.
 
 Selection (``run``): every C is fitted on a stratified, seeded 90% of train
 and ranked on the held-out 10%; the best C (smallest on ties) is refitted on
@@ -61,8 +65,7 @@ def fit(features: np.ndarray,
         cs: Sequence[float] = DEFAULT_CS,
         max_iter: int = 1000,
         tol: float = 1e-4,
-        chunk: int = 65536,
-        c_batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
   """Fits one multinomial logistic regression per C.
 
   Args:
@@ -74,24 +77,18 @@ def fit(features: np.ndarray,
     tol: stop when the max-abs gradient of the scaled objective is below it
       (scikit-learn's lbfgs ``gtol``, same default and same scaling).
     chunk: examples per chunk of the data term (bounds memory).
-    c_batch: C values solved together (default: all). L-BFGS keeps ~22
-      copies of (D, K) per C, e.g. 45 C x 2048 x 1000 -> ~8 GB, so large
-      problems solve the grid in batches (the last one padded by repetition,
-      so one compilation serves every batch).
 
   Returns:
     (W (num_C, D, K), b (num_C, K)) float32 NumPy arrays.
   """
   x, y = _check(features, labels, num_classes)
-  return _fit(x, y, np.ones(len(x), bool), num_classes, cs, max_iter, tol, chunk,
-              c_batch)
+  return _fit(x, y, np.ones(len(x), bool), num_classes, cs, max_iter, tol, chunk)
 
 
-def _fit(x, y, mask, num_classes, cs, max_iter=1000, tol=1e-4, chunk=65536,
-         c_batch=None):
+def _fit(x, y, mask, num_classes, cs, max_iter=1000, tol=1e-4, chunk=65536):
   """``fit`` on the rows where ``mask`` is True. Masking (rather than slicing)
   keeps one array shape for the selection fit and the final refit, so the
-  solver compiles once per grid size."""
+  solver compiles once."""
   cs = np.asarray(cs, np.float32)
   if cs.ndim != 1 or len(cs) == 0 or not np.all(cs > 0):
     raise ValueError(f"cs must be a non-empty list of positive numbers, got {cs}")
@@ -106,15 +103,13 @@ def _fit(x, y, mask, num_classes, cs, max_iter=1000, tol=1e-4, chunk=65536,
   mp[:n] = mask
   solve = _solver(n_pad // chunk, chunk, d, num_classes, max_iter, float(tol))
   xp, yp, mp = jnp.asarray(xp), jnp.asarray(yp), jnp.asarray(mp)
-  size = len(cs) if not c_batch else min(int(c_batch), len(cs))
-  ws, bs = [], []
-  for start in range(0, len(cs), size):
-    batch = cs[start:start + size]
-    padded = np.concatenate([batch, np.full(size - len(batch), batch[-1])])
-    w, b = solve(xp, yp, mp, jnp.asarray(padded, jnp.float32))
-    ws.append(np.asarray(w)[:len(batch)])
-    bs.append(np.asarray(b)[:len(batch)])
-  return np.concatenate(ws), np.concatenate(bs)
+  ws = np.zeros((len(cs), d, num_classes), np.float32)
+  bs = np.zeros((len(cs), num_classes), np.float32)
+  w, b = jnp.zeros((d, num_classes), jnp.float32), jnp.zeros((num_classes,), jnp.float32)
+  for i in np.argsort(cs, kind="stable"):  # strongest regularisation first
+    w, b = solve(xp, yp, mp, jnp.float32(cs[i]), w, b)
+    ws[i], bs[i] = np.asarray(w), np.asarray(b)
+  return ws, bs
 
 
 def objective(w: np.ndarray, b: np.ndarray, features: np.ndarray,
@@ -150,7 +145,7 @@ def run(train_features: np.ndarray,
     seed: seeds the held-out split.
     select_on_test: "max over test" mode (fit on all train, report the best
       test accuracy over C; not a fair protocol).
-    **fit_kwargs: ``max_iter``, ``tol``, ``chunk``, ``c_batch`` for ``fit``.
+    **fit_kwargs: ``max_iter``, ``tol``, ``chunk`` for ``fit``.
 
   Returns:
     A ``LogRegResult``.
@@ -207,7 +202,7 @@ def _check(features, labels, num_classes):
 
 @functools.lru_cache(maxsize=16)
 def _solver(n_chunks, chunk, d, k, max_iter, tol):
-  """Jitted (x, y, mask, cs) -> (W, b) for every C (cached per shape)."""
+  """Jitted (x, y, mask, c, w0, b0) -> (W, b) from (w0, b0) (cached per shape)."""
 
   def data_term(params, x, y, mask):
     """mean CE over the masked rows, chunk by chunk, recomputed in backward."""
@@ -225,7 +220,7 @@ def _solver(n_chunks, chunk, d, k, max_iter, tol):
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (xs, ys, valid))
     return total
 
-  def solve_one(x, y, mask, c):
+  def solve_one(x, y, mask, c, w0, b0):
     n = jnp.sum(mask.astype(jnp.float32))
 
     def f(params):
@@ -234,7 +229,7 @@ def _solver(n_chunks, chunk, d, k, max_iter, tol):
 
     opt = optax.lbfgs()
     value_and_grad = optax.value_and_grad_from_state(f)
-    params = {"w": jnp.zeros((d, k), jnp.float32), "b": jnp.zeros((k,), jnp.float32)}
+    params = {"w": w0, "b": b0}
 
     def cond(carry):
       _, state = carry
@@ -253,4 +248,4 @@ def _solver(n_chunks, chunk, d, k, max_iter, tol):
     params, _ = jax.lax.while_loop(cond, body, (params, opt.init(params)))
     return params["w"], params["b"]
 
-  return jax.jit(jax.vmap(solve_one, in_axes=(None, None, None, 0)))
+  return jax.jit(solve_one)
