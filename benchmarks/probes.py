@@ -14,7 +14,7 @@ absolute times. Prints a Markdown table for ``BENCHMARKS.md`` (## Probes).
   vs faiss ``IndexFlatIP`` search + the same voting in NumPy, vs a PyTorch
   port of DINO's ``knn_classifier`` (query chunks, ``torch.mm``, ``topk``,
   one-hot scatter, exp(sim/T) weights); predictions are checked to agree.
-* logistic regression: one vmapped L-BFGS solve of a grid of C vs
+* logistic regression: a warm-started L-BFGS path over a grid of C vs
   scikit-learn ``LogisticRegression(lbfgs)`` fitted once per C.
 * linear probe: 64 heads in one pass vs 1 head (same data, epochs), and vs a
   PyTorch loop that trains one head at a time (timed for 1 head, x64); at a
