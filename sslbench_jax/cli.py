@@ -45,10 +45,11 @@ def run(argv: list[str] | None = None) -> None:
     print(f"unknown subcommand {name!r}\n\n{_usage()}", file=sys.stderr)
     sys.exit(2)
   module = importlib.import_module(COMMANDS[name][0])
+  before = set(flags.FLAGS)
   module.define_flags()
   # absl's --help lists the key flags of the main program (sys.argv[0]).
-  for flag in flags.FLAGS.get_flags_for_module(module.__name__):
-    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+  for name in set(flags.FLAGS) - before:
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
   app.run(module.main, argv=[f"{argv[0]} {name}"] + argv[2:])
 
 

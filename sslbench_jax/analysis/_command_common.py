@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from absl import app
 from absl import flags
 from absl import logging
 
@@ -23,6 +24,21 @@ def define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "resampling seed")
   flags.DEFINE_enum("matrix_method", "spearman", ["pearson", "spearman", "kendall"],
                     "correlation of the full matrix / heatmap")
+
+
+def make_main(name: str, html_too: bool):
+  """The ``main(argv)`` of the ``analyze`` (html_too=False) / ``report`` subcommand."""
+
+  def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+      run(html_too=html_too)
+    except (FileNotFoundError, ValueError) as e:
+      # Bad input: one clear line on stderr, exit status 1, no traceback.
+      raise SystemExit(f"sslbench-jax {name}: error: {e}") from None
+
+  return main
 
 
 def run(html_too: bool) -> dict[str, str]:

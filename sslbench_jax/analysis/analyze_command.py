@@ -8,24 +8,7 @@ Writes ``aggregates.csv``, ``correlations.csv``, ``correlations_grouped.csv``,
 
 from __future__ import annotations
 
-from absl import app
-
 from sslbench_jax.analysis import _command_common
 
-_NAME = "analyze"
-
-
-def define_flags() -> None:
-  """Defines this subcommand's absl flags."""
-  _command_common.define_flags()
-
-
-def main(argv: list[str]) -> None:
-  """Runs the subcommand (argv: leftover positional arguments)."""
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    _command_common.run(html_too=False)
-  except (FileNotFoundError, ValueError) as e:
-    # Bad input: one clear line on stderr, exit status 1, no traceback.
-    raise SystemExit(f"sslbench-jax {_NAME}: error: {e}") from None
+define_flags = _command_common.define_flags
+main = _command_common.make_main("analyze", html_too=False)
