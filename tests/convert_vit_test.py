@@ -4,15 +4,22 @@ Each case builds the timm-named PyTorch reference (tests/torch_vit.py) with
 random weights, renames/wraps its state dict the way that source's release
 does (hand-written here, independently of ``vit_keys``), saves it with
 ``torch.save``, converts it with ``convert_checkpoint`` and checks the Flax
-outputs against the PyTorch model on the same images.
+outputs against the PyTorch model on the same images. The images are smaller
+than the pretraining size, and each reference model resizes its position
+embedding as that source's code does (tests/torch_vit.py), so the resize
+rule the converter records from the layout is checked end to end.
 """
+
+import logging
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 
 import torch_vit
 from sslbench_jax.backbones import registry
+from sslbench_jax.backbones import weights
 from sslbench_jax.convert import ConversionError, convert_checkpoint
 from sslbench_jax.convert import vit_keys
 
@@ -45,6 +52,11 @@ def _rename(sd, rules):
   return out
 
 
+DINO = torch_vit.dino_interpolate_pos_encoding
+MAE = torch_vit.mae_interpolate_pos_embed
+TIMM = torch_vit.timm_resample_abs_pos_embed
+
+
 def _junk(shape, seed=9):
   return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
@@ -52,12 +64,20 @@ def _junk(shape, seed=9):
 # --- sources -----------------------------------------------------------------
 
 def _timm_plain():
-  model = _model()
+  # A bare timm-named .pth is DINO's backbone-only release as much as timm's:
+  # the converter keeps DINO's rule for it (options override).
+  model = _model(pos_resize=DINO)
   return _sd(model), model, {}
 
 
+def _timm_safetensors():
+  # timm's Hugging Face hub weights are safetensors files.
+  model = _model(pos_resize=TIMM)
+  return _sd(model), model, {"save_as": "safetensors"}
+
+
 def _dino_full():
-  teacher, student = _model(seed=0), _model(seed=1)
+  teacher, student = _model(seed=0, pos_resize=DINO), _model(seed=1)
   head = {"head.mlp.0.weight": _junk((32, 384)), "head.mlp.0.bias": _junk((32,)),
           "head.last_layer.weight_g": _junk((64, 1)),
           "head.last_layer.weight_v": _junk((64, 32))}
@@ -69,7 +89,7 @@ def _dino_full():
 
 
 def _moco_v3():
-  base, momentum = _model(seed=0), _model(seed=1)
+  base, momentum = _model(seed=0, pos_resize=TIMM), _model(seed=1)
   mlp = {"head.0.weight": _junk((32, 384)), "head.1.weight": _junk((32,)),
          "head.1.bias": _junk((32,)), "head.3.weight": _junk((16, 32))}
   state = {**_prefixed({**_sd(base), **mlp}, "module.base_encoder."),
@@ -80,7 +100,7 @@ def _moco_v3():
 
 
 def _mae_global_pool():
-  model = _model("vit_base_patch16", pool="mean")
+  model = _model("vit_base_patch16", pool="mean", pos_resize=MAE)
   decoder = {"mask_token": _junk((1, 1, 64)), "decoder_embed.weight": _junk((64, 768)),
              "decoder_pos_embed": _junk((1, 197, 64)),
              "decoder_blocks.0.norm1.weight": _junk((64,)),
@@ -90,7 +110,7 @@ def _mae_global_pool():
 
 
 def _ibot():
-  model = _model()
+  model = _model(pos_resize=DINO)
   state = {**_prefixed(_sd(model), "backbone."),
            "backbone.masked_embed": _junk((1, 384)),
            "head.mlp.0.weight": _junk((32, 384)),
@@ -117,7 +137,7 @@ def _mm_top_level(sd, final, pooled):
 
 
 def _milan_mmselfsup():
-  model = _model()
+  model = _model(pos_resize=MAE)
   backbone = _mm_top_level(_rename(_sd(model), _MM_RULES), "ln1", "ln2")
   state = {**_prefixed(backbone, "backbone."),
            "neck.mask_token": _junk((1, 1, 64)),
@@ -127,7 +147,7 @@ def _milan_mmselfsup():
 
 
 def _mmpretrain_layerscale_avgpool():
-  model = _model(pool="mean", layerscale=0.1)
+  model = _model(pool="mean", layerscale=0.1, pos_resize=MAE)
   backbone = _mm_top_level(_rename(_sd(model), _MM_RULES), "ln1", "ln2")
   return {"state_dict": _prefixed(backbone, "backbone.")}, model, {}
 
@@ -157,14 +177,15 @@ def _beit_v2_shared_rel_pos():
 
 def _dinov2_registers():
   model = _model("vit_small_patch14", num_registers=4, layerscale=1e-5,
-                 img_size=518)
+                 img_size=518, pos_resize=TIMM)
   sd = _rename(_sd(model), [("reg_token", "register_tokens")])
   sd["mask_token"] = _junk((1, 384))
   return sd, model, {"arch": "vit_small_patch14"}
 
 
 def _dinov2_block_chunks():
-  model = _model("vit_small_patch14", layerscale=1e-5, img_size=518)
+  model = _model("vit_small_patch14", layerscale=1e-5, img_size=518,
+                 pos_resize=DINO)
   sd = _rename(_sd(model), [("blocks.", "blocks.0.")])
   return sd, model, {"arch": "vit_small_patch14"}
 
@@ -172,7 +193,7 @@ def _dinov2_block_chunks():
 def _timm_dinov2_reg_no_embed_class():
   # timm stores DINOv2-reg with the CLS position folded into cls_token.
   model = _model("vit_small_patch14", num_registers=4, layerscale=1e-5,
-                 img_size=518)
+                 img_size=518, pos_resize=TIMM)
   sd = _sd(model)
   sd["cls_token"] = sd["cls_token"] + sd["pos_embed"][:, :1]
   sd["pos_embed"] = sd["pos_embed"][:, 1:]
@@ -180,7 +201,8 @@ def _timm_dinov2_reg_no_embed_class():
 
 
 SOURCES = {
-    "timm_plain": _timm_plain, "dino_full": _dino_full, "moco_v3": _moco_v3,
+    "timm_plain": _timm_plain, "timm_safetensors": _timm_safetensors,
+    "dino_full": _dino_full, "moco_v3": _moco_v3,
     "mae_global_pool": _mae_global_pool, "ibot": _ibot,
     "milan_mmselfsup": _milan_mmselfsup,
     "mmpretrain_layerscale_avgpool": _mmpretrain_layerscale_avgpool,
@@ -190,10 +212,28 @@ SOURCES = {
     "timm_dinov2_reg": _timm_dinov2_reg_no_embed_class,
 }
 
+# The position-embedding resize each source's code applies (the reference
+# models above resize the same way).
+EXPECTED_RULE = {
+    "timm_plain": "dino_offset", "timm_safetensors": "exact_size_antialias",
+    "dino_full": "dino_offset", "moco_v3": "exact_size_antialias",
+    "mae_global_pool": "exact_size", "ibot": "dino_offset",
+    "milan_mmselfsup": "exact_size",
+    "mmpretrain_layerscale_avgpool": "exact_size",
+    "beit_v2": "exact_size", "beit_v2_shared_rel_pos": "exact_size",
+    "dinov2_registers": "exact_size_antialias",
+    "dinov2_block_chunks": "dino_offset",
+    "timm_dinov2_reg": "exact_size_antialias",
+}
 
-def _save(tmp_path, ckpt, name="ckpt.pth"):
+
+def _save(tmp_path, ckpt, name="ckpt.pth", save_as="pth"):
   path = str(tmp_path / name)
-  torch.save(ckpt, path)
+  if save_as == "safetensors":
+    path = str(tmp_path / "model.safetensors")
+    safetensors.torch.save_file(ckpt, path)
+  else:
+    torch.save(ckpt, path)
   return path
 
 
@@ -201,9 +241,14 @@ def _save(tmp_path, ckpt, name="ckpt.pth"):
 def test_source_converts_and_matches_torch(source, tmp_path):
   ckpt, model, kw = SOURCES[source]()
   arch = kw.pop("arch", "vit_small_patch16")
+  path = _save(tmp_path, ckpt, save_as=kw.pop("save_as", "pth"))
   out_path = str(tmp_path / "vit.npz")
-  variables, meta = convert_checkpoint(_save(tmp_path, ckpt), arch, out_path,
+  variables, meta = convert_checkpoint(path, arch, out_path,
                                        options={"depth": DEPTH}, **kw)
+  rule = vit_keys.POS_INTERP_RULES[EXPECTED_RULE[source]]
+  _, sidecar = weights.load_variables(out_path)
+  for key, value in rule.items():
+    assert sidecar["arch_options"][key] == value, (source, key)
   flax_model = registry.create_model(arch, **meta["arch_options"])
   size = 28 if arch.endswith("14") else 32
   images = np.random.default_rng(1).normal(size=(2, size, size, 3)).astype(np.float32)
@@ -219,6 +264,28 @@ def test_source_converts_and_matches_torch(source, tmp_path):
     np.testing.assert_allclose(np.asarray(out["logits"]), want.numpy(),
                                atol=TOL, rtol=0)
   assert ("logits" in out) == (source == "beit_v2")
+
+
+def test_caller_options_override_the_inferred_rule(tmp_path, caplog):
+  # A DINO checkpoint converted for timm's resize: the caller wins, the log
+  # names the detected rule and the override.
+  ckpt, _, _ = _dino_full()
+  model = _model(seed=0, pos_resize=TIMM)
+  override = vit_keys.POS_INTERP_RULES["exact_size_antialias"]
+  with caplog.at_level(logging.INFO):
+    variables, meta = convert_checkpoint(
+        _save(tmp_path, ckpt), "vit_small_patch16",
+        options={"depth": DEPTH, **override})
+  assert {k: meta["arch_options"][k] for k in override} == override
+  assert "rule dino_offset" in caplog.text
+  assert "pos_interp_antialias=True overrides the inferred False" in caplog.text
+  images = np.random.default_rng(1).normal(size=(2, 48, 32, 3)).astype(np.float32)
+  out = registry.create_model("vit_small_patch16", **meta["arch_options"]).apply(
+      variables, images, train=False)
+  with torch.no_grad():
+    ref = model(torch.from_numpy(images).permute(0, 3, 1, 2))
+  np.testing.assert_allclose(np.asarray(out["pre_logits"]),
+                             ref["pre_logits"].numpy(), atol=TOL, rtol=0)
 
 
 def test_inferred_options_and_dropped_keys(tmp_path):

@@ -15,11 +15,18 @@ Written independently of the Flax model: position embeddings are resized with
 ``size=``; BEiT bias tables by ``size=``; registers follow
 DINOv2 (inserted after CLS, after the position embedding is added).
 
+``pos_resize`` replaces that with one of the per-source functions below
+(``dino_interpolate_pos_encoding``, ``mae_interpolate_pos_embed``,
+``timm_resample_abs_pos_embed``), each a transcription of the
+``F.interpolate`` call in that source's own code.
+
 Import from tests with ``import torch_vit`` (pytest puts tests/ on sys.path),
 from benchmarks with ``sys.path.insert(0, "tests")``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +46,50 @@ def _interp(grid: torch.Tensor, size: tuple[int, int],
                       scale_factor=((size[0] + offset) / h, (size[1] + offset) / w))[0]
   assert tuple(out.shape[-2:]) == tuple(size), out.shape
   return out
+
+
+def _split(pos_embed):
+  """(1, 1 + M*M, D) -> CLS row (1, 1, D), patch grid (1, D, M, M)."""
+  n, dim = pos_embed.shape[1] - 1, pos_embed.shape[2]
+  m = int(math.sqrt(n))
+  return pos_embed[:, :1], pos_embed[:, 1:].reshape(1, m, m, dim).permute(0, 3, 1, 2)
+
+
+def _join(cls_pos, grid):
+  return torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(1, -1, grid.shape[1])], 1)
+
+
+def dino_interpolate_pos_encoding(pos_embed, grid):
+  """DINO / iBOT / DINOv2 (no registers) ``interpolate_pos_encoding``."""
+  n = pos_embed.shape[1] - 1
+  if grid[0] * grid[1] == n and grid[0] == grid[1]:
+    return pos_embed
+  cls_pos, patch = _split(pos_embed)
+  w0, h0 = grid[0] + 0.1, grid[1] + 0.1
+  m = math.sqrt(n)
+  patch = F.interpolate(patch, scale_factor=(w0 / m, h0 / m), mode="bicubic")
+  assert int(w0) == patch.shape[-2] and int(h0) == patch.shape[-1]
+  return _join(cls_pos, patch)
+
+
+def mae_interpolate_pos_embed(pos_embed, grid):
+  """MAE ``util.pos_embed.interpolate_pos_embed`` (BEiT, MMPretrain alike)."""
+  cls_pos, patch = _split(pos_embed)
+  if tuple(patch.shape[-2:]) == tuple(grid):
+    return pos_embed
+  patch = F.interpolate(patch, size=tuple(grid), mode="bicubic",
+                        align_corners=False)
+  return _join(cls_pos, patch)
+
+
+def timm_resample_abs_pos_embed(pos_embed, grid):
+  """timm ``resample_abs_pos_embed`` with its defaults (also DINOv2-reg)."""
+  n = pos_embed.shape[1] - 1
+  if grid[0] * grid[1] == n and grid[0] == grid[1]:
+    return pos_embed
+  cls_pos, patch = _split(pos_embed.float())
+  patch = F.interpolate(patch, size=tuple(grid), mode="bicubic", antialias=True)
+  return _join(cls_pos, patch)
 
 
 def beit_relative_position_index(gh: int, gw: int) -> torch.Tensor:
@@ -162,9 +213,10 @@ class VisionTransformer(nn.Module):
   def __init__(self, patch_size=16, width=384, depth=12, num_heads=6,
                mlp_ratio=4.0, qkv_bias=True, layerscale=None, num_registers=0,
                pool="cls", rel_pos_bias=False, img_size=224, ln_eps=1e-6,
-               pos_interp_offset=0.1):
+               pos_interp_offset=0.1, pos_resize=None):
     super().__init__()
     self.pos_interp_offset = pos_interp_offset
+    self.pos_resize = pos_resize
     self.patch, self.pool, self.num_registers = patch_size, pool, num_registers
     self.grid = img_size // patch_size
     self.patch_embed = PatchEmbed(patch_size, width)
@@ -205,7 +257,9 @@ class VisionTransformer(nn.Module):
     grid = (h // self.patch, w // self.patch)
     x = self.patch_embed(images_nchw)
     x = torch.cat([self.cls_token.expand(b, -1, -1), x], 1)
-    if self.pos_embed is not None:
+    if self.pos_embed is not None and self.pos_resize is not None:
+      x = x + self.pos_resize(self.pos_embed, grid)
+    elif self.pos_embed is not None:
       width = x.shape[-1]
       patch_pos = self.pos_embed[0, 1:].reshape(self.grid, self.grid, width)
       patch_pos = _interp(patch_pos.permute(2, 0, 1), grid,

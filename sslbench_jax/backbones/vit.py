@@ -12,17 +12,34 @@ One module covers the ViT variants self-supervised checkpoints use:
 
 Position-embedding interpolation (input grid ``(h, w)`` differs from the
 pretraining grid ``g = img_size // patch_size``): the patch part of
-``pos_embed`` is resized as DINO and DINOv2 do it at call time,
-``F.interpolate(x, scale_factor=((h + o) / g, (w + o) / g), mode="bicubic",
-align_corners=False)`` with ``o = pos_interp_offset`` (0.1 there). That is
-Keys cubic convolution with ``A=-0.75``, edge-clamped taps and source
-coordinates ``(dst + 0.5) * g / (h + o) - 0.5``; ``o = 0`` gives the
-``size=(h, w)`` resize MAE/BEiT apply when loading at another resolution.
-(It is not ``jax.image.resize``, whose cubic kernel uses ``A=-0.5`` and
-antialiases when downsampling, nor timm's ``antialias=True`` resample.) The
-CLS position is kept. For ``rel_pos_bias`` the ``(2g-1)x(2g-1)`` part of each
-bias table is resized the same way with ``o = 0`` (the three CLS entries are
-kept) and the index is rebuilt for the new grid.
+``pos_embed`` is resized with torch's bicubic ``F.interpolate`` as the
+checkpoint's own code does it; two options select one of three calls:
+
+* ``pos_interp_offset=o > 0`` (default 0.1), ``pos_interp_antialias=False``:
+  DINO / iBOT / DINOv2 ``interpolate_pos_encoding``,
+  ``F.interpolate(x, scale_factor=((h + o) / g, (w + o) / g),
+  mode="bicubic", align_corners=False)``. That is Keys cubic convolution with
+  ``A=-0.75``, edge-clamped taps and source coordinates
+  ``(dst + 0.5) * g / (h + o) - 0.5``;
+* ``o = 0``: ``size=(h, w)``, the resize MAE (``interpolate_pos_embed``),
+  BEiT and MMPretrain (``resize_pos_embed``) apply;
+* ``o = 0`` and ``pos_interp_antialias=True``: timm's
+  ``resample_abs_pos_embed`` (``size=``, ``antialias=True``, its default)
+  and DINOv2 with registers (``interpolate_antialias=True,
+  interpolate_offset=0``). Torch's antialiased bicubic is a different filter:
+  Keys ``A=-0.5``, support stretched by the scale when downsampling, taps
+  outside the grid dropped and the weights renormalised (PIL's scheme).
+
+All three are applied as explicit per-axis matrices (``bicubic_matrix``);
+``jax.image.resize`` is not used, its cubic kernel being ``A=-0.5`` only.
+The converter picks the options from the checkpoint's layout
+(``convert.vit_keys.pos_interp_rule``). The CLS position is kept.
+
+For ``rel_pos_bias`` the ``(2g-1)x(2g-1)`` part of each bias table is
+resized with ``o = 0`` and no antialiasing (the three CLS entries are kept)
+and the index is rebuilt for the new grid. (BEiT's own fine-tuning code
+resizes these tables differently, with a SciPy cubic spline over
+geometrically spaced offsets; that is not reproduced.)
 
 Outputs of ``model.apply(variables, images_nhwc, train=False)``:
 
@@ -59,8 +76,35 @@ def _torch_cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
   return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
 
 
+def _keys_cubic(x: np.ndarray, a: float) -> np.ndarray:
+  """Keys' cubic convolution kernel at (any) ``x``; zero for ``|x| >= 2``."""
+  x = np.abs(x)
+  near = ((a + 2) * x - (a + 3)) * x * x + 1
+  far = ((x - 5) * x + 8) * x * a - 4 * a
+  return np.where(x < 1, near, np.where(x < 2, far, 0.0))
+
+
+def _antialias_matrix(in_size: int, out_size: int, scale: float) -> np.ndarray:
+  """Torch's ``_upsample_bicubic2d_aa`` weights (PIL's resampling scheme)."""
+  # Downsampling stretches the filter over ``scale`` source pixels; the taps
+  # range is truncated to the grid (C-style int casts) and renormalised.
+  support = 2.0 * scale if scale >= 1.0 else 2.0
+  invscale = 1.0 / scale if scale >= 1.0 else 1.0
+  matrix = np.zeros((out_size, in_size), np.float64)
+  for i in range(out_size):
+    center = scale * (i + 0.5)
+    lo = max(int(center - support + 0.5), 0)
+    hi = min(int(center + support + 0.5), in_size)
+    taps = np.arange(lo, hi)
+    weights = _keys_cubic((taps - center + 0.5) * invscale, -0.5)
+    total = weights.sum()
+    matrix[i, lo:hi] = weights / total if total != 0.0 else weights
+  return matrix
+
+
 @functools.lru_cache(maxsize=64)
-def bicubic_matrix(in_size: int, out_size: int, offset: float = 0.0) -> np.ndarray:
+def bicubic_matrix(in_size: int, out_size: int, offset: float = 0.0,
+                   antialias: bool = False) -> np.ndarray:
   """``(out_size, in_size)`` matrix of torch's bicubic (align_corners=False).
 
   Args:
@@ -68,13 +112,20 @@ def bicubic_matrix(in_size: int, out_size: int, offset: float = 0.0) -> np.ndarr
     out_size: destination length.
     offset: 0 for ``F.interpolate(size=out)``; ``o`` for
       ``F.interpolate(scale_factor=(out + o) / in)`` (DINO's 0.1).
+    antialias: torch's ``antialias=True`` filter (timm's default).
 
   Returns:
     float64 matrix ``M`` with ``resized = M @ source`` along one axis, equal
     to that ``F.interpolate(..., mode="bicubic", align_corners=False,
-    antialias=False)`` along that axis.
+    antialias=antialias)`` along that axis.
   """
   scale = in_size / (out_size + offset)
+  if antialias:
+    # Torch's antialiased kernel skips an axis whose length is unchanged,
+    # whatever the scale factor.
+    if in_size == out_size:
+      return np.eye(in_size)
+    return _antialias_matrix(in_size, out_size, scale)
   src = (np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5
   base = np.floor(src)
   weights = _torch_cubic_weights(src - base)
@@ -86,7 +137,7 @@ def bicubic_matrix(in_size: int, out_size: int, offset: float = 0.0) -> np.ndarr
 
 
 def resize_grid(grid: jax.Array, out_hw: tuple[int, int],
-                offset: float = 0.0) -> jax.Array:
+                offset: float = 0.0, antialias: bool = False) -> jax.Array:
   """Bicubic resize of a ``(h, w, C)`` grid, as torch's (see ``bicubic_matrix``).
 
   Args:
@@ -100,8 +151,8 @@ def resize_grid(grid: jax.Array, out_hw: tuple[int, int],
   h, w = grid.shape[:2]
   if (h, w) == tuple(out_hw):
     return grid
-  mh = jnp.asarray(bicubic_matrix(h, out_hw[0], offset), jnp.float32)
-  mw = jnp.asarray(bicubic_matrix(w, out_hw[1], offset), jnp.float32)
+  mh = jnp.asarray(bicubic_matrix(h, out_hw[0], offset, antialias), jnp.float32)
+  mw = jnp.asarray(bicubic_matrix(w, out_hw[1], offset, antialias), jnp.float32)
   out = jnp.einsum("oi,ijc->ojc", mh, grid.astype(jnp.float32),
                    precision=jax.lax.Precision.HIGHEST)
   return jnp.einsum("pj,ojc->opc", mw, out, precision=jax.lax.Precision.HIGHEST)
@@ -240,6 +291,8 @@ class VisionTransformer(nn.Module):
     img_size: pretraining input size; it fixes the position-embedding grid.
     pos_interp_offset: DINO's ``+0.1`` when resizing the position embedding
       to another grid (module docstring); 0 for a plain size-based resize.
+    pos_interp_antialias: resize with torch's antialiased bicubic (timm,
+      DINOv2 with registers); default False keeps DINO's/MAE's resize.
     ln_eps: LayerNorm epsilon (timm 1e-6; some sources use 1e-5).
     num_classes: adds a linear ``head`` on ``pre_logits`` when > 0 (None
       or 0: no classifier).
@@ -258,6 +311,7 @@ class VisionTransformer(nn.Module):
   drop_path_rate: float = 0.0
   img_size: int = 224
   pos_interp_offset: float = 0.1
+  pos_interp_antialias: bool = False
   ln_eps: float = 1e-6
   num_classes: int | None = 0
   dtype: Any = jnp.float32
@@ -284,7 +338,7 @@ class VisionTransformer(nn.Module):
     if not self.rel_pos_bias:
       pos = self.param("pos_embed", init, (1, 1 + pre_grid ** 2, d), jnp.float32)
       patch_pos = resize_grid(pos[0, 1:].reshape(pre_grid, pre_grid, d), grid_hw,
-                              self.pos_interp_offset)
+                              self.pos_interp_offset, self.pos_interp_antialias)
       pos = jnp.concatenate([pos[0, :1], patch_pos.reshape(-1, d)])
       x = x + pos[None].astype(x.dtype)
     if self.num_registers:

@@ -2,7 +2,9 @@
 
 Pipeline: read the file torch-free (``readers``), flatten it, locate the
 backbone root with the family's markers and choose among several
-(``detect``), canonicalise the names, infer architecture options, map the
+(``detect``), canonicalise the names, infer architecture options (from
+shapes, and from the source layout where a family has ``source_options``;
+the caller's ``options`` override both), map the
 tensors (family ``to_flax``), then verify the result against
 ``jax.eval_shape(model.init)``: every leaf filled with the right shape, no
 extra leaf, every non-head tensor used. Only then is anything written.
@@ -144,7 +146,9 @@ def convert_checkpoint(
     allow_missing: regex over canonical tensor names allowed to be absent;
       their leaves keep the model's random init (seed 0). An escape hatch.
     options: architecture options overriding the inferred ones (e.g.
-      ``{"num_classes": None}`` to drop a classifier).
+      ``{"num_classes": None}`` to drop a classifier, or
+      ``{"pos_interp_offset": 0.0, "pos_interp_antialias": True}`` for timm's
+      position-embedding resize).
 
   Returns:
     ``(variables, meta)``: NumPy float32 variables for
@@ -171,9 +175,18 @@ def convert_checkpoint(
   flat = detect.flatten(obj)
   root, source = _locate_backbone(flat, module, family, path, select)
   outside = [k for k in flat if not k.startswith(root)]
-  state = module.canonicalize({k[len(root):]: v for k, v in flat.items()
-                               if k.startswith(root)})
+  raw = {k[len(root):]: v for k, v in flat.items() if k.startswith(root)}
+  state = module.canonicalize(raw)
   arch_options = dict(module.infer_options(dict(state), arch))
+  # Options that depend on the source's code, not on tensor shapes (e.g. the
+  # ViT position-embedding resize); optional per family.
+  source_options = getattr(module, "source_options", None)
+  if source_options:
+    arch_options.update(source_options(raw, root, source, source_format))
+  for key, value in (options or {}).items():
+    if key in arch_options and arch_options[key] != value:
+      logging.info("option %s=%r overrides the inferred %r", key, value,
+                   arch_options[key])
   arch_options.update(options or {})
   try:
     model = registry.create_model(arch, **arch_options)

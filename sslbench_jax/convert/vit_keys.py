@@ -25,6 +25,9 @@ linear weights transposed, LayerNorm ``weight`` -> ``scale``; BEiT's
 adds the same number to every logit of a query row, so softmax ignores it).
 ``relative_position_index`` buffers are read and checked against the index the
 model computes, not copied.
+
+``source_options`` adds what the key names cannot: how the source's own code
+resizes the position embedding at another resolution (``pos_interp_rule``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import math
 import re
 from typing import Any, Mapping
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,6 +203,101 @@ def infer_options(state: Mapping[str, Any], arch: str) -> dict[str, Any]:
                             and patch_w is not None and head[1] == patch_w[0]
                             else 0)
   return options
+
+
+# How each source resizes its absolute position embedding to another grid
+# (backbones/vit.py module docstring), as ``VisionTransformer`` options:
+POS_INTERP_RULES: dict[str, dict[str, Any]] = {
+    # DINO / iBOT / DINOv2 ``interpolate_pos_encoding``: bicubic with
+    # ``scale_factor=(new + 0.1) / old``.
+    "dino_offset": {"pos_interp_offset": 0.1, "pos_interp_antialias": False},
+    # MAE ``interpolate_pos_embed``, BEiT fine-tuning, MMPretrain
+    # ``resize_pos_embed``: bicubic ``size=new``, align_corners=False.
+    "exact_size": {"pos_interp_offset": 0.0, "pos_interp_antialias": False},
+    # timm ``resample_abs_pos_embed`` (``antialias=True`` by default) and
+    # DINOv2 with registers (hub: ``interpolate_offset=0``,
+    # ``interpolate_antialias=True``).
+    "exact_size_antialias": {"pos_interp_offset": 0.0,
+                             "pos_interp_antialias": True},
+}
+
+_DINOV2_CHUNK_RE = re.compile(r"^blocks\.\d+\.\d+\.")
+
+
+def pos_interp_rule(state: Mapping[str, Any], root: str, source: str,
+                    source_format: str) -> tuple[str, str]:
+  """Which ``POS_INTERP_RULES`` entry the checkpoint's own code applies.
+
+  Decided from the layout before canonicalisation: names only one source
+  uses come first, then wrappers, then the file format.
+
+  Args:
+    state: root-relative tensors as stored (not canonicalised).
+    root: the backbone's prefix in the file.
+    source: ``detect.describe_source`` of that root.
+    source_format: ``readers.read_checkpoint``'s format name.
+
+  Returns:
+    ``(rule, reason)``; ``reason`` says which evidence decided.
+  """
+  keys = set(state)
+  pos = state.get("pos_embed")
+  mask = state.get("mask_token")
+  if "patch_embed.projection.weight" in keys:
+    return "exact_size", "MMSelfSup/MMPretrain names (resize_pos_embed, size=)"
+  if "register_tokens" in keys:
+    return ("exact_size_antialias", "DINOv2 with registers (hub *_reg: "
+            "interpolate_offset=0, interpolate_antialias=True)")
+  if "reg_token" in keys or (
+      pos is not None and np.ndim(pos) == 3
+      and math.isqrt(np.shape(pos)[1]) ** 2 == np.shape(pos)[1]):
+    return ("exact_size_antialias", "timm layout (reg_token / pos_embed "
+            "without a CLS row): resample_abs_pos_embed, antialias=True")
+  if source == "dino":
+    return "dino_offset", "teacher/student checkpoint (DINO, iBOT, DINOv2 code)"
+  if "masked_embed" in keys:
+    return "dino_offset", "iBOT masked_embed (DINO's interpolate_pos_encoding)"
+  if (mask is not None and np.ndim(mask) == 2) or any(
+      _DINOV2_CHUNK_RE.match(k) for k in keys):
+    return "dino_offset", "DINOv2 layout (2-D mask_token / block chunks)"
+  if any(k.startswith("decoder_") for k in keys):
+    return "exact_size", "MAE decoder keys (interpolate_pos_embed, size=)"
+  if any(k.startswith("rel_pos_bias.") or "relative_position_bias_table" in k
+         or k.endswith("attn.q_bias") for k in keys):
+    return "exact_size", "BEiT layout (fine-tuning resizes with size=)"
+  if source_format == "safetensors":
+    return ("exact_size_antialias", "safetensors file (timm / Hugging Face "
+            "hub): resample_abs_pos_embed, antialias=True")
+  if source == "moco_v3":
+    # MoCo v3's ViT is timm's class and its code never resizes; timm's
+    # resample is the only resize that code base offers.
+    return ("exact_size_antialias",
+            "MoCo v3 (a timm VisionTransformer): timm's resample_abs_pos_embed")
+  if root == "model.":
+    return "exact_size", "{'model': ...} wrapper (MAE / DeiT / BEiT releases, size=)"
+  # A bare timm-named state dict: DINO's backbone-only releases look like
+  # this (and so does a timm .pth); keep DINO's rule, the historic default.
+  return ("dino_offset", "plain timm-named state dict, assumed a DINO "
+          "backbone release; pass options to override")
+
+
+def source_options(state: Mapping[str, Any], root: str, source: str,
+                   source_format: str) -> dict[str, Any]:
+  """Options implied by the source rather than by tensor shapes.
+
+  Args:
+    state: root-relative tensors as stored (not canonicalised).
+    root: the backbone's prefix in the file.
+    source: ``detect.describe_source`` of that root.
+    source_format: ``readers.read_checkpoint``'s format name.
+
+  Returns:
+    ``pos_interp_offset`` and ``pos_interp_antialias`` of the source's rule.
+  """
+  rule, reason = pos_interp_rule(state, root, source, source_format)
+  logging.info("position-embedding resize rule %s %s: %s", rule,
+               POS_INTERP_RULES[rule], reason)
+  return dict(POS_INTERP_RULES[rule])
 
 
 def example_image_size(arch: str, options: Mapping[str, Any]) -> int:
