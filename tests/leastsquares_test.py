@@ -43,8 +43,23 @@ def test_run_selects_on_holdout():
   r = leastsquares.run(xtr, ytr, xte, yte, 4, l2s)
   r2 = leastsquares.run(xtr, ytr, xte, rng.permutation(yte), 4, l2s)
   assert r.selected_l2 == r2.selected_l2 and r.holdout_top1 == r2.holdout_top1
-  pred = _reference(xtr, ytr, xte, 4, r.selected_l2).argmax(1)
-  assert r.test_top1 == pytest.approx(100 * np.mean(pred == yte))
+  ref = _reference(xtr, ytr, xte, 4, r.selected_l2)
+  assert r.test_top1 == pytest.approx(100 * np.mean(ref.argmax(1) == yte))
+  # the refitted model's scores, for the test set's own metrics
+  np.testing.assert_allclose(r.test_scores, ref, rtol=1e-6, atol=1e-8)
+  r0 = leastsquares.run(xtr, ytr, xte, None, 4, l2s)
+  assert r0.selected_l2 == r.selected_l2 and np.isnan(r0.test_top1)
+  np.testing.assert_array_equal(r0.test_scores, r.test_scores)
+  # "max over test": the l2 whose test top-1 is best, its scores
+  best = leastsquares.run(xtr, ytr, xte, yte, 4, l2s, select_on_test=True)
+  accs = [100 * np.mean(_reference(xtr, ytr, xte, 4, l2).argmax(1) == yte)
+          for l2 in l2s]
+  assert best.selection == "max over test"
+  assert best.selected_l2 == l2s[int(np.argmax(accs))]
+  assert best.holdout_top1 == pytest.approx(accs)
+  np.testing.assert_allclose(best.test_scores,
+                             _reference(xtr, ytr, xte, 4, best.selected_l2),
+                             rtol=1e-6, atol=1e-8)
 
 
 def test_float32_mode_is_close():

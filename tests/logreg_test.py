@@ -49,6 +49,25 @@ def test_selection_uses_holdout_only(digits):
   assert best.test_top1 >= r.test_top1
 
 
+def test_test_scores_are_the_refitted_models(digits):
+  """``test_scores`` (for the test set's own metrics) are the logits of the
+  selected C refitted on all of train; test labels are optional."""
+  xtr, ytr, xte, yte = digits
+  cs = [1e-3, 0.1]
+  r = logreg.run(xtr, ytr, xte, yte, 10, cs, max_iter=100)
+  (w,), (b,) = logreg.fit(xtr, ytr, 10, [r.selected_c], max_iter=100)
+  np.testing.assert_allclose(r.test_scores, xte @ w + b, rtol=1e-6, atol=1e-6)
+  order = np.argsort(-r.test_scores, axis=1, kind="stable")
+  assert r.test_top1 == pytest.approx(100 * np.mean(order[:, 0] == yte))
+  assert r.test_top5 == pytest.approx(
+      100 * np.mean(np.any(order[:, :5] == yte[:, None], axis=1)))
+  r0 = logreg.run(xtr, ytr, xte, None, 10, cs, max_iter=100)
+  assert r0.selected_c == r.selected_c and np.isnan(r0.test_top1)
+  np.testing.assert_array_equal(r0.test_scores, r.test_scores)
+  with pytest.raises(ValueError, match="needs single-label"):
+    logreg.run(xtr, ytr, xte, None, 10, cs, select_on_test=True, max_iter=100)
+
+
 def test_warm_started_path_equals_cold_starts(digits):
   """The path's warm starts change where L-BFGS starts, not what it finds."""
   xtr, ytr, _, _ = digits

@@ -1,8 +1,10 @@
-"""Helpers shared by the probes: held-out splits and top-k counting."""
+"""Helpers shared by the probes: held-out splits, top-k counting, grid selection."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+import math
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -37,3 +39,94 @@ def stratified_split(labels: np.ndarray, fraction: float,
   held = np.sort(np.concatenate(held)) if held else np.zeros((0,), np.int64)
   fit = np.setdiff1d(np.arange(len(labels)), held)
   return fit, held
+
+
+# A grid fitter: (training rows or None for all, grid indices to fit) ->
+# scorer (grid index, features) -> (N, C) scores of that model.
+Scorer = Callable[[int, np.ndarray], np.ndarray]
+GridFitter = Callable[[Optional[np.ndarray], Sequence[int]], Scorer]
+
+
+@dataclasses.dataclass
+class GridSelection:
+  """Outcome of ``select_and_refit``.
+
+  Attributes:
+    best: index of the chosen grid point.
+    selection: "holdout" or "max over test".
+    top1: per grid point, top-1 (%) on the held-out slice (on test in "max
+      over test" mode).
+    test_scores: (N_test, C) scores on test of the chosen model (refitted on
+      all of train in "holdout" mode).
+  """
+  best: int
+  selection: str
+  top1: list[float]
+  test_scores: np.ndarray
+
+
+def select_and_refit(fit_grid: GridFitter,
+                     grid_size: int,
+                     train_features: np.ndarray,
+                     train_labels: np.ndarray,
+                     test_features: np.ndarray,
+                     test_labels: np.ndarray | None = None,
+                     holdout: float = 0.1,
+                     seed: int = 0,
+                     select_on_test: bool = False,
+                     name: str = "probe") -> GridSelection:
+  """The selection skeleton shared by the closed-form / convex probes.
+
+  "holdout": every grid point is fitted on a stratified, seeded
+  ``1 - holdout`` of train and ranked by top-1 on the rest; the best (the
+  first on ties) is refitted on all of train and scored on test once.
+  "max over test" (``select_on_test``): every grid point is fitted on all of
+  train and the best top-1 on test is kept (not a fair protocol; labelled).
+
+  Args:
+    fit_grid: ``(rows, grid indices) -> scorer``; ``rows`` None means all of
+      train.
+    grid_size: number of grid points.
+    train_features: (N_train, D).
+    train_labels: (N_train,) class indices.
+    test_features: (N_test, D).
+    test_labels: (N_test,) class indices; only "max over test" needs them.
+    holdout: fraction of every class held out.
+    seed: seeds the held-out split.
+    select_on_test: "max over test" mode.
+    name: probe name for errors.
+
+  Returns:
+    A ``GridSelection``.
+  """
+  grid = list(range(grid_size))
+  if select_on_test:
+    if test_labels is None:
+      raise ValueError(f"{name}: select_on_test ranks the grid by top-1 on test "
+                       "and needs single-label (N,) test labels")
+    score = fit_grid(None, grid)
+    top1 = [_top1(score(i, test_features), test_labels) for i in grid]
+    best = int(np.argmax(top1))
+    return GridSelection(best, "max over test", top1, score(best, test_features))
+  fit, held = stratified_split(train_labels, holdout, seed)
+  if len(held) == 0:
+    raise ValueError("the held-out slice is empty: every class has < 2 training "
+                     "examples; use select_on_test or a single grid value")
+  score = fit_grid(fit, grid)
+  top1 = [_top1(score(i, train_features[held]), train_labels[held]) for i in grid]
+  best = int(np.argmax(top1))
+  score = fit_grid(None, [best])
+  return GridSelection(best, "holdout", top1, score(best, test_features))
+
+
+def _top1(scores, labels) -> float:
+  return float(100.0 * topk_hits(scores, labels, (1,))[0] / max(len(labels), 1))
+
+
+def topk_percent(scores: np.ndarray,
+                 labels: np.ndarray | None) -> tuple[float, float]:
+  """(top-1, top-5) in % of ``scores`` against class indices; NaN without labels."""
+  if labels is None:
+    return math.nan, math.nan
+  acc = 100.0 * topk_hits(scores, np.asarray(labels), (1, 5)) / max(len(labels), 1)
+  return float(acc[0]), float(acc[1])

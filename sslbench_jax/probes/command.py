@@ -9,6 +9,13 @@ Example::
 Reads two ``features.io`` files, runs one protocol, prints a table and, with
 ``--results``, appends one row per metric to the results store (accuracies in
 percent). Flags may be spelled with underscores or dashes.
+
+The test file is scored in its own label space (``probes/_test_metrics.py``,
+read from the file's provenance): top-1 / top-5 plus the space's standard
+metrics, e.g. ``real_top1`` for ImageNet-ReaL (multi-hot test labels),
+``subset_top1`` for ImageNet-R / -A (1000-way scores restricted to the 200
+classes). The probe trains on the training file's single-label classes; both
+files must share the number of classes (ImageNet-1k train -> R / A / ReaL).
 """
 
 from __future__ import annotations
@@ -40,7 +47,8 @@ _FLAG_SPECS = (
     ("seed", "integer", 0, "seed of splits, subsets and initialisation"),
     ("select_on_test", "bool", False,
      "'max over test' model selection (unfair; only to compare with papers that "
-     "did it); results are labelled so"),
+     "did it; ranks by plain top-1, so needs single-label test labels); results "
+     "are labelled so"),
     ("holdout", "float", 0.1, "fraction of every training class held out for selection"),
     # kNN
     ("knn_k", "list", ["10", "20", "100", "200"], "kNN: numbers of neighbours"),
@@ -126,6 +134,7 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
   """
   import jax  # pylint: disable=g-import-not-at-top
   from sslbench_jax.features import io  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.probes import _test_metrics  # pylint: disable=g-import-not-at-top
 
   unknown = sorted(set(opts) - set(default_options()))
   if unknown:
@@ -144,36 +153,43 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
     raise ValueError(f"several feature files (sources) are only supported by "
                      f"--protocol linear, not {protocol}")
   names = _source_names([fs for _, fs in train_sources])
-  train, test = train_sources[0][1], test_sources[0][1]
-  ytr = _labels(train, train_sources[0][0])
-  yte = _labels(test, test_sources[0][0])
+  (path_tr0, train), (path_te0, test) = train_sources[0], test_sources[0]
+  ytr = _train_labels(train, path_tr0)
+  space = _test_metrics.resolve(test, path_te0)
+  yte = space.single_labels  # None for a multi-label (ReaL) test set
   for (path_tr, fs_tr), (path_te, fs_te) in zip(train_sources, test_sources):
     if fs_tr.features.shape[1] != fs_te.features.shape[1]:
       raise ValueError(f"feature dims differ: {path_tr} has "
                        f"{fs_tr.features.shape[1]}, {path_te} has "
                        f"{fs_te.features.shape[1]}")
-    for path, fs, y in ((path_tr, fs_tr, ytr), (path_te, fs_te, yte)):
-      if not np.array_equal(_labels(fs, path), y):
+    for path, same in ((path_tr, np.array_equal(_train_labels(fs_tr, path_tr), ytr)),
+                       (path_te, np.array_equal(fs_te.labels, test.labels))):
+      if not same:
         raise ValueError(f"{path}: labels differ from those of the first file; "
                          "sources must hold the same examples in the same order")
-  num_classes = (opts.get("num_classes") or train.meta.get("num_classes")
-                 or int(max(ytr.max(), yte.max())) + 1)
-  if max(ytr.max(), yte.max()) >= num_classes:
-    raise ValueError(f"labels exceed --num-classes {num_classes}")
+  num_classes = _num_classes(opts, train, path_tr0, ytr, space)
   xtr, xte = train.features, test.features
 
   base = dict(
       model=opts.get("model") or train.meta.get("arch") or
-      os.path.splitext(os.path.basename(train_sources[0][0]))[0],
+      os.path.splitext(os.path.basename(path_tr0))[0],
       checkpoint_sha256=str(train.meta.get("weights_sha256", "")),
       dataset=opts.get("dataset") or test.meta.get("dataset") or "unknown",
       split=str(test.meta.get("split") or "test"),
       seed=int(opts["seed"]), device_count=jax.device_count())
+  # ReaL scores only the images with a non-empty label set.
+  n_scored = {"real_top1": int(space.labels.any(1).sum())} if space.multi_label else {}
   rows = []
 
-  def add(protocol_name, hparams, metric, value, n):
+  def add(protocol_name, hparams, metric, value, n=None):
     rows.append(dict(base, protocol=protocol_name, hparams=hparams, metric=metric,
-                     value=float(value), n_examples=int(n)))
+                     value=float(value),
+                     n_examples=int(n if n is not None else
+                                    n_scored.get(metric, len(xte)))))
+
+  def add_metrics(protocol_name, hparams, scores, **kwargs):
+    for metric, value in _test_metrics.evaluate(scores, space, **kwargs).items():
+      add(protocol_name, hparams, metric, value)
 
   if protocol == "knn":
     from sslbench_jax.probes import knn  # pylint: disable=g-import-not-at-top
@@ -187,9 +203,8 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
       hp = dict(k=k, metric=opts["knn_metric"], zscore=bool(opts["zscore"]))
       if opts["knn_metric"] == "cosine":
         hp["temperature"] = opts["knn_temperature"]
-      add("knn", hp, "top1", 100 * np.mean(scores[k].argmax(1) == yte), len(yte))
-      add("knn", hp, "top5", 100 * np.mean(knn.topk_correct(scores[k], yte, 5)),
-          len(yte))
+      # kNN's top-5 never counts a class that got no vote.
+      add_metrics("knn", hp, scores[k], topk_correct=knn.topk_correct)
 
   elif protocol == "linear":
     from sslbench_jax.probes import linear  # pylint: disable=g-import-not-at-top
@@ -210,8 +225,7 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
     hp = dict(r.selected.hparams(), epochs=tc.epochs, batch_size=bs,
               warmup_epochs=tc.warmup_epochs, clip_norm=tc.clip_norm,
               grid_size=len(configs), selection=r.selection)
-    add("linear", hp, "top1", r.test_top1, r.n_test)
-    add("linear", hp, "top5", r.test_top5, r.n_test)
+    add_metrics("linear", hp, r.test_scores)
 
   elif protocol == "logreg":
     from sslbench_jax.probes import logreg  # pylint: disable=g-import-not-at-top
@@ -220,8 +234,7 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
                    seed=opts["seed"], select_on_test=opts["select_on_test"],
                    max_iter=opts["max_iter"])
     hp = dict(C=r.selected_c, grid_size=len(cs), selection=r.selection)
-    add("logreg", hp, "top1", r.test_top1, r.n_test)
-    add("logreg", hp, "top5", r.test_top5, r.n_test)
+    add_metrics("logreg", hp, r.test_scores)
 
   elif protocol == "leastsquares":
     from sslbench_jax.probes import leastsquares  # pylint: disable=g-import-not-at-top
@@ -231,23 +244,28 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
                          holdout=opts["holdout"], seed=opts["seed"],
                          select_on_test=opts["select_on_test"])
     hp = dict(l2=r.selected_l2, grid_size=len(l2s), selection=r.selection)
-    add("leastsquares", hp, "top1", r.test_top1, r.n_test)
-    add("leastsquares", hp, "top5", r.test_top5, r.n_test)
+    add_metrics("leastsquares", hp, r.test_scores)
 
   else:
     from sslbench_jax.probes import fewshot  # pylint: disable=g-import-not-at-top
-    results = fewshot.run(xtr, ytr, xte, yte, num_classes, setups=opts["setups"],
-                          probes=opts["fewshot_probes"], tries=opts["tries"],
-                          seed=opts["seed"], knn_k=opts["fewshot_k"],
-                          knn_metric=opts["knn_metric"], l2=opts["fewshot_l2"])
+    # Few-shot reports top-1 and the test set's own metrics (no top-5), as
+    # mean and std over tries.
+    results = fewshot.run(
+        xtr, ytr, xte, yte, num_classes, setups=opts["setups"],
+        probes=opts["fewshot_probes"], tries=opts["tries"], seed=opts["seed"],
+        knn_k=opts["fewshot_k"], knn_metric=opts["knn_metric"],
+        l2=opts["fewshot_l2"],
+        evaluate=lambda scores: _test_metrics.evaluate(scores, space, top5=False))
     for r in results:
-      hp = dict(setup=r.setup, per_class=r.per_class, tries=len(r.top1))
+      hp = dict(setup=r.setup, per_class=r.per_class, tries=r.tries)
       if r.probe == "knn":
         hp.update(k=opts["fewshot_k"], metric=opts["knn_metric"])
       elif r.probe == "leastsquares":
         hp.update(l2=opts["fewshot_l2"])
-      add(f"fewshot_{r.probe}", hp, "top1_mean", r.mean, r.n_test)
-      add(f"fewshot_{r.probe}", hp, "top1_std", r.std, r.n_test)
+      for metric, values in r.metrics.items():
+        n = n_scored.get(metric, len(xte))
+        add(f"fewshot_{r.probe}", hp, f"{metric}_mean", np.mean(values), n)
+        add(f"fewshot_{r.probe}", hp, f"{metric}_std", np.std(values), n)
   logging.info("probe %s: %d rows", protocol, len(rows))
   return rows
 
@@ -278,16 +296,48 @@ def _source_names(feature_sets) -> list[str]:
   return [f"s{i}" for i in range(len(feature_sets))]
 
 
-def _labels(fs, path) -> np.ndarray:
+def _train_labels(fs, path) -> np.ndarray:
   y = np.asarray(fs.labels)
   if y.ndim != 1:
-    raise ValueError(f"{path}: multi-label (N, C) labels are not supported by the "
-                     "probes; need (N,) class indices")
+    raise ValueError(f"{path}: multi-hot {y.shape} training labels are not "
+                     "supported; probes train on single-label (N,) class indices "
+                     "(multi-hot labels are for a ReaL test set)")
   if len(y) == 0:
     raise ValueError(f"{path}: no examples")
+  if not np.issubdtype(y.dtype, np.integer):
+    raise ValueError(f"{path}: labels must be integers, got {y.dtype}")
   if y.min() < 0:
     raise ValueError(f"{path}: {int(np.sum(y < 0))} examples have unknown label -1")
   return y.astype(np.int64)
+
+
+def _num_classes(opts, train, path_tr, ytr, space) -> int:
+  """The probe's class count; the train and test label spaces must agree on it.
+
+  --num-classes, else the training file's label space (or meta num_classes),
+  else the test file's label space, else the largest label + 1.
+  """
+  from sslbench_jax.probes import _test_metrics  # pylint: disable=g-import-not-at-top
+  path_te = space.path
+  train_space, _ = _test_metrics.recorded_space(train.meta, path_tr)
+  train_c = (train_space or {}).get("num_classes") or train.meta.get("num_classes")
+  if train_c and space.num_classes and int(train_c) != space.num_classes:
+    raise ValueError(
+        f"label spaces differ: {path_tr} has {int(train_c)} classes "
+        f"({(train_space or {}).get('name', 'meta num_classes')}), {path_te} has "
+        f"{space.num_classes} ({space.name}); a probe trained on one cannot be "
+        "scored on the other")
+  label_max = int(ytr.max()) if space.multi_label else int(max(ytr.max(),
+                                                                space.labels.max()))
+  num_classes = int(opts.get("num_classes") or train_c or space.num_classes
+                    or label_max + 1)
+  if space.num_classes and num_classes != space.num_classes:
+    raise ValueError(f"--num-classes {num_classes} but {path_te}'s label space "
+                     f"{space.name} has {space.num_classes} classes")
+  if label_max >= num_classes:
+    raise ValueError(f"labels exceed --num-classes {num_classes} (largest label "
+                     f"{label_max} in {path_tr} / {path_te})")
+  return num_classes
 
 
 def _int(v, name):

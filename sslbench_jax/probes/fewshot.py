@@ -9,7 +9,8 @@ Sampling is without replacement, per class, from ``numpy.random.default_rng
 ([seed, try])``, so a (seed, try) pair always gives the same subset and
 different tries give different subsets.
 
-Each try fits a probe on the subset and evaluates it on the full test set; a
+Each try fits a probe on the subset and evaluates it on the full test set
+(top-1, or the metrics of an ``evaluate`` function given the test scores); a
 setup reports the mean and the (population) std over tries. With so few labels
 there is no held-out slice to select hyperparameters on, so every probe uses
 fixed settings: kNN with ``k = min(k, subset size)``, one linear head, and the
@@ -19,7 +20,8 @@ closed-form least squares at one l2 (big_vision's default 2^10).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import math
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -38,10 +40,12 @@ class FewShotResult:
     setup: e.g. "5shot" or "1%".
     probe: one of ``PROBES``.
     per_class: training examples per class in each subset.
-    top1: per try, top-1 (%) on the test set.
-    mean: mean of ``top1``.
-    std: population std of ``top1``.
+    top1: per try, top-1 (%) on the test set (empty when ``evaluate`` gives
+      no top-1, e.g. a multi-label test set).
+    mean: mean of ``top1`` (NaN when empty).
+    std: population std of ``top1`` (NaN when empty).
     n_test: test examples.
+    metrics: per metric, its value (%) per try (``{"top1": top1}`` by default).
   """
   setup: str
   probe: str
@@ -50,6 +54,11 @@ class FewShotResult:
   mean: float
   std: float
   n_test: int
+  metrics: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+
+  @property
+  def tries(self) -> int:
+    return len(next(iter(self.metrics.values()), self.top1))
 
 
 def parse_setup(setup: str) -> tuple[int | None, float | None]:
@@ -130,14 +139,16 @@ def run(train_features: np.ndarray,
         knn_metric: str = "cosine",
         l2: float = 2.0 ** 10,
         head: linear.HeadConfig | None = None,
-        train_config: linear.TrainConfig | None = None) -> list[FewShotResult]:
+        train_config: linear.TrainConfig | None = None,
+        evaluate: Callable[[np.ndarray], Mapping[str, float]] | None = None,
+        ) -> list[FewShotResult]:
   """Every (setup, probe) over ``tries`` subsets.
 
   Args:
     train_features: (N_train, D) pool the subsets are drawn from.
     train_labels: (N_train,).
     test_features: (N_test, D).
-    test_labels: (N_test,).
+    test_labels: (N_test,); may be None when ``evaluate`` scores the test set.
     num_classes: C.
     setups: "Kshot" / "P%" strings.
     probes: subset of ``PROBES``.
@@ -149,6 +160,8 @@ def run(train_features: np.ndarray,
     head: linear head (default SGD lr 0.1, no weight decay, no BN).
     train_config: linear training (default 100 epochs, batch
       min(256, subset), 5 warmup epochs, clip 0.5).
+    evaluate: (N_test, C) test scores -> ``{metric: %}`` (e.g. the test label
+      space's metrics); default: top-1 against ``test_labels``.
 
   Returns:
     One ``FewShotResult`` per (setup, probe), setups outer.
@@ -161,7 +174,11 @@ def run(train_features: np.ndarray,
   xtr = np.asarray(train_features, np.float32)
   ytr = np.asarray(train_labels)
   xte = np.asarray(test_features, np.float32)
-  yte = np.asarray(test_labels)
+  if evaluate is None:
+    if test_labels is None:
+      raise ValueError("few-shot: give test_labels or an evaluate function")
+    yte = np.asarray(test_labels)
+    evaluate = lambda s: {"top1": float(100.0 * topk_hits(s, yte, (1,))[0] / len(yte))}
   head = head or linear.HeadConfig("x", lr=0.1)
   results = []
   for setup in setups:
@@ -170,14 +187,17 @@ def run(train_features: np.ndarray,
     subsets = [sample_subset(ytr, num_classes, shots, fraction, seed, t)
                for t in range(tries)]
     for probe in probes:
-      accs = []
+      values: dict[str, list[float]] = {}
       for t, idx in enumerate(subsets):
         scores = _scores(probe, xtr[idx], ytr[idx], xte, num_classes, knn_k,
                          knn_metric, l2, head, train_config, seed + t)
-        accs.append(float(100.0 * topk_hits(scores, yte, (1,))[0] / len(yte)))
-      results.append(FewShotResult(setup, probe, per_class, accs,
-                                   float(np.mean(accs)), float(np.std(accs)),
-                                   len(yte)))
+        for name, value in evaluate(scores).items():
+          values.setdefault(name, []).append(float(value))
+      accs = values.get("top1", [])
+      results.append(FewShotResult(
+          setup, probe, per_class, accs,
+          float(np.mean(accs)) if accs else math.nan,
+          float(np.std(accs)) if accs else math.nan, len(xte), values))
   return results
 
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sslbench_jax.probes._selection import stratified_split, topk_hits
+from sslbench_jax.probes._selection import select_and_refit, topk_percent
 
 BIAS_CONSTANT = 100.0
 DEFAULT_L2 = tuple(float(2.0 ** i) for i in range(-10, 20))
@@ -52,6 +52,7 @@ class LeastSquaresResult:
   test_top1: float
   test_top5: float
   n_test: int
+  test_scores: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
 
 def precompute(features: np.ndarray, labels: np.ndarray,
@@ -98,7 +99,7 @@ def predict(cache: Cache, features: np.ndarray, l2: float) -> np.ndarray:
 def run(train_features: np.ndarray,
         train_labels: np.ndarray,
         test_features: np.ndarray,
-        test_labels: np.ndarray,
+        test_labels: np.ndarray | None,
         num_classes: int,
         l2s: Sequence[float] = DEFAULT_L2,
         holdout: float = 0.1,
@@ -111,12 +112,14 @@ def run(train_features: np.ndarray,
     train_features: (N_train, D).
     train_labels: (N_train,).
     test_features: (N_test, D).
-    test_labels: (N_test,).
+    test_labels: (N_test,) class indices, or None when the test set is scored
+      elsewhere from ``test_scores``; then ``test_top1`` / ``test_top5`` are NaN.
     num_classes: C.
     l2s: regularisation grid (big_vision: 2^-10 .. 2^19).
     holdout: fraction of every class held out for selection.
     seed: seeds the split.
-    select_on_test: "max over test" mode (not a fair protocol).
+    select_on_test: "max over test" mode (not a fair protocol; needs
+      ``test_labels``).
     dtype: arithmetic of ``precompute``.
 
   Returns:
@@ -126,30 +129,20 @@ def run(train_features: np.ndarray,
   xtr = np.asarray(train_features, np.float32)
   ytr = np.asarray(train_labels)
   xte = np.asarray(test_features, np.float32)
-  yte = np.asarray(test_labels)
 
-  def accuracies(cache, x, y):
-    return np.array([100.0 * topk_hits(predict(cache, x, l2), y, (1, 5)) / len(y)
-                     for l2 in l2s])
+  def fit_grid(rows, grid):
+    del grid  # one decomposition serves every l2
+    cache = (precompute(xtr, ytr, num_classes, dtype) if rows is None
+             else precompute(xtr[rows], ytr[rows], num_classes, dtype))
+    return lambda i, x: predict(cache, x, l2s[i])
 
-  if select_on_test:
-    acc = accuracies(precompute(xtr, ytr, num_classes, dtype), xte, yte)
-    best = int(np.argmax(acc[:, 0]))
-    return LeastSquaresResult(l2s, acc[:, 0].tolist(), l2s[best], "max over test",
-                              float(acc[best, 0]), float(acc[best, 1]), len(yte))
-  fit, held = stratified_split(ytr, holdout, seed)
-  if len(held) == 0:
-    raise ValueError("the held-out slice is empty: every class has < 2 training "
-                     "examples; use select_on_test or a single l2")
-  held_acc = accuracies(precompute(xtr[fit], ytr[fit], num_classes, dtype),
-                        xtr[held], ytr[held])[:, 0]
-  best = int(np.argmax(held_acc))
-  logging.info("least squares: selected l2=%g (held-out top-1 %.2f)", l2s[best],
-               held_acc[best])
-  cache = precompute(xtr, ytr, num_classes, dtype)
-  test = 100.0 * topk_hits(predict(cache, xte, l2s[best]), yte, (1, 5)) / len(yte)
-  return LeastSquaresResult(l2s, held_acc.tolist(), l2s[best], "holdout",
-                            float(test[0]), float(test[1]), len(yte))
+  sel = select_and_refit(fit_grid, len(l2s), xtr, ytr, xte, test_labels,
+                         holdout, seed, select_on_test, "least squares")
+  logging.info("least squares: selected l2=%g (%s top-1 %.2f)", l2s[sel.best],
+               sel.selection, sel.top1[sel.best])
+  top1, top5 = topk_percent(sel.test_scores, test_labels)
+  return LeastSquaresResult(l2s, sel.top1, l2s[sel.best], sel.selection, top1,
+                            top5, len(xte), sel.test_scores)
 
 
 def _augment(x, mean, std):

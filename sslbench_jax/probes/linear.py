@@ -132,9 +132,12 @@ class ProbeResult:
     selection: "holdout" or "max over test".
     holdout_top1: per grid config, top-1 (%) on the held-out slice (or on test
       in "max over test" mode).
-    test_top1: top-1 (%) of the selected head on test.
+    test_top1: top-1 (%) of the selected head on test (NaN without test
+      labels).
     test_top5: top-5 (%) of the selected head on test.
     n_test: number of test examples.
+    test_scores: (N_test, C) logits of the selected head on test, for any
+      other metric (``probes/_test_metrics.py``).
   """
   selected: HeadConfig
   selection: str
@@ -142,6 +145,7 @@ class ProbeResult:
   test_top1: float
   test_top5: float
   n_test: int
+  test_scores: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
 
 def grid(sources: Sequence[str],
@@ -330,27 +334,34 @@ def run(train_features: Mapping[str, np.ndarray],
     train_features: source -> (N_train, D_source).
     train_labels: (N_train,).
     test_features: source -> (N_test, D_source).
-    test_labels: (N_test,).
+    test_labels: (N_test,) class indices, or None when the test set is scored
+      elsewhere from ``test_scores`` (e.g. multi-label ReaL).
     num_classes: C.
     configs: the grid (see ``grid``).
     train_config: shared training settings (its seed also seeds the split).
     holdout: fraction of every class held out for selection.
     select_on_test: "max over test" mode: train every head on all of train
       and report the best test accuracy (NOT a fair protocol; for comparing
-      with papers that did this).
+      with papers that did this; needs ``test_labels``).
 
   Returns:
     A ``ProbeResult``.
   """
   configs = list(configs)
   train_labels = np.asarray(train_labels)
-  test_labels = np.asarray(test_labels)
+  if test_labels is not None:
+    test_labels = np.asarray(test_labels)
+  n_test = len(next(iter(test_features.values())))
   if select_on_test:
+    if test_labels is None:
+      raise ValueError("linear probe: select_on_test ranks the heads by top-1 on "
+                       "test and needs single-label (N,) test labels")
     heads = train(train_features, train_labels, num_classes, configs, train_config)
     acc = evaluate(heads, test_features, test_labels, (1, 5))
     best = int(np.argmax(acc[:, 0]))
     return ProbeResult(configs[best], "max over test", acc[:, 0].tolist(),
-                       float(acc[best, 0]), float(acc[best, 1]), len(test_labels))
+                       float(acc[best, 0]), float(acc[best, 1]), n_test,
+                       heads.logits(test_features, best))
 
   fit, held = stratified_split(train_labels, holdout, train_config.seed)
   if len(held) == 0:
@@ -368,9 +379,10 @@ def run(train_features: Mapping[str, np.ndarray],
                acc[best])
   final = train(train_features, train_labels, num_classes, [configs[best]],
                 train_config)
-  test = evaluate(final, test_features, test_labels, (1, 5))[0]
+  test = (evaluate(final, test_features, test_labels, (1, 5))[0]
+          if test_labels is not None else (math.nan, math.nan))
   return ProbeResult(configs[best], "holdout", acc.tolist(), float(test[0]),
-                     float(test[1]), len(test_labels))
+                     float(test[1]), n_test, final.logits(test_features, 0))
 
 
 def _check(features, labels, num_classes, configs) -> int:

@@ -14,9 +14,10 @@ was 13x slower on real features (13 C values, 1437 x 1280 digits features:
 rematerialisation, so memory stays bounded by (chunk, num_classes) activations
 however large N is.
 
-Selection (``run``): every C is fitted on a stratified, seeded 90% of train
-and ranked on the held-out 10%; the best C (smallest on ties) is refitted on
-all of train and evaluated on test once.
+Selection (``run``, ``_selection.select_and_refit``): every C is fitted on a
+stratified, seeded 90% of train and ranked on the held-out 10%; the best C
+(first in grid order on ties) is refitted on all of train and evaluated on
+test once.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sslbench_jax.probes._selection import stratified_split, topk_hits
+from sslbench_jax.probes._selection import select_and_refit, topk_percent
 
 DEFAULT_CS = tuple(np.logspace(-6, 5, 45).tolist())
 
@@ -46,9 +47,12 @@ class LogRegResult:
       "max over test" mode).
     selected_c: the chosen C.
     selection: "holdout" or "max over test".
-    test_top1: top-1 (%) on test of the model refitted with ``selected_c``.
+    test_top1: top-1 (%) on test of the model refitted with ``selected_c``
+      (NaN without test labels).
     test_top5: top-5 (%).
     n_test: number of test examples.
+    test_scores: (N_test, K) logits of that model on test, for any other
+      metric (``probes/_test_metrics.py``).
   """
   cs: list[float]
   holdout_top1: list[float]
@@ -57,6 +61,7 @@ class LogRegResult:
   test_top1: float
   test_top5: float
   n_test: int
+  test_scores: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
 
 def fit(features: np.ndarray,
@@ -125,7 +130,7 @@ def objective(w: np.ndarray, b: np.ndarray, features: np.ndarray,
 def run(train_features: np.ndarray,
         train_labels: np.ndarray,
         test_features: np.ndarray,
-        test_labels: np.ndarray,
+        test_labels: np.ndarray | None,
         num_classes: int,
         cs: Sequence[float] = DEFAULT_CS,
         holdout: float = 0.1,
@@ -138,52 +143,42 @@ def run(train_features: np.ndarray,
     train_features: (N_train, D).
     train_labels: (N_train,).
     test_features: (N_test, D).
-    test_labels: (N_test,).
+    test_labels: (N_test,) class indices, or None when the test set is scored
+      elsewhere from ``test_scores`` (e.g. multi-label ReaL); then
+      ``test_top1`` / ``test_top5`` are NaN.
     num_classes: K.
     cs: the C grid.
     holdout: fraction of every class held out for selection.
     seed: seeds the held-out split.
     select_on_test: "max over test" mode (fit on all train, report the best
-      test accuracy over C; not a fair protocol).
+      test accuracy over C; not a fair protocol; needs ``test_labels``).
     **fit_kwargs: ``max_iter``, ``tol``, ``chunk`` for ``fit``.
 
   Returns:
     A ``LogRegResult``.
   """
   cs = [float(c) for c in cs]
-  train_features = np.asarray(train_features, np.float32)
-  train_labels = np.asarray(train_labels)
-  test_features = np.asarray(test_features, np.float32)
-  test_labels = np.asarray(test_labels)
-  if select_on_test:
-    w, b = fit(train_features, train_labels, num_classes, cs, **fit_kwargs)
-    acc = np.array([_accuracy(w[i], b[i], test_features, test_labels)
-                    for i in range(len(cs))])
-    best = int(np.argmax(acc[:, 0]))
-    return LogRegResult(cs, acc[:, 0].tolist(), cs[best], "max over test",
-                        float(acc[best, 0]), float(acc[best, 1]), len(test_labels))
-  fit_idx, held = stratified_split(train_labels, holdout, seed)
-  if len(held) == 0:
-    raise ValueError("the held-out slice is empty: every class has < 2 training "
-                     "examples")
-  train_features, train_labels = _check(train_features, train_labels, num_classes)
-  in_fit = np.zeros(len(train_labels), bool)
-  in_fit[fit_idx] = True
-  w, b = _fit(train_features, train_labels, in_fit, num_classes, cs, **fit_kwargs)
-  held_acc = np.array([_accuracy(w[i], b[i], train_features[held],
-                                 train_labels[held])[0] for i in range(len(cs))])
-  best = int(np.argmax(held_acc))
-  logging.info("logreg: selected C=%g (held-out top-1 %.2f)", cs[best],
-               held_acc[best])
-  w, b = _fit(train_features, train_labels, np.ones_like(in_fit), num_classes,
-              [cs[best]], **fit_kwargs)
-  test = _accuracy(w[0], b[0], test_features, test_labels)
-  return LogRegResult(cs, held_acc.tolist(), cs[best], "holdout",
-                      float(test[0]), float(test[1]), len(test_labels))
+  x, y = _check(train_features, train_labels, num_classes)
+  xte = np.asarray(test_features, np.float32)
 
+  def fit_grid(rows, grid):
+    # A mask (not a slice) keeps one array shape for the selection fit and
+    # the refit, so the solver compiles once.
+    mask = np.ones(len(y), bool)
+    if rows is not None:
+      mask[:] = False
+      mask[rows] = True
+    w, b = _fit(x, y, mask, num_classes, [cs[i] for i in grid], **fit_kwargs)
+    where = {g: j for j, g in enumerate(grid)}
+    return lambda i, feats: feats @ w[where[i]] + b[where[i]]
 
-def _accuracy(w, b, x, y):
-  return 100.0 * topk_hits(x @ w + b, y, (1, 5)) / max(len(y), 1)
+  sel = select_and_refit(fit_grid, len(cs), x, y, xte, test_labels, holdout,
+                         seed, select_on_test, "logreg")
+  logging.info("logreg: selected C=%g (%s top-1 %.2f)", cs[sel.best],
+               sel.selection, sel.top1[sel.best])
+  top1, top5 = topk_percent(sel.test_scores, test_labels)
+  return LogRegResult(cs, sel.top1, cs[sel.best], sel.selection, top1, top5,
+                      len(xte), sel.test_scores)
 
 
 def _check(features, labels, num_classes):
