@@ -1,4 +1,8 @@
-"""``sslbench-jax convert`` end to end, as a user runs it (subprocess)."""
+"""``sslbench-jax convert`` end to end, as a user runs it (subprocess).
+
+The converted networks are checked against the PyTorch modules they were
+saved from (tests/torch_resnet.py, tests/torch_vit.py).
+"""
 
 import json
 import os
@@ -11,7 +15,9 @@ import torch
 
 from sslbench_jax.backbones import registry
 from sslbench_jax.backbones import weights
+from sslbench_jax.convert import command
 import torch_resnet
+import torch_vit
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,3 +79,100 @@ def test_bad_input_exits_2_with_one_line(tmp_path, dino_checkpoint, content, arc
   assert len(lines) == 1 and message in lines[0], result.stderr
   assert "Traceback" not in result.stderr
   assert not out_dir.exists()
+
+
+# --- --arch_options ----------------------------------------------------------
+
+_VIT_DEPTH = 1
+
+
+@pytest.fixture(scope="module")
+def vit_checkpoint(tmp_path_factory):
+  """A bare timm-named ViT-S/16 state dict (depth 1, 224 px pos_embed).
+
+  The converter reads this layout as a DINO backbone release: DINO's
+  position-embedding resize unless ``--arch_options`` says otherwise.
+  """
+  model = torch_vit.VisionTransformer(
+      patch_size=16, width=384, depth=_VIT_DEPTH, num_heads=6,
+      pos_resize=torch_vit.dino_interpolate_pos_encoding).randomize_(0).eval()
+  path = str(tmp_path_factory.mktemp("vit") / "vit.pth")
+  torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, path)
+  return path, model
+
+
+def _flax_pre_logits(out, images):
+  variables, meta = weights.load_variables(out)
+  model = registry.create_model("vit_small_patch16", **meta["arch_options"])
+  return np.asarray(model.apply(variables, images, train=False)["pre_logits"]), meta
+
+
+def test_arch_options_reach_the_sidecar_and_the_model(tmp_path, vit_checkpoint):
+  path, torch_model = vit_checkpoint
+  # 48x32 images: a 3x2 patch grid, the 14x14 pos_embed must be resized.
+  images = np.random.default_rng(1).normal(size=(2, 48, 32, 3)).astype(np.float32)
+  nchw = torch.from_numpy(images).permute(0, 3, 1, 2)
+  inferred, explicit = str(tmp_path / "inferred.npz"), str(tmp_path / "explicit.npz")
+  result = _run(f"--checkpoint={path}", "--arch=vit_small_patch16",
+                f"--out={inferred}", f"--arch_options=depth={_VIT_DEPTH}")
+  assert result.returncode == 0, result.stderr
+  result = _run(f"--checkpoint={path}", "--arch=vit_small_patch16", f"--out={explicit}",
+                f"--arch_options=depth={_VIT_DEPTH},pos_interp_offset=0,"
+                "pos_interp_antialias=true")
+  assert result.returncode == 0, result.stderr
+
+  got_inferred, meta = _flax_pre_logits(inferred, images)
+  assert (meta["arch_options"]["pos_interp_offset"],
+          meta["arch_options"]["pos_interp_antialias"]) == (0.1, False)
+  got_explicit, meta = _flax_pre_logits(explicit, images)
+  with open(explicit + ".json") as f:
+    sidecar = json.load(f)["arch_options"]
+  assert (sidecar["depth"], sidecar["pos_interp_offset"],
+          sidecar["pos_interp_antialias"]) == (_VIT_DEPTH, 0, True)
+  assert meta["arch_options"] == sidecar
+
+  with torch.no_grad():
+    torch_model.pos_resize = torch_vit.dino_interpolate_pos_encoding
+    ref_dino = torch_model(nchw)["pre_logits"].numpy()
+    torch_model.pos_resize = torch_vit.timm_resample_abs_pos_embed
+    ref_timm = torch_model(nchw)["pre_logits"].numpy()
+  np.testing.assert_allclose(got_inferred, ref_dino, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(got_explicit, ref_timm, atol=1e-4, rtol=0)
+  # The two resizes give clearly different features: the flag changed the model.
+  assert np.abs(got_explicit - got_inferred).max() > 1e-2
+
+
+@pytest.mark.parametrize("value,messages", [
+    ("pos_interp_offset=0,pos_interp_antialis=true",
+     ["unknown --arch_options key 'pos_interp_antialis' for vit_small_patch16; "
+      "valid: depth, drop_path_rate, ", " pos_interp_antialias, pos_interp_offset, "]),
+    ("foo", ["malformed --arch_options item 'foo': expected key=value"]),
+    ("depth=1,=3", ["malformed --arch_options item '=3': expected key=value"]),
+    ("depth=1,depth=2", ["--arch_options key 'depth' is given twice"]),
+])
+def test_bad_arch_options_exit_2_and_write_nothing(tmp_path, vit_checkpoint, value,
+                                                    messages):
+  out_dir = tmp_path / "out"
+  result = _run(f"--checkpoint={vit_checkpoint[0]}", "--arch=vit_small_patch16",
+                f"--out={out_dir}/w.npz", f"--arch_options={value}")
+  assert result.returncode == 2
+  lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and all(m in lines[0] for m in messages), result.stderr
+  # Flax's own dataclass fields are not architecture options.
+  assert "parent" not in lines[0] and ", name" not in lines[0]
+  assert "Traceback" not in result.stderr
+  assert not out_dir.exists()
+
+
+def test_parse_arch_options_value_types():
+  got = command.parse_arch_options(
+      "num_classes=none, layerscale=1e-5,pool=mean,qkv_bias=False,depth=3,"
+      "img_size=-1,dtype=bfloat16", "vit_small_patch16")
+  want = {"num_classes": None, "layerscale": 1e-5, "pool": "mean",
+          "qkv_bias": False, "depth": 3, "img_size": -1, "dtype": "bfloat16"}
+  assert got == want
+  assert [type(got[k]) for k in ("layerscale", "depth", "qkv_bias")] == [float, int, bool]
+  assert command.parse_arch_options(None, "resnet50") == {}
+  with pytest.raises(ValueError, match="key 'pool' for resnet50; valid: .*"
+                     "stage_sizes, width_multiplier"):
+    command.parse_arch_options("pool=mean", "resnet50")
