@@ -42,11 +42,13 @@ def _dino_reference(xtr, ytr, xte, k, classes, temperature=0.07):
 
 
 @pytest.mark.parametrize("data", ["random", "clustered"])
-def test_cosine_matches_dino_formula(data):
+@pytest.mark.parametrize("screen", [False, True])
+def test_cosine_matches_dino_formula(data, screen):
   xtr, ytr, xte, classes = (_random(0) if data == "random" else _clustered(1)[:4])
   ks = (1, 10, 20, 100)
   # chunk sizes that divide neither N_test nor N_train
-  out = knn.classify(xtr, ytr, xte, classes, ks=ks, query_chunk=37, bank_shard=71)
+  out = knn.classify(xtr, ytr, xte, classes, ks=ks, query_chunk=37, bank_shard=71,
+                     screen=screen)
   for k in ks:
     ref = _dino_reference(xtr, ytr, xte, k, classes)
     np.testing.assert_allclose(out[k], ref, rtol=1e-4, atol=1e-6 * ref.max())
@@ -98,9 +100,10 @@ def test_neighbour_ties_take_lower_index_first():
   # five identical rows at indices spread over several bank shards
   for i in (3, 17, 18, 33, 49):
     xtr[i] = xtr[3]
-  for metric in ("cosine", "euclidean"):
+  for metric, screen in (("cosine", False), ("cosine", True), ("euclidean", False)):
     for shard in (7, 50):
-      _, idx = knn.neighbours(xtr, xtr[[3]], 5, metric=metric, bank_shard=shard)
+      _, idx = knn.neighbours(xtr, xtr[[3]], 5, metric=metric, bank_shard=shard,
+                              screen=screen, screen_candidates=5 if screen else None)
       np.testing.assert_array_equal(idx[0], [3, 17, 18, 33, 49])
 
 
@@ -119,9 +122,11 @@ def test_default_shards_from_memory_budget(monkeypatch):
   np.testing.assert_array_equal(idx[0], [7, 400])
 
 
-def test_k_larger_than_train_set_uses_all():
+@pytest.mark.parametrize("screen", [False, True])
+def test_k_larger_than_train_set_uses_all(screen):
   xtr, ytr, xte, classes = _random(6, n_train=30, n_test=9)
-  out = knn.classify(xtr, ytr, xte, classes, ks=(30, 200), bank_shard=8)
+  out = knn.classify(xtr, ytr, xte, classes, ks=(30, 200), bank_shard=8,
+                     screen=screen)
   np.testing.assert_allclose(out[200], out[30], rtol=1e-6)
   np.testing.assert_allclose(out[200], _dino_reference(xtr, ytr, xte, 30, classes),
                              rtol=1e-4)
@@ -152,8 +157,86 @@ def test_bfloat16_bank_close_to_float32():
   assert (f32.argmax(1) == bf16.argmax(1)).mean() >= 0.97
 
 
+def _exact_order(xtr, xte):
+  """float64 cosine similarities and the stable descending order."""
+  a = xtr / np.linalg.norm(xtr, axis=1, keepdims=True)
+  b = xte / np.linalg.norm(xte, axis=1, keepdims=True)
+  sim = b.astype(np.float64) @ a.astype(np.float64).T
+  return sim, np.argsort(-sim, axis=1, kind="stable")
+
+
+def test_screened_search_certificate_and_fallback(caplog):
+  # Dense similarities (three clusters in 64-d) put many rows within the
+  # bfloat16 error of the k-th neighbour, so with 3 spare candidates most
+  # queries cannot be certified and are recomputed by the float32 search; with
+  # 33 spare candidates all are certified.
+  rng = np.random.default_rng(21)
+  centres = rng.normal(size=(3, 64))
+  xtr = (centres[rng.integers(0, 3, 900)] + 0.6 * rng.normal(size=(900, 64))).astype(np.float32)
+  ytr = rng.integers(0, 5, 900)
+  xte = (centres[rng.integers(0, 3, 120)] + 0.6 * rng.normal(size=(120, 64))).astype(np.float32)
+  sim, order = _exact_order(xtr, xte)
+  k = 15
+  for m, shard in ((18, 128), (18, None), (48, 100)):
+    caplog.clear()
+    with caplog.at_level("INFO"):
+      values, idx = knn.neighbours(xtr, xte, k, screen=True, screen_candidates=m,
+                                   bank_shard=shard, query_chunk=50)
+    recomputed = int(caplog.text.split("queries; ")[1].split()[0])
+    assert (recomputed > 0) == (m == 18), caplog.text
+    # neighbours: the float64 order except where two similarities are within
+    # float32 rounding of each other
+    gap = np.abs(np.take_along_axis(sim, idx, 1) - np.take_along_axis(sim, order[:, :k], 1))
+    assert np.all((idx == order[:, :k]) | (gap < 1e-6))
+    np.testing.assert_allclose(values, np.take_along_axis(sim, order[:, :k], 1),
+                               atol=1e-6)
+  # the certificate itself: certified queries are the exact top-k
+  from sslbench_jax.probes import _knn_screen
+  xtr_n, xte_n = knn.preprocess(xtr, xte, metric="cosine", zscore=False)
+  mesh, bank, rows, shard = knn._place_bank(xtr_n, 128, "float32", None, 120)
+  stats = _knn_screen.bank_stats(mesh)(bank)
+  fn = _knn_screen.screened_search(mesh, 900, rows, shard, 18, k, 64)
+  keys, idx, certified = (np.asarray(a) for a in fn(
+      bank, bank.astype("bfloat16"), stats, xte_n))
+  assert 0 < certified.sum() < len(certified)
+  gap = np.abs(np.take_along_axis(sim, idx, 1) - np.take_along_axis(sim, order[:, :k], 1))
+  assert np.all(((idx == order[:, :k]) | (gap < 1e-6))[certified])
+
+
+@pytest.mark.parametrize("dim", [64, 2048])
+def test_screening_error_bound_holds(dim):
+  # |fl32(q.x) - fl32(bf16(q).bf16(x))| <= error_bound, on random vectors and
+  # on vectors whose bfloat16 rounding errors all point the same way (the
+  # worst case of the Cauchy-Schwarz step), with magnitudes over many binades.
+  import jax
+  import jax.numpy as jnp
+  from sslbench_jax.probes import _knn_screen
+  rng = np.random.default_rng(dim)
+  worst = np.float32(1 + 0.99 * 2.0 ** -8) * np.ones((4, dim), np.float32)
+  worst *= np.float32(2.0) ** rng.integers(-20, 20, size=(4, dim)).astype(np.float32)
+  rand = rng.normal(size=(60, dim)).astype(np.float32)
+  rand *= np.exp(rng.normal(scale=3, size=(60, dim))).astype(np.float32)
+  x = np.concatenate([worst, rand])
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  xj = jnp.asarray(x)
+  s_f32 = np.asarray(jnp.dot(xj, xj.T, precision=jax.lax.Precision.HIGHEST))
+  xh = xj.astype(jnp.bfloat16)
+  s_b = np.asarray(jnp.einsum("qd,sd->qs", xh, xh, preferred_element_type=jnp.float32))
+  mesh, bank, _, _ = knn._place_bank(x, None, "float32", None, len(x))
+  stats = np.asarray(_knn_screen.bank_stats(mesh)(bank)).max(0)
+  eps = np.asarray(_knn_screen.error_bound(xj, jnp.asarray(stats)))
+  err = np.abs(s_f32 - s_b)
+  assert np.all(err <= eps[:, None]), (err / eps[:, None]).max()
+  # aligned rounding errors come close to the bound: it is not vacuous
+  assert (err / eps[:, None])[:4, :4].max() > 0.3
+
+
 def test_bad_inputs_raise_clear_errors():
   xtr, ytr, xte, classes = _random(9, n_train=20, n_test=3)
+  with pytest.raises(ValueError, match="screen=True needs"):
+    knn.classify(xtr, ytr, xte, classes, metric="euclidean", screen=True)
+  with pytest.raises(ValueError, match="screen_candidates"):
+    knn.classify(xtr, ytr, xte, classes, ks=(5,), screen=True, screen_candidates=3)
   with pytest.raises(ValueError, match="metric"):
     knn.classify(xtr, ytr, xte, classes, metric="manhattan")
   with pytest.raises(ValueError, match="same D"):
@@ -183,6 +266,12 @@ _EIGHT_DEVICES = textwrap.dedent("""
       np.testing.assert_array_equal(i1, i8)
       for k in s1:
         np.testing.assert_allclose(s1[k], s8[k], rtol=1e-6)
+    # bfloat16 screening: candidates from several shards and devices, the
+    # certificate's bound is the max over devices
+    for n in (1, 8):
+      v, i = knn.neighbours(xtr, xte, 5, bank_shard=9, screen=True,
+                            screen_candidates=6, devices=jax.devices()[:n])
+      np.testing.assert_array_equal(i, out["cosine1"][1][:, :5])
     print("OK")
 """)
 

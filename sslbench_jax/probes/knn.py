@@ -22,6 +22,14 @@ one ``lax.top_k``); the shards' lists are concatenated and cut to k once, and
 the per-device lists are merged into the global top-k. The full
 ``N_test x N_train`` matrix never exists (unless it fits the budget).
 
+Cosine search over a float32 bank can screen (``screen``; by default when the
+bank is large): candidates come from a bfloat16 matmul (3-4x faster than
+float32 on AMX CPUs and accelerators), are re-ranked with float32 dot
+products, and a rigorous error bound certifies per query that no other row
+can enter the top-k; uncertified queries are recomputed by the float32
+search. The neighbours are those of the float32 similarities either way
+(``_knn_screen`` has the proof).
+
 Tie rules (deterministic, independent of the device count and chunk sizes):
   * neighbours: among equal similarities/distances the training example with
     the LOWER index comes first (as a stable sort of the training set would);
@@ -40,13 +48,21 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sslbench_jax.probes import _knn_screen
 
 METRICS = ("cosine", "euclidean")
 # Largest (query chunk x bank shard) float32 similarity block per device when
 # ``bank_shard`` is not given. Bigger shards mean fewer top-k passes; 128 MB
 # keeps a 1024-query chunk against 32k bank rows in one matmul.
 SIMILARITY_BUDGET_BYTES = 128 << 20
+# ``screen=None`` screens (cosine, float32 bank) when a device holds at least
+# this many bank rows per screened candidate: the bfloat16 matmul saves ~15 ns
+# per (query, row) on CPU, the float32 re-rank costs ~1.3 us per candidate
+# (BENCHMARKS.md), so screening pays from ~90 rows per candidate there.
+SCREEN_MIN_ROWS_PER_CANDIDATE = 96
 
 
 def classify(train_features: np.ndarray,
@@ -62,6 +78,8 @@ def classify(train_features: np.ndarray,
              bank_shard: int | None = None,
              bank_dtype: str = "float32",
              devices: Sequence[jax.Device] | None = None,
+             screen: bool | None = None,
+             screen_candidates: int | None = None,
              ) -> dict[int, np.ndarray]:
   """Scores every class for every test example by weighted kNN voting.
 
@@ -81,8 +99,16 @@ def classify(train_features: np.ndarray,
     bank_shard: training rows per matmul on a device (bounds memory); default
       None: as many as ``SIMILARITY_BUDGET_BYTES`` allows.
     bank_dtype: "float32" or "bfloat16" storage of the bank and queries
-      (similarities are accumulated in float32 either way).
+      (similarities are accumulated in float32 either way; "bfloat16" is an
+      approximate search).
     devices: devices over which the bank is split (default: all).
+    screen: cosine with a float32 bank only: find candidates with a bfloat16
+      matmul and re-rank them in float32 with a certificate
+      (``_knn_screen``); the neighbours are the float32 ones either way.
+      None (default): screen when the bank has at least
+      ``SCREEN_MIN_ROWS_PER_CANDIDATE`` rows per device per candidate.
+    screen_candidates: candidates per query for screening (>= max(ks));
+      default ``_knn_screen.candidates(max(ks))``.
 
   Returns:
     ``{k: scores}`` with scores a float32 NumPy array (N_test, C); the
@@ -100,19 +126,16 @@ def classify(train_features: np.ndarray,
   xtr, xte = preprocess(xtr, xte, metric=metric, zscore=zscore)
   n_train = len(xtr)
   k_max = min(max(ks), n_train)
-  chunk = _chunk_size(query_chunk, metric, k_max, xtr.shape[1], len(xte))
-  mesh, bank, rows, shard = _place_bank(xtr, bank_shard, bank_dtype, devices,
-                                        chunk)
-  labels = np.zeros((bank.shape[0],), np.int32)
-  labels[:n_train] = ytr
-  labels = jax.device_put(labels, NamedSharding(mesh, P()))
-  fn = _search_and_vote(mesh, n_train, rows, shard, k_max,
-                        tuple(min(k, n_train) for k in ks), metric,
-                        float(temperature), num_classes)
+  keys, idx = _neighbour_search(xtr, xte, k_max, metric, query_chunk,
+                                bank_shard, bank_dtype, devices, screen,
+                                screen_candidates)
+  ks_eff = tuple(min(k, n_train) for k in ks)
+  vote = _vote(ks_eff, metric, float(temperature), num_classes)
+  chunk = _chunk_size(query_chunk, "cosine", k_max, 1, len(xte))
   outputs = {k: [] for k in ks}
   for n, scores_per_k in _ahead(
-      (n, fn(bank, labels, queries))
-      for n, queries in _query_chunks(xte, chunk, bank.dtype)):
+      (n, vote(jnp.asarray(key), jnp.asarray(ytr[i])))
+      for n, key, i in _row_chunks(keys, idx, chunk)):
     for k, scores in zip(ks, scores_per_k):
       outputs[k].append(np.asarray(scores)[:n])
   return {k: (np.concatenate(v) if v else np.zeros((0, num_classes), np.float32))
@@ -133,7 +156,8 @@ def neighbours(train_features: np.ndarray,
     k: number of neighbours (clipped to N_train).
     metric: "cosine" or "euclidean" (see ``classify``).
     zscore: standardise with training statistics first.
-    **kwargs: ``query_chunk``, ``bank_shard``, ``bank_dtype``, ``devices``.
+    **kwargs: ``query_chunk``, ``bank_shard``, ``bank_dtype``, ``devices``,
+      ``screen``, ``screen_candidates`` (see ``classify``).
 
   Returns:
     ``(values, indices)``, each (N_test, min(k, N_train)), nearest first:
@@ -141,30 +165,18 @@ def neighbours(train_features: np.ndarray,
     training indices (ties: lower index first).
   """
   labels = np.zeros((len(train_features),), np.int64)
-  query_chunk = kwargs.pop("query_chunk", 1024)
-  bank_shard = kwargs.pop("bank_shard", None)
-  bank_dtype = kwargs.pop("bank_dtype", "float32")
-  devices = kwargs.pop("devices", None)
-  if kwargs:
-    raise ValueError(f"unknown arguments {sorted(kwargs)}")
+  options = dict(query_chunk=1024, bank_shard=None, bank_dtype="float32",
+                 devices=None, screen=None, screen_candidates=None)
+  unknown = sorted(set(kwargs) - set(options))
+  if unknown:
+    raise ValueError(f"unknown arguments {unknown}")
+  options.update(kwargs)
   xtr, _, xte = _check_inputs(train_features, labels, test_features, 1, (k,),
-                              metric, 1.0, query_chunk, bank_shard, bank_dtype)
+                              metric, 1.0, options["query_chunk"],
+                              options["bank_shard"], options["bank_dtype"])
   xtr, xte = preprocess(xtr, xte, metric=metric, zscore=zscore)
-  k = min(k, len(xtr))
-  chunk = _chunk_size(query_chunk, metric, k, xtr.shape[1], len(xte))
-  mesh, bank, rows, shard = _place_bank(xtr, bank_shard, bank_dtype, devices,
-                                        chunk)
-  fn = _search(mesh, len(xtr), rows, shard, k, metric)
-  values, indices = [], []
-  for n, (keys, idx) in _ahead(
-      (n, fn(bank, queries))
-      for n, queries in _query_chunks(xte, chunk, bank.dtype)):
-    keys = np.asarray(keys)[:n]
-    values.append(-keys if metric == "cosine" else keys)
-    indices.append(np.asarray(idx)[:n])
-  if not values:
-    return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
-  return np.concatenate(values), np.concatenate(indices)
+  keys, idx = _neighbour_search(xtr, xte, min(k, len(xtr)), metric, **options)
+  return (-keys if metric == "cosine" else keys), idx
 
 
 def preprocess(train: np.ndarray, test: np.ndarray, *, metric: str,
@@ -191,9 +203,15 @@ def preprocess(train: np.ndarray, test: np.ndarray, *, metric: str,
     train = ((train - mean) / std).astype(np.float32)
     test = ((test - mean) / std).astype(np.float32)
   if metric == "cosine":
-    train = train / np.maximum(np.linalg.norm(train, axis=1, keepdims=True), 1e-12)
-    test = test / np.maximum(np.linalg.norm(test, axis=1, keepdims=True), 1e-12)
+    train, test = _l2_normalise(train), _l2_normalise(test)
   return train, test
+
+
+def _l2_normalise(x: np.ndarray) -> np.ndarray:
+  # einsum avoids the (N, D) temporary of ``linalg.norm`` (3x faster on a
+  # 100k x 2048 bank); float32 accumulation as in torch's normalize.
+  norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
+  return x / np.maximum(norms, np.float32(1e-12))
 
 
 def topk_correct(scores: np.ndarray, labels: np.ndarray, k: int = 5) -> np.ndarray:
@@ -394,15 +412,11 @@ def _search(mesh, n_train, rows, shard, k_max, metric):
 
 
 @functools.lru_cache(maxsize=32)
-def _search_and_vote(mesh, n_train, rows, shard, k_max, ks, metric,
-                     temperature, num_classes):
-  """Jitted (bank, labels, queries) -> one (q, C) score array per k."""
-  search = _search(mesh, n_train, rows, shard, k_max, metric)
+def _vote(ks, metric, temperature, num_classes):
+  """Jitted (keys, neighbour labels) -> one (q, C) score array per k."""
 
   @jax.jit
-  def fn(bank, labels, queries):
-    keys, idx = search(bank, queries)
-    neighbour_labels = labels[idx]                          # (q, k_max)
+  def fn(keys, neighbour_labels):
     if metric == "cosine":
       weights = jnp.exp(-keys / temperature)                # keys = -sim
     else:
@@ -420,3 +434,64 @@ def _search_and_vote(mesh, n_train, rows, shard, k_max, ks, metric,
     return tuple(out)
 
   return fn
+
+
+def _row_chunks(keys, idx, chunk):
+  """Yields (n_valid, keys, idx) blocks of ``chunk`` rows, the last one padded
+  (one compilation); the caller drops the padded rows."""
+  for start in range(0, len(keys), chunk):
+    key, i = keys[start:start + chunk], idx[start:start + chunk]
+    n = len(key)
+    if n < chunk:
+      key = np.concatenate([key, np.ones((chunk - n, key.shape[1]), key.dtype)])
+      i = np.concatenate([i, np.zeros((chunk - n, i.shape[1]), i.dtype)])
+    yield n, key, i
+
+
+def _neighbour_search(xtr, xte, k, metric, query_chunk, bank_shard, bank_dtype,
+                      devices, screen, screen_candidates):
+  """Global top-k of every query: (keys, indices) NumPy arrays (N_test, k).
+
+  keys ascending (-similarity or distance), ties by lower training index.
+  """
+  n_train, dim = xtr.shape
+  chunk = _chunk_size(query_chunk, metric, k, dim, len(xte))
+  mesh, bank, rows, shard = _place_bank(xtr, bank_shard, bank_dtype, devices,
+                                        chunk)
+  m = min(screen_candidates or _knn_screen.candidates(k), rows)
+  if screen_candidates is not None and screen_candidates < k:
+    raise ValueError(f"screen_candidates={screen_candidates} must be >= k={k}")
+  screenable = metric == "cosine" and bank_dtype == "float32"
+  if screen and not screenable:
+    raise ValueError("screen=True needs metric='cosine' and bank_dtype='float32'")
+  if screen is None:
+    screen = screenable and rows >= SCREEN_MIN_ROWS_PER_CANDIDATE * m
+  exact = _search(mesh, n_train, rows, shard, k, metric)
+  if not screen:
+    return _run_chunks(lambda q: exact(bank, q), xte, chunk, bank.dtype)[:2]
+
+  stats = _knn_screen.bank_stats(mesh)(bank)
+  bank16 = bank.astype(jnp.bfloat16)
+  fn = _knn_screen.screened_search(mesh, n_train, rows, shard, m, k, dim)
+  keys, idx, certified = _run_chunks(lambda q: fn(bank, bank16, stats, q), xte,
+                                     chunk, bank.dtype)
+  del bank16
+  redo = np.flatnonzero(~certified)
+  logging.info("kNN: bfloat16 screening with %d candidates certified %d of %d "
+               "queries; %d recomputed with the float32 search", m,
+               len(xte) - len(redo), len(xte), len(redo))
+  if len(redo):
+    k2, i2 = _run_chunks(lambda q: exact(bank, q), xte[redo], chunk, bank.dtype)
+    keys[redo], idx[redo] = k2, i2
+  return keys, idx
+
+
+def _run_chunks(fn, queries, chunk, dtype):
+  """Runs ``fn`` on every query chunk (pipelined) and concatenates its outputs
+  (each (chunk, ...)), dropping the padding rows."""
+  parts = []
+  for n, out in _ahead((n, fn(q)) for n, q in _query_chunks(queries, chunk, dtype)):
+    parts.append([np.asarray(o)[:n] for o in out])
+  if not parts:
+    raise AssertionError("no queries")
+  return [np.concatenate(p) for p in zip(*parts)]
