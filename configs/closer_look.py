@@ -80,6 +80,21 @@ def _subset(spec, table, what):
   return names
 
 
+def protocols(datasets):
+  """The study's kNN and linear protocols on ``datasets`` (entry names)."""
+  return {
+      "knn": dict(type="knn", datasets=datasets, knn_k=["20"], knn_metric="euclidean"),
+      "knn_norm": dict(type="knn", datasets=datasets, knn_k=["20"], knn_metric="euclidean",
+                       zscore=True),
+      "linear": dict(type="linear", datasets=datasets, lr=["0.4"], weight_decay=["0"],
+                     batchnorm=["false"], epochs=100, batch_size=1024, warmup_epochs=5,
+                     clip_norm=0.5),
+      "linear_bn": dict(type="linear", datasets=datasets, lr=["0.4"], weight_decay=["0"],
+                        batchnorm=["true"], epochs=100, batch_size=1024, warmup_epochs=5,
+                        clip_norm=0.5),
+  }
+
+
 def get_config(arg=None):
   arg = parse_arg(arg, checkpoints="", data_dir="", models="", datasets="")
   if not arg.checkpoints:
@@ -96,17 +111,7 @@ def get_config(arg=None):
                  test_split=DATASETS[name][2], data_dir=arg.data_dir or None,
                  preprocessing=DATASETS[name][3])
       for name in datasets}
-  c.protocols = {
-      "knn": dict(type="knn", datasets=datasets, knn_k=["20"], knn_metric="euclidean"),
-      "knn_norm": dict(type="knn", datasets=datasets, knn_k=["20"], knn_metric="euclidean",
-                       zscore=True),
-      "linear": dict(type="linear", datasets=datasets, lr=["0.4"], weight_decay=["0"],
-                     batchnorm=["false"], epochs=100, batch_size=1024, warmup_epochs=5,
-                     clip_norm=0.5),
-      "linear_bn": dict(type="linear", datasets=datasets, lr=["0.4"], weight_decay=["0"],
-                        batchnorm=["true"], epochs=100, batch_size=1024, warmup_epochs=5,
-                        clip_norm=0.5),
-  }
+  c.protocols = protocols(datasets)
   c.extraction = dict(representation="pre_logits", dtype="float32",
                       batch_size_per_device=128, steps_per_shard=16)
   c.analysis = dict(n_boot=2000, n_perm=2000)

@@ -9,21 +9,40 @@ The config (a locked ``ml_collections`` file exposing ``get_config(arg)``; see
 ``configs/demo.py``) has the sections::
 
   models:    name -> {arch, checkpoint, select, allow_missing, options}
-  datasets:  name -> {dataset, train_split, test_split, data_dir, preprocessing}
+  datasets:  name -> {dataset, train_split, test_split, data_dir, preprocessing,
+                      test_dataset, test_data_dir}
   protocols: name -> {type: classify|knn|linear|logreg|leastsquares|fewshot,
                       datasets: [...], plus the probe options of `sslbench-jax probe`}
   extraction: {representation, dtype, batch_size_per_device, steps_per_shard}
   analysis:  {n_boot, n_perm}
   seed
 
+A dataset entry trains on ``dataset``'s ``train_split`` and tests on
+``test_dataset``'s ``test_split`` (``test_dataset`` / ``test_data_dir`` default
+to ``dataset`` / ``data_dir``), so a probe trained on ImageNet-1k train can be
+tested on ImageNet val, ReaL, v2, R, A or Sketch (``configs/imagenet_variants.py``).
+The test set is scored in its own label space (``probes/_test_metrics.py``:
+``real_top1`` on ReaL, ``subset_top1`` + ``top1`` on R / A); rows carry
+``dataset`` = the test dataset and ``hparams.train_dataset`` /
+``hparams.train_split``. Features of one (model, dataset, data_dir, split,
+preprocessing, representation) are extracted once per run and shared by every
+entry and protocol that needs them (e.g. ImageNet-1k train for all variants).
+
 Unknown keys anywhere are rejected with the list of valid ones. Every step is
 resumable: converted weights are reused when their input hash matches, features
-come from the cache, and a protocol whose rows are already in the results store
-for the same (model, checkpoint, dataset, protocol hyperparameters) is skipped.
+come from the cache, and a (model, protocol, dataset entry) step recorded in
+``DIR/done.json`` (written after its rows are stored) is skipped.
+
+The analysis and report use each test set's primary metric: ``top1``, except
+``real_top1`` on ReaL and ``subset_top1`` on ImageNet-R / -A (then written to
+``DIR/results_primary.csv`` under metric ``primary``, which ``sslbench-jax
+analyze --results DIR/results_primary.csv --metric primary`` reads too).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -39,7 +58,8 @@ from sslbench_jax.config_utils import check_keys
 FLAGS = flags.FLAGS
 
 _MODEL_KEYS = {"arch", "checkpoint", "select", "allow_missing", "options"}
-_DATASET_KEYS = {"dataset", "train_split", "test_split", "data_dir", "preprocessing"}
+_DATASET_KEYS = {"dataset", "train_split", "test_split", "data_dir", "preprocessing",
+                 "test_dataset", "test_data_dir"}
 _EXTRACTION_KEYS = {"representation", "dtype", "batch_size_per_device", "steps_per_shard"}
 _TOP_KEYS = {"models", "datasets", "protocols", "extraction", "analysis", "seed"}
 # The runner fills these from the model/dataset sections.
@@ -69,6 +89,7 @@ def main(argv: list[str]) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Rejects unknown keys and inconsistent references, before any work."""
   from sslbench_jax.backbones import registry  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.data import registry as data_registry  # pylint: disable=g-import-not-at-top
   from sslbench_jax.probes import command as probe_command  # pylint: disable=g-import-not-at-top
   check_keys(config, _TOP_KEYS, "config")
   check_keys(config.extraction, _EXTRACTION_KEYS, "config.extraction")
@@ -82,6 +103,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
                        f"{', '.join(registry.ARCHS)}")
   for name, d in config.datasets.items():
     check_keys(d, _DATASET_KEYS, f"config.datasets.{name}")
+    train, test = _splits(d)
+    for key, s in (("dataset", train), ("test_dataset", test)):
+      if s.dataset not in data_registry.names():
+        raise ValueError(f"config.datasets.{name}.{key} {s.dataset!r} unknown; known: "
+                         f"{', '.join(data_registry.names())}")
+    for key, s in (("train_split", train), ("test_split", test)):
+      splits = data_registry.get_spec(s.dataset).splits
+      if s.split not in splits:
+        raise ValueError(f"config.datasets.{name}.{key} {s.split!r} is not a split of "
+                         f"{s.dataset}; known: {', '.join(sorted(splits))}")
   probe_keys = set(probe_command.default_options())
   for name, p in config.protocols.items():
     if p.get("type") not in PROTOCOL_TYPES:
@@ -133,15 +164,57 @@ def _convert(name: str, m: ml_collections.ConfigDict, workdir: str) -> str:
   return out
 
 
-def _features(weights_path: str, d: ml_collections.ConfigDict, split: str,
-              representation: str, config, workdir: str, tag: str) -> str:
+@dataclasses.dataclass(frozen=True)
+class _Split:
+  """One dataset split as features see it: everything they depend on but the model."""
+  dataset: str
+  data_dir: str | None
+  split: str
+  preprocessing: str | None
+
+
+def _splits(d: ml_collections.ConfigDict) -> tuple[_Split, _Split]:
+  """A dataset entry's (train, test) splits; the test side may be another dataset."""
+  test_dataset = d.get("test_dataset") or d.dataset
+  test_data_dir = d.get("test_data_dir") or d.data_dir
+  return (_Split(d.dataset, d.data_dir, d.train_split, d.preprocessing),
+          _Split(test_dataset, test_data_dir, d.test_split, d.preprocessing))
+
+
+def _feature_stems(datasets: ml_collections.ConfigDict) -> dict[_Split, str]:
+  """A feature-file stem per distinct split of the config.
+
+  Named after the first entry (in ``ConfigDict`` order: by name) using it --
+  ``<entry>__<split>``, or ``<entry>__<test dataset>__<split>`` for a test set
+  of another dataset -- so entries that share a split (ImageNet-1k train for
+  every variant) share one file, and the name does not depend on which steps
+  an earlier run finished. A clash between different splits gets a hash suffix.
+  """
+  stems: dict[_Split, str] = {}
+  for name, d in datasets.items():
+    train, test = _splits(d)
+    for s, stem in ((train, f"{name}__{train.split}"),
+                    (test, f"{name}__{test.split}" if test.dataset == d.dataset
+                     else f"{name}__{test.dataset}__{test.split}")):
+      if s in stems:
+        continue
+      if stem in stems.values():
+        digest = hashlib.sha256(repr(dataclasses.astuple(s)).encode()).hexdigest()
+        stem = f"{stem}__{digest[:8]}"
+      stems[s] = stem
+  return stems
+
+
+def _features(weights_path: str, s: _Split, representation: str, config,
+              workdir: str, tag: str) -> str:
+  """Extracts (or reads from the cache) one split's features into ``features/tag.npz``."""
   from sslbench_jax.features import command as features_command  # pylint: disable=g-import-not-at-top
   from sslbench_jax.features import multihost  # pylint: disable=g-import-not-at-top
   out = os.path.join(workdir, "features", f"{tag}.npz")
   opts = features_command.default_options()
-  opts.update(weights=weights_path, dataset=d.dataset, split=split, data_dir=d.data_dir,
+  opts.update(weights=weights_path, dataset=s.dataset, split=s.split, data_dir=s.data_dir,
               out=out, cache=os.path.join(workdir, "cache"),
-              representation=representation, preprocessing=d.preprocessing,
+              representation=representation, preprocessing=s.preprocessing,
               dtype=config.extraction.dtype,
               batch_size_per_device=config.extraction.batch_size_per_device,
               steps_per_shard=config.extraction.steps_per_shard)
@@ -152,17 +225,24 @@ def _features(weights_path: str, d: ml_collections.ConfigDict, split: str,
 
 
 def _classify_rows(test_path: str, base: dict[str, Any]) -> list[dict[str, Any]]:
-  """Top-1/top-5 of the backbone's own classifier (logits features)."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  """The backbone's own classifier (logits features), scored in the test label space.
+
+  The same metrics as the probes (``probes/_test_metrics.py``, imported
+  although private: it is the one definition of how a test set is scored):
+  top-1/top-5, ``real_top1`` on ReaL, ``subset_top1`` on ImageNet-R / -A.
+  """
   from sslbench_jax.features import io  # pylint: disable=g-import-not-at-top
-  from sslbench_jax.metrics import accuracy  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.probes import _test_metrics  # pylint: disable=g-import-not-at-top
   fs = io.load(test_path)
-  labels = fs.labels.astype(np.int32)
-  mask = np.ones(len(labels), bool)
-  counts = accuracy.topk((1, 5)).count(fs.features, labels, mask)
-  values = accuracy.topk((1, 5)).finalize(counts)
-  return [dict(base, metric=k, value=float(v), n_examples=len(labels))
-          for k, v in values.items()]
+  space = _test_metrics.resolve(fs, test_path)
+  try:
+    values = _test_metrics.evaluate(fs.features, space, test_path)
+  except ValueError as e:
+    raise ValueError(f"classify {base['model']} on {base['dataset']}: the model's head "
+                     f"does not fit the test set: {e}") from None
+  # ReaL counts only the images with a non-empty label set.
+  n = int(space.labels.any(1).sum()) if space.multi_label else len(space.labels)
+  return [dict(base, metric=k, value=float(v), n_examples=n) for k, v in values.items()]
 
 
 class _Progress:
@@ -204,6 +284,16 @@ def iterate(config: ml_collections.ConfigDict, workdir: str, progress: _Progress
   from sslbench_jax.features import multihost  # pylint: disable=g-import-not-at-top
   from sslbench_jax.probes import command as probe_command  # pylint: disable=g-import-not-at-top
   rep = config.extraction.representation
+  stems = _feature_stems(config.datasets)
+  made: dict[tuple[str, _Split, str], str] = {}  # feature files written by this run
+
+  def features(model_name: str, s: _Split, representation: str) -> str:
+    if (model_name, s, representation) not in made:
+      made[model_name, s, representation] = _features(
+          _weights_path(workdir, model_name), s, representation, config, workdir,
+          f"{model_name}__{stems[s]}__{representation}")
+    return made[model_name, s, representation]
+
   for model_name, m in config.models.items():
     if jax.process_index() == 0:
       _convert(model_name, m, workdir)
@@ -215,29 +305,25 @@ def iterate(config: ml_collections.ConfigDict, workdir: str, progress: _Progress
         if step in progress.done:
           logging.info("%s: done in an earlier run, skipped", step)
           continue
-        d = config.datasets[ds_name]
-        tag = f"{model_name}__{ds_name}"
+        train_split, test_split = _splits(config.datasets[ds_name])
         if p.type == "classify":
-          test = _features(weights_path, d, d.test_split, "logits", config, workdir,
-                           f"{tag}__{d.test_split}__logits")
-          base = dict(model=model_name, dataset=d.dataset, split=d.test_split,
+          base = dict(model=model_name, dataset=test_split.dataset, split=test_split.split,
                       protocol="classify", hparams={}, seed=config.seed,
                       device_count=jax.device_count(),
                       checkpoint_sha256=_weights_sha(weights_path))
-          yield step, _classify_rows(test, base)
+          yield step, _classify_rows(features(model_name, test_split, "logits"), base)
           continue
-        train = _features(weights_path, d, d.train_split, rep, config, workdir,
-                          f"{tag}__{d.train_split}__{rep}")
-        test = _features(weights_path, d, d.test_split, rep, config, workdir,
-                         f"{tag}__{d.test_split}__{rep}")
         opts = probe_command.default_options()
         opts.update({k: v for k, v in p.items() if k not in ("type", "datasets")})
-        opts.update(features_train=train, features_test=test, protocol=p.type,
-                    model=model_name, dataset=d.dataset, seed=config.seed)
+        opts.update(features_train=features(model_name, train_split, rep),
+                    features_test=features(model_name, test_split, rep), protocol=p.type,
+                    model=model_name, dataset=test_split.dataset, seed=config.seed)
         rows = probe_command.run(opts)
         for row in rows:
           row["hparams"] = dict(row["hparams"], representation=rep,
-                                protocol_type=row["protocol"])
+                                protocol_type=row["protocol"],
+                                train_dataset=train_split.dataset,
+                                train_split=train_split.split)
           row["protocol"] = _label(proto_name, row, len(opts["knn_k"]))
         yield step, rows
 
@@ -296,8 +382,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if jax.process_index() == 0:
     out["csv"] = os.path.join(workdir, "results.csv")
     store.export_csv(store_path, out["csv"])
-    files = analysis_command.write_all(out["csv"], os.path.join(workdir, "report"),
-                                       n_boot=config.analysis.n_boot,
+    analysed, metric = out["csv"], "top1"
+    rec = store.read_results(store_path)
+    if set(rec.metric[store.primary_mask(rec)]) - {"top1"}:
+      # ReaL / R / A rows: compare every test set by its own primary metric.
+      analysed, metric = os.path.join(workdir, "results_primary.csv"), store.PRIMARY
+      out["primary_csv"] = analysed
+      store.export_primary_csv(store_path, analysed)
+    files = analysis_command.write_all(analysed, os.path.join(workdir, "report"),
+                                       metric=metric, n_boot=config.analysis.n_boot,
                                        n_perm=config.analysis.n_perm, seed=config.seed)
     out["report"] = files["report.md"]
   multihost.sync("evaluate done")  # no process leaves while process 0 still writes

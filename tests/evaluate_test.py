@@ -81,6 +81,10 @@ def test_rerun_skips_finished_steps(demo_run):
     (lambda c: c.protocols.knn_dino.__setitem__("kk", 3), "kk"),
     (lambda c: c.protocols.knn_dino.__setitem__("datasets", ["nope"]), "nope"),
     (lambda c: c.models.efficientnet_lite0.__setitem__("arch", "resnet7"), "resnet7"),
+    (lambda c: c.datasets.digits.__setitem__("test_datset", "digits"), "test_datset"),
+    (lambda c: c.datasets.digits.__setitem__("test_dataset", "imagenet_b"), "imagenet_b"),
+    (lambda c: c.datasets.digits.__setitem__("test_split", "validation"),
+     "test_split 'validation' is not a split of digits"),
 ])
 def test_config_errors_name_the_key(mutate, message, tmp_path):
   config = _demo_config()
@@ -147,3 +151,289 @@ def test_two_processes_give_the_single_process_results(demo_run, tmp_path):
   multi = _rows(mp_dir)
   assert {(r["protocol"], r["metric"]): r["value"] for r in multi} == single
   assert {r["device_count"] for r in multi} == {4}
+
+
+# --------------------------------------------------------------------------
+# Train on one dataset, test on others (ImageNet -> its variants).
+
+SAMPLES = os.path.join(os.environ.get(
+    "SSLBENCH_SHARED", os.path.join(os.path.dirname(ROOT), "shared")), "data")
+_VAL = [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, 13)]  # val image 1: empty ReaL set
+
+
+def _flipped(src, dst):
+  """A new image of the same class: the sample mirrored (distinct features)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(dst), exist_ok=True)
+  with Image.open(src) as im:
+    im.convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(dst, quality=95)
+
+
+def _variant_data(root, samples_dir):
+  """ImageNet folders made from the real samples (one image per class).
+
+  ``in1k/train/<wnid>/``: 24 originals; ``in1k/val/ILSVRC2012_val_*.JPEG``:
+  mirrored samples of the 12 first val images' classes (half of them trained
+  on), which is also the ReaL folder; ``r/<wnid>/``: mirrored samples of 10
+  ImageNet-R classes (7 trained on).
+  """
+  wnids = [l.strip() for l in open(os.path.join(
+      SAMPLES, "imagenet_meta", "imagenet_synsets.txt")) if l.strip()]
+  by_wnid = {f.split("_", 1)[0]: os.path.join(samples_dir, f)
+             for f in os.listdir(samples_dir)}
+  with open(os.path.join(SAMPLES, "imagenet_meta", "val_image_to_1k_label.json")) as f:
+    val_file_labels = json.load(f)
+  val_labels = [val_file_labels[name] for name in _VAL]
+  r_classes = [int(l) for l in open(os.path.join(
+      SAMPLES, "imagenet_meta", "imagenet_r_indices.txt")) if l.strip()]
+  r_test = r_classes[:10]
+  train = set(val_labels[::2]) | set(r_test[:7])
+  train |= set(c for c in range(0, 1000, 37) if c not in r_test)
+  train = sorted(train)[:24]
+  r_test = [c for c in r_test if c in train][:7] + [c for c in r_test if c not in train][:3]
+  for c in train:
+    dst = os.path.join(root, "in1k", "train", wnids[c], os.path.basename(by_wnid[wnids[c]]))
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.symlink(by_wnid[wnids[c]], dst)
+  for name, c in zip(_VAL, val_labels):
+    _flipped(by_wnid[wnids[c]], os.path.join(root, "in1k", "val", name))
+  for c in r_test:
+    _flipped(by_wnid[wnids[c]], os.path.join(root, "r", wnids[c], "flipped.JPEG"))
+  return dict(in1k=os.path.join(root, "in1k"), r=os.path.join(root, "r"),
+              train=train, r_test=r_test, r_classes=r_classes)
+
+
+def _variants_config(data):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.models = {"lite0": dict(arch="efficientnet_lite0", checkpoint="package:efficientnet_lite0",
+                            select=None, allow_missing=None, options={})}
+  # The model's own preprocessing (224x224): its head must be right on real images.
+  train = dict(dataset="imagenet1k", train_split="train", data_dir=data["in1k"],
+               preprocessing=None)
+  c.datasets = {
+      "imagenet": dict(train, test_split="validation"),
+      "imagenet_real": dict(train, test_dataset="imagenet_real", test_split="validation"),
+      "imagenet_r": dict(train, test_dataset="imagenet_r", test_split="test",
+                         test_data_dir=data["r"]),
+  }
+  c.protocols = {
+      "classify": dict(type="classify", datasets=list(c.datasets)),
+      "knn": dict(type="knn", datasets=list(c.datasets), knn_k=["3"],
+                  knn_metric="euclidean"),
+  }
+  c.extraction = dict(representation="pre_logits", dtype="float32",
+                      batch_size_per_device=16, steps_per_shard=4)
+  c.analysis = dict(n_boot=20, n_perm=20)
+  return c
+
+
+def _run_counting_extractions(config, workdir):
+  """evaluate.run, recording every (dataset, split, representation) extracted."""
+  from sslbench_jax.features import command as features_command  # pylint: disable=g-import-not-at-top
+  calls, real_run = [], features_command.run
+
+  def spy(opts):
+    calls.append((opts["dataset"], opts["split"], opts["representation"]))
+    return real_run(opts)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(features_command, "run", spy)
+    summary = evaluate.run(config, workdir)
+  return summary, calls
+
+
+@pytest.fixture(scope="module")
+def variants_run(tmp_path_factory):
+  samples_dir = os.path.join(SAMPLES, "imagenet_samples")
+  if not os.path.isdir(samples_dir):
+    pytest.skip(f"real ImageNet samples not found at {samples_dir}")
+  root = str(tmp_path_factory.mktemp("variants"))
+  data = _variant_data(os.path.join(root, "data"), samples_dir)
+  workdir = os.path.join(root, "work")
+  summary, calls = _run_counting_extractions(_variants_config(data), workdir)
+  return workdir, data, summary, calls
+
+
+def _feats(workdir, name):
+  return io.load(os.path.join(workdir, "features", f"lite0__{name}.npz"))
+
+
+def test_variants_extract_train_features_once_and_name_test_sets(variants_run):
+  workdir, _, summary, calls = variants_run
+  assert sorted(calls) == sorted([
+      ("imagenet1k", "train", "pre_logits"),  # once, for the three test sets
+      ("imagenet1k", "validation", "pre_logits"), ("imagenet1k", "validation", "logits"),
+      ("imagenet_real", "validation", "pre_logits"),
+      ("imagenet_real", "validation", "logits"),
+      ("imagenet_r", "test", "pre_logits"), ("imagenet_r", "test", "logits")])
+  assert len(os.listdir(os.path.join(workdir, "cache"))) == 7  # one cache entry each
+  assert sorted(os.listdir(os.path.join(workdir, "features"))) == sorted(
+      f"lite0__{n}.npz" for n in (
+          "imagenet__train__pre_logits", "imagenet__validation__pre_logits",
+          "imagenet__validation__logits",
+          "imagenet_real__imagenet_real__validation__pre_logits",
+          "imagenet_real__imagenet_real__validation__logits",
+          "imagenet_r__imagenet_r__test__pre_logits", "imagenet_r__imagenet_r__test__logits"))
+  rows = _rows(workdir)
+  assert summary["new_rows"] == len(rows)
+  got = {(r["protocol"], r["dataset"], r["split"]): set() for r in rows}
+  for r in rows:
+    got[r["protocol"], r["dataset"], r["split"]].add(r["metric"])
+  expected = {("imagenet1k", "validation"): {"top1", "top5"},
+              ("imagenet_real", "validation"): {"real_top1"},
+              ("imagenet_r", "test"): {"subset_top1", "top1", "top5"}}
+  assert got == {(p, d, s): m for p in ("classify", "knn") for (d, s), m in expected.items()}
+  for r in rows:
+    if r["protocol"] == "knn":
+      hp = json.loads(r["hparams"])
+      assert (hp["train_dataset"], hp["train_split"], hp["k"]) == ("imagenet1k", "train", 3)
+
+
+def _real_sets():
+  with open(os.path.join(SAMPLES, "imagenet_meta", "imagenet_real_labels.json")) as f:
+    real = json.load(f)
+  return {name: set(real[int(name[15:23]) - 1]) for name in _VAL}
+
+
+def _reference(scores, labels, ids, dataset, r_classes, top5_hits=None):
+  """Accuracies (%) of (N, 1000) scores, computed here with NumPy."""
+  pred = np.argmax(scores, 1)
+  if dataset == "imagenet_real":
+    sets = _real_sets()
+    sets = [sets[os.path.basename(i)] for i in ids]
+    scored = [k for k, s in enumerate(sets) if s]
+    return {"real_top1": 100.0 * np.mean([pred[k] in sets[k] for k in scored])}, len(scored)
+  top5 = np.argsort(-scores, 1, kind="stable")[:, :5]
+  out = {"top1": 100.0 * np.mean(pred == labels),
+         "top5": 100.0 * np.mean(top5_hits if top5_hits is not None else
+                                 [y in t for y, t in zip(labels, top5)])}
+  if dataset == "imagenet_r":
+    sub = np.asarray(r_classes)
+    out["subset_top1"] = 100.0 * np.mean(sub[np.argmax(scores[:, sub], 1)] == labels)
+  return out, len(labels)
+
+
+_TEST_FILES = {"imagenet1k": "imagenet__validation",
+               "imagenet_real": "imagenet_real__imagenet_real__validation",
+               "imagenet_r": "imagenet_r__imagenet_r__test"}
+
+
+def test_variants_classify_scores_the_head_in_each_label_space(variants_run):
+  workdir, data, _, _ = variants_run
+  rows = [r for r in _rows(workdir) if r["protocol"] == "classify"]
+  for dataset, name in _TEST_FILES.items():
+    fs = _feats(workdir, f"{name}__logits")
+    labels = fs.labels if fs.labels.ndim == 1 else None
+    expected, n = _reference(fs.features, labels, fs.ids, dataset, data["r_classes"])
+    got = {r["metric"]: r["value"] for r in rows if r["dataset"] == dataset}
+    assert got == pytest.approx(expected, abs=1e-4), dataset
+    assert {r["n_examples"] for r in rows if r["dataset"] == dataset} == {n}
+  # ReaL drops val image 1 (empty label set); R holds the 10 mirrored renditions.
+  assert {r["dataset"]: r["n_examples"] for r in rows} == {
+      "imagenet1k": 12, "imagenet_real": 11, "imagenet_r": 10}
+  # The head is good on these real images: checks the labels line up.
+  assert {r["metric"]: r["value"] for r in rows
+          if r["dataset"] == "imagenet1k"}["top5"] >= 75.0
+
+
+@pytest.mark.filterwarnings("ignore:The number of unique classes")
+def test_variants_knn_trained_on_imagenet_matches_sklearn_on_each_test_set(variants_run):
+  workdir, data, _, _ = variants_run
+  train = _feats(workdir, "imagenet__train__pre_logits")
+  assert sorted(set(train.labels.tolist())) == data["train"]
+  knn = KNeighborsClassifier(n_neighbors=3, weights="distance").fit(train.features,
+                                                                    train.labels)
+  rows = [r for r in _rows(workdir) if r["protocol"] == "knn"]
+  for dataset, name in _TEST_FILES.items():
+    fs = _feats(workdir, f"{name}__pre_logits")
+    # (N, 1000) vote shares: zero for classes without a vote.
+    scores = np.zeros((len(fs.features), 1000))
+    scores[:, knn.classes_] = knn.predict_proba(fs.features)
+    labels = fs.labels if fs.labels.ndim == 1 else None
+    # kNN's top-5 counts a label only if it got a vote.
+    hits = None if labels is None else scores[np.arange(len(labels)), labels] > 0
+    expected, n = _reference(scores, labels, fs.ids, dataset, data["r_classes"], hits)
+    got = {r["metric"]: r["value"] for r in rows if r["dataset"] == dataset}
+    assert got == pytest.approx(expected, abs=1e-4), dataset
+    assert {r["n_examples"] for r in rows if r["dataset"] == dataset} == {n}
+
+
+def test_variants_rerun_does_nothing(variants_run):
+  workdir, data, _, _ = variants_run
+  before = _rows(workdir)
+  summary, calls = _run_counting_extractions(_variants_config(data), workdir)
+  assert summary["new_rows"] == 0 and calls == []
+  assert _rows(workdir) == before
+
+
+def test_variants_report_ranks_on_each_test_sets_primary_metric(variants_run):
+  workdir, _, summary, _ = variants_run
+  rows = _rows(workdir)
+  with open(summary["primary_csv"]) as f:
+    primary = list(csv.DictReader(f))
+  # One row per measurement: ReaL's real_top1, R's subset_top1, val's top1.
+  metric_of = {"imagenet1k": "top1", "imagenet_real": "real_top1",
+               "imagenet_r": "subset_top1"}
+  expected = sorted((r["protocol"], r["dataset"], r["value"]) for r in rows
+                    if r["metric"] == metric_of[r["dataset"]])
+  assert sorted((r["protocol"], r["dataset"], float(r["value"])) for r in primary) == expected
+  assert {r["metric"] for r in primary} == {"primary"}
+  with open(os.path.join(workdir, "report", "rank_changes.csv")) as f:
+    changes = list(csv.DictReader(f))
+  value = {(r["protocol"], r["dataset"]): r["value"] for r in rows
+           if r["metric"] == metric_of[r["dataset"]]}
+  assert sorted((r["protocol"], r["variant"]) for r in changes) == [
+      (p, v) for p in ("classify", "knn") for v in ("imagenet_r", "imagenet_real")]
+  for r in changes:  # the variants' canonical names are their registry names
+    assert float(r["value_variant"]) == pytest.approx(value[r["protocol"], r["variant"]])
+    assert float(r["value_imagenet"]) == pytest.approx(value[r["protocol"], "imagenet1k"])
+
+
+def test_feature_stems_share_splits_and_never_clash():
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  base = dict(dataset="imagenet1k", train_split="train", test_split="validation",
+              data_dir="/a", preprocessing=None)
+  datasets = ml_collections.ConfigDict({
+      "val": dict(base),
+      "r": dict(base, test_dataset="imagenet_r", test_split="test"),
+      # same names as "val"'s but another folder: must not share its file
+      "b": dict(base, train_split="validation", test_data_dir="/b"),
+  })
+  stems = evaluate._feature_stems(datasets)  # pylint: disable=protected-access
+  split = {n: evaluate._splits(d) for n, d in datasets.items()}  # pylint: disable=protected-access
+  assert split["val"][0] == split["r"][0] and split["b"][0] == split["val"][1]
+  # A shared split is named after the first entry using it (entries in name order).
+  assert stems[split["val"][0]] == "r__train"
+  assert stems[split["val"][1]] == "b__validation"
+  assert stems[split["r"][1]] == "r__imagenet_r__test"
+  # b's test split has the same stem as its train split but another folder.
+  assert stems[split["b"][1]].startswith("b__validation__")
+  assert len(stems) == 4 == len(set(stems.values()))
+
+
+def test_imagenet_variants_config_is_valid_and_complete():
+  config = _load_config("imagenet_variants", "checkpoints=/ckpt,data_dir=/tfds,r_dir=/r")
+  evaluate.validate(config)
+  assert len(config.models) == 26
+  tests = {n: (d.get("test_dataset") or d.dataset, d.test_split, d.get("test_data_dir"))
+           for n, d in config.datasets.items()}
+  assert tests == {"imagenet": ("imagenet1k", "validation", None),
+                   "imagenet_real": ("imagenet_real", "validation", None),
+                   "imagenet_v2": ("imagenet_v2", "test", None),
+                   "imagenet_r": ("imagenet_r", "test", "/r"),
+                   "imagenet_sketch": ("imagenet_sketch", "test", None),
+                   "imagenet_a": ("imagenet_a", "test", None)}
+  for d in config.datasets.values():
+    assert (d.dataset, d.train_split, d.data_dir) == ("imagenet1k", "train", "/tfds")
+  # every variant trains on the same split: one feature file per model
+  assert len(set(evaluate._feature_stems(config.datasets).values())) == 7  # pylint: disable=protected-access
+  assert sorted(config.protocols) == ["knn", "knn_norm", "linear", "linear_bn"]
+  assert all(sorted(p.datasets) == sorted(config.datasets) for p in config.protocols.values())
+  small = _load_config("imagenet_variants", "checkpoints=/c,models=swav,variants=imagenet_r")
+  assert list(small.models) == ["swav"] and sorted(small.datasets) == ["imagenet", "imagenet_r"]
+  with pytest.raises(ValueError, match="checkpoints"):
+    _load_config("imagenet_variants", None)
+  with pytest.raises(ValueError, match="unknown variants"):
+    _load_config("imagenet_variants", "checkpoints=/c,variants=imagenet_b")

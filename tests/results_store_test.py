@@ -125,3 +125,47 @@ def test_export_csv_and_parquet(tmp_path):
   assert store.export_parquet(path, outp) == 7
   table = pq.read_table(outp)
   assert table.column("value").to_pylist() == [r["value"] for r in rows]
+
+
+@pytest.mark.parametrize("metric", ["top1", "top5", "real_top1", "subset_top1",
+                                    "mean_per_class"])
+def test_every_accuracy_metric_is_range_checked(tmp_path, metric):
+  path = str(tmp_path / "r.jsonl")
+  store.append_results(path, [_row(0, metric=metric, value=100.0),
+                              _row(1, metric=metric, value=0.0)])
+  for value in (100.5, -0.1):
+    with pytest.raises(ValueError, match=f"accuracy '{metric}'={value} is not a percentage"):
+      store.append_results(path, [_row(2, metric=metric, value=value)])
+  assert len(store.read_results(path)) == 2
+  # Not an accuracy: any finite value.
+  store.append_results(path, [_row(3, metric="loss", value=250.0)])
+
+
+def test_primary_export_keeps_each_test_sets_own_metric(tmp_path):
+  path = str(tmp_path / "r.jsonl")
+  cell = dict(model="m", seed=0, hparams={"k": 20}, protocol="knn")
+  rows = [
+      _row(**cell, dataset="imagenet1k", metric="top1", value=70.0),
+      _row(**cell, dataset="imagenet1k", metric="top5", value=90.0),
+      _row(**cell, dataset="imagenet_real", metric="real_top1", value=76.0),
+      _row(**cell, dataset="imagenet_r", metric="top1", value=20.0),
+      _row(**cell, dataset="imagenet_r", metric="subset_top1", value=30.0),
+      _row(**cell, dataset="imagenet_r", split="test", metric="top1", value=21.0),
+      # few-shot: no primary metric among its rows
+      _row(**dict(cell, protocol="fewshot"), dataset="digits", metric="top1_mean", value=5.0),
+  ]
+  store.append_results(path, rows)
+  rec = store.read_results(path)
+  kept = sorted((str(r.dataset), str(r.split), str(r.metric), float(r.value))
+                for r in rec[store.primary_mask(rec)])
+  assert kept == [("imagenet1k", "validation", "top1", 70.0),
+                  ("imagenet_r", "test", "top1", 21.0),  # another measurement (split)
+                  ("imagenet_r", "validation", "subset_top1", 30.0),
+                  ("imagenet_real", "validation", "real_top1", 76.0)]
+  out = str(tmp_path / "primary.csv")
+  assert store.export_primary_csv(path, out) == 4
+  with open(out) as f:
+    got = list(csv.DictReader(f))
+  assert {r["metric"] for r in got} == {store.PRIMARY}
+  assert sorted((r["dataset"], r["split"], float(r["value"])) for r in got) == [
+      (d, s, v) for d, s, _, v in kept]

@@ -455,17 +455,26 @@ def _neighbour_search(xtr, xte, k, metric, query_chunk, bank_shard, bank_dtype,
   keys ascending (-similarity or distance), ties by lower training index.
   """
   n_train, dim = xtr.shape
-  chunk = _chunk_size(query_chunk, metric, k, dim, len(xte))
-  mesh, bank, rows, shard = _place_bank(xtr, bank_shard, bank_dtype, devices,
-                                        chunk)
-  m = min(screen_candidates or _knn_screen.candidates(k), rows)
   if screen_candidates is not None and screen_candidates < k:
     raise ValueError(f"screen_candidates={screen_candidates} must be >= k={k}")
   screenable = metric == "cosine" and bank_dtype == "float32"
   if screen and not screenable:
     raise ValueError("screen=True needs metric='cosine' and bank_dtype='float32'")
+  n_devices = len(jax.devices() if devices is None else devices)
+  rows = -(-n_train // n_devices)
+  m = min(screen_candidates or _knn_screen.candidates(k), rows)
   if screen is None:
     screen = screenable and rows >= SCREEN_MIN_ROWS_PER_CANDIDATE * m
+  if screen and bank_shard is None:
+    # One screening top-k over the whole device block beats several shard
+    # top-k's plus a merge: shrink the query chunk until a (chunk, rows)
+    # float32 block fits the budget (the matmul stays efficient at >= 128).
+    query_chunk = min(query_chunk,
+                      max(128, SIMILARITY_BUDGET_BYTES // (4 * rows)))
+  chunk = _chunk_size(query_chunk, metric, k, dim, len(xte))
+  mesh, bank, rows, shard = _place_bank(xtr, bank_shard, bank_dtype, devices,
+                                        chunk)
+  m = min(m, rows)
   exact = _search(mesh, n_train, rows, shard, k, metric)
   if not screen:
     return _run_chunks(lambda q: exact(bank, q), xte, chunk, bank.dtype)[:2]

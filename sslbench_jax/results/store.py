@@ -50,7 +50,13 @@ COLUMNS = ("model", "checkpoint_sha256", "dataset", "split", "protocol",
 DEDUP_KEY = ("model", "checkpoint_sha256", "dataset", "split", "protocol",
              "hparams", "metric", "seed")
 # Metrics whose values must be percentages.
-_PERCENT_PREFIXES = ("top", "real", "mean_per_class", "acc")
+_PERCENT_PREFIXES = ("top", "real", "subset", "mean_per_class", "acc")
+# What a measurement (its rows without the metric) is compared by, first
+# present wins: ImageNet ReaL reports real_top1 (it has no single-label top1),
+# ImageNet-R / -A subset_top1 (their top1 is the unrestricted 1000-way one),
+# every other test set top1 (the label spaces' primary metrics).
+PRIMARY_METRICS = ("real_top1", "subset_top1", "top1")
+PRIMARY = "primary"
 
 _STR = ("model", "checkpoint_sha256", "dataset", "split", "protocol", "metric",
         "hparams", "versions", "timestamp")
@@ -285,13 +291,57 @@ def export_csv(path: str, out_csv: str, deduplicate: bool = True) -> int:
   Returns:
     The number of data rows written.
   """
-  rec = read_results(path, deduplicate)
+  return _write_csv(read_results(path, deduplicate), out_csv)
 
+
+def primary_mask(records: np.ndarray) -> np.ndarray:
+  """Which rows hold their measurement's primary metric (``PRIMARY_METRICS``).
+
+  Args:
+    records: rows as from ``read_results`` (deduplicated, or the same
+      measurement's rows would compete).
+
+  Returns:
+    (N,) bool; False for rows of measurements with none of ``PRIMARY_METRICS``
+    (e.g. few-shot ``top1_mean``).
+  """
+  cell_keys = [k for k in DEDUP_KEY if k != "metric"]
+  present: dict[tuple, set[str]] = {}
+  cells = [tuple(str(r[k]) for k in cell_keys) for r in records]
+  for cell, r in zip(cells, records):
+    present.setdefault(cell, set()).add(str(r["metric"]))
+  primary = {cell: next((m for m in PRIMARY_METRICS if m in metrics), None)
+             for cell, metrics in present.items()}
+  return np.asarray([str(r["metric"]) == primary[cell]
+                     for cell, r in zip(cells, records)], bool).reshape(len(cells))
+
+
+def export_primary_csv(path: str, out_csv: str) -> int:
+  """Writes one row per measurement, its primary metric, as metric ``primary``.
+
+  The analysis compares one metric across test sets; this export lets
+  ``sslbench-jax analyze --metric primary`` compare ImageNet val top-1 with
+  ReaL's real_top1 and R / A's subset_top1 (rank changes across variants).
+
+  Args:
+    path: the ``.jsonl`` store.
+    out_csv: output CSV path (written atomically).
+
+  Returns:
+    The number of data rows written.
+  """
+  rec = read_results(path)
+  return _write_csv(rec[primary_mask(rec)], out_csv, metric=PRIMARY)
+
+
+def _write_csv(rec: np.ndarray, out_csv: str, metric: str | None = None) -> int:
+  """``rec`` as CSV; ``metric`` replaces every row's metric name when given."""
   with atomic.atomic_open(out_csv, "w", newline="") as f:
     w = csv.writer(f)
     w.writerow(EXPORT_COLUMNS)
     for r in rec:
-      w.writerow([repr(float(r[k])) if k == "value" else r[k]
+      w.writerow([repr(float(r[k])) if k == "value" else
+                  metric if k == "metric" and metric is not None else r[k]
                   for k in EXPORT_COLUMNS])
   return len(rec)
 
