@@ -203,6 +203,29 @@ def test_screened_search_certificate_and_fallback(caplog):
   assert np.all(((idx == order[:, :k]) | (gap < 1e-6))[certified])
 
 
+def test_automatic_screening_falls_back_when_it_does_not_pay(monkeypatch, caplog):
+  # screen=None screens any bank here. A bank whose rows nearly coincide puts
+  # every similarity within the bfloat16 error of the k-th: the first chunk is
+  # not certified, so the float32 search does the rest; a clustered bank keeps
+  # the screening. The neighbours are the exact ones in both cases.
+  monkeypatch.setattr(knn, "SCREEN_MIN_ROWS_PER_CANDIDATE", 1)
+  rng = np.random.default_rng(22)
+  centres = rng.normal(size=(4, 64))
+  clustered = centres[rng.integers(0, 4, 800)] + 0.3 * rng.normal(size=(800, 64))
+  crowded = centres[0] + 1e-3 * rng.normal(size=(800, 64))
+  xte = (centres[rng.integers(0, 4, 90)] + 0.3 * rng.normal(size=(90, 64))).astype(np.float32)
+  for xtr, switched in ((crowded, True), (clustered, False)):
+    xtr = xtr.astype(np.float32)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+      _, idx = knn.neighbours(xtr, xte, 20, query_chunk=30, screen_candidates=48)
+    assert ("using the float32 search" in caplog.text) == switched, caplog.text
+    assert "bfloat16 screening" in caplog.text
+    sim, order = _exact_order(xtr, xte)
+    gap = np.abs(np.take_along_axis(sim, idx, 1) - np.take_along_axis(sim, order[:, :20], 1))
+    assert np.all((idx == order[:, :20]) | (gap < 1e-6))
+
+
 @pytest.mark.parametrize("dim", [64, 2048])
 def test_screening_error_bound_holds(dim):
   # |fl32(q.x) - fl32(bf16(q).bf16(x))| <= error_bound, on random vectors and

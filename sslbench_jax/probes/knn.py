@@ -63,6 +63,9 @@ SIMILARITY_BUDGET_BYTES = 128 << 20
 # per (query, row) on CPU, the float32 re-rank costs ~1.3 us per candidate
 # (BENCHMARKS.md), so screening pays from ~90 rows per candidate there.
 SCREEN_MIN_ROWS_PER_CANDIDATE = 96
+# ... and keeps screening after the first query chunk only if at least this
+# fraction of its queries was certified (the others cost a float32 search).
+SCREEN_MIN_CERTIFIED = 0.5
 
 
 def classify(train_features: np.ndarray,
@@ -463,6 +466,7 @@ def _neighbour_search(xtr, xte, k, metric, query_chunk, bank_shard, bank_dtype,
   n_devices = len(jax.devices() if devices is None else devices)
   rows = -(-n_train // n_devices)
   m = min(screen_candidates or _knn_screen.candidates(k), rows)
+  screen_forced = bool(screen)
   if screen is None:
     screen = screenable and rows >= SCREEN_MIN_ROWS_PER_CANDIDATE * m
   if screen and bank_shard is None:
@@ -482,16 +486,33 @@ def _neighbour_search(xtr, xte, k, metric, query_chunk, bank_shard, bank_dtype,
   stats = _knn_screen.bank_stats(mesh)(bank)
   bank16 = bank.astype(jnp.bfloat16)
   fn = _knn_screen.screened_search(mesh, n_train, rows, shard, m, k, dim)
-  keys, idx, certified = _run_chunks(lambda q: fn(bank, bank16, stats, q), xte,
-                                     chunk, bank.dtype)
+  screened = lambda q: fn(bank, bank16, stats, q)
+  # The first chunk tells whether screening pays on this data: when most
+  # similarities crowd within the bfloat16 error of the k-th (e.g. queries far
+  # from every training example), few queries are certified and the float32
+  # search would be paid twice; then (unless screen=True) it alone is used.
+  n = len(xte)
+  keys = np.zeros((n, k), np.float32)
+  idx = np.zeros((n, k), np.int32)
+  certified = np.zeros((n,), bool)
+  first = min(chunk, n)
+  keys[:first], idx[:first], certified[:first] = _run_chunks(
+      screened, xte[:first], chunk, bank.dtype)
+  if screen_forced or certified[:first].mean() >= SCREEN_MIN_CERTIFIED:
+    if first < n:
+      keys[first:], idx[first:], certified[first:] = _run_chunks(
+          screened, xte[first:], chunk, bank.dtype)
+  else:
+    logging.info("kNN: screening certified only %d of the first %d queries; "
+                 "using the float32 search", certified.sum(), first)
   del bank16
   redo = np.flatnonzero(~certified)
   logging.info("kNN: bfloat16 screening with %d candidates certified %d of %d "
-               "queries; %d recomputed with the float32 search", m,
-               len(xte) - len(redo), len(xte), len(redo))
+               "queries; %d computed with the float32 search", m,
+               n - len(redo), n, len(redo))
   if len(redo):
-    k2, i2 = _run_chunks(lambda q: exact(bank, q), xte[redo], chunk, bank.dtype)
-    keys[redo], idx[redo] = k2, i2
+    keys[redo], idx[redo] = _run_chunks(lambda q: exact(bank, q), xte[redo],
+                                        chunk, bank.dtype)
   return keys, idx
 
 
