@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import ml_collections
 import numpy as np
 import pytest
 from sklearn.neighbors import KNeighborsClassifier
@@ -156,9 +157,14 @@ def test_two_processes_give_the_single_process_results(demo_run, tmp_path):
 # --------------------------------------------------------------------------
 # Train on one dataset, test on others (ImageNet -> its variants).
 
-SAMPLES = os.path.join(os.environ.get(
+SHARED_DATA = os.path.join(os.environ.get(
     "SSLBENCH_SHARED", os.path.join(os.path.dirname(ROOT), "shared")), "data")
 _VAL = [f"ILSVRC2012_val_{i:08d}.JPEG" for i in range(1, 13)]  # val image 1: empty ReaL set
+
+
+def _meta(name):
+  with open(os.path.join(SHARED_DATA, "imagenet_meta", name)) as f:
+    return json.load(f) if name.endswith(".json") else [l.strip() for l in f if l.strip()]
 
 
 def _flipped(src, dst):
@@ -172,25 +178,23 @@ def _flipped(src, dst):
 def _variant_data(root, samples_dir):
   """ImageNet folders made from the real samples (one image per class).
 
-  ``in1k/train/<wnid>/``: 24 originals; ``in1k/val/ILSVRC2012_val_*.JPEG``:
-  mirrored samples of the 12 first val images' classes (half of them trained
-  on), which is also the ReaL folder; ``r/<wnid>/``: mirrored samples of 10
-  ImageNet-R classes (7 trained on).
+  ``in1k/train/<wnid>/``: 24 originals (the classes of the even-numbered val
+  images below, 7 ImageNet-R classes, fillers); ``in1k/val/ILSVRC2012_val_*``:
+  mirrored samples of the classes of val images 1..12, which is also the ReaL
+  folder; ``r/<wnid>/``: mirrored samples of 10 ImageNet-R classes (7 trained
+  on).
   """
-  wnids = [l.strip() for l in open(os.path.join(
-      SAMPLES, "imagenet_meta", "imagenet_synsets.txt")) if l.strip()]
-  by_wnid = {f.split("_", 1)[0]: os.path.join(samples_dir, f)
-             for f in os.listdir(samples_dir)}
-  with open(os.path.join(SAMPLES, "imagenet_meta", "val_image_to_1k_label.json")) as f:
-    val_file_labels = json.load(f)
+  wnids = _meta("imagenet_synsets.txt")
+  by_wnid = {f.split("_", 1)[0]: os.path.join(samples_dir, f) for f in os.listdir(samples_dir)}
+  val_file_labels = _meta("val_image_to_1k_label.json")
   val_labels = [val_file_labels[name] for name in _VAL]
-  r_classes = [int(l) for l in open(os.path.join(
-      SAMPLES, "imagenet_meta", "imagenet_r_indices.txt")) if l.strip()]
+  r_classes = [int(c) for c in _meta("imagenet_r_indices.txt")]
   r_test = r_classes[:10]
-  train = set(val_labels[::2]) | set(r_test[:7])
-  train |= set(c for c in range(0, 1000, 37) if c not in r_test)
-  train = sorted(train)[:24]
-  r_test = [c for c in r_test if c in train][:7] + [c for c in r_test if c not in train][:3]
+  train = set(val_labels[1::2]) | set(r_test[:7])
+  fillers = (c for c in range(0, 1000, 37) if c not in set(r_test) | set(val_labels))
+  while len(train) < 24:
+    train.add(next(fillers))
+  assert len(set(r_test) & train) == 7
   for c in train:
     dst = os.path.join(root, "in1k", "train", wnids[c], os.path.basename(by_wnid[wnids[c]]))
     os.makedirs(os.path.dirname(dst), exist_ok=True)
@@ -200,11 +204,10 @@ def _variant_data(root, samples_dir):
   for c in r_test:
     _flipped(by_wnid[wnids[c]], os.path.join(root, "r", wnids[c], "flipped.JPEG"))
   return dict(in1k=os.path.join(root, "in1k"), r=os.path.join(root, "r"),
-              train=train, r_test=r_test, r_classes=r_classes)
+              train=sorted(train), r_classes=r_classes)
 
 
 def _variants_config(data):
-  import ml_collections  # pylint: disable=g-import-not-at-top
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.models = {"lite0": dict(arch="efficientnet_lite0", checkpoint="package:efficientnet_lite0",
@@ -246,7 +249,7 @@ def _run_counting_extractions(config, workdir):
 
 @pytest.fixture(scope="module")
 def variants_run(tmp_path_factory):
-  samples_dir = os.path.join(SAMPLES, "imagenet_samples")
+  samples_dir = os.path.join(SHARED_DATA, "imagenet_samples")
   if not os.path.isdir(samples_dir):
     pytest.skip(f"real ImageNet samples not found at {samples_dir}")
   root = str(tmp_path_factory.mktemp("variants"))
@@ -292,8 +295,7 @@ def test_variants_extract_train_features_once_and_name_test_sets(variants_run):
 
 
 def _real_sets():
-  with open(os.path.join(SAMPLES, "imagenet_meta", "imagenet_real_labels.json")) as f:
-    real = json.load(f)
+  real = _meta("imagenet_real_labels.json")
   return {name: set(real[int(name[15:23]) - 1]) for name in _VAL}
 
 
@@ -392,7 +394,6 @@ def test_variants_report_ranks_on_each_test_sets_primary_metric(variants_run):
 
 
 def test_feature_stems_share_splits_and_never_clash():
-  import ml_collections  # pylint: disable=g-import-not-at-top
   base = dict(dataset="imagenet1k", train_split="train", test_split="validation",
               data_dir="/a", preprocessing=None)
   datasets = ml_collections.ConfigDict({
@@ -427,10 +428,15 @@ def test_imagenet_variants_config_is_valid_and_complete():
                    "imagenet_a": ("imagenet_a", "test", None)}
   for d in config.datasets.values():
     assert (d.dataset, d.train_split, d.data_dir) == ("imagenet1k", "train", "/tfds")
-  # every variant trains on the same split: one feature file per model
+  # One ImageNet-1k train feature file shared by the 6 test sets: 7 per model.
   assert len(set(evaluate._feature_stems(config.datasets).values())) == 7  # pylint: disable=protected-access
-  assert sorted(config.protocols) == ["knn", "knn_norm", "linear", "linear_bn"]
-  assert all(sorted(p.datasets) == sorted(config.datasets) for p in config.protocols.values())
+  # The study's probes (closer_look.py), on every entry.
+  study = _load_config("closer_look", "checkpoints=/ckpt").protocols
+  assert sorted(config.protocols) == sorted(study) == ["knn", "knn_norm", "linear", "linear_bn"]
+  for name, p in config.protocols.items():
+    assert sorted(p.datasets) == sorted(config.datasets)
+    assert ({k: v for k, v in p.items() if k != "datasets"} ==
+            {k: v for k, v in study[name].items() if k != "datasets"})
   small = _load_config("imagenet_variants", "checkpoints=/c,models=swav,variants=imagenet_r")
   assert list(small.models) == ["swav"] and sorted(small.datasets) == ["imagenet", "imagenet_r"]
   with pytest.raises(ValueError, match="checkpoints"):

@@ -1,0 +1,90 @@
+"""ImageNet-1k probes tested on ImageNet val and its variants: how ranks change.
+
+The "Closer Look" study's backbones and probes (configs/closer_look.py:
+Euclidean kNN k = 20, raw and z-scored; the linear recipe with and without
+BatchNorm before the head), all trained once per model on ImageNet-1k train
+features (extracted once, shared by every variant) and tested on ImageNet val,
+ImageNet ReaL, ImageNet-v2 (MatchedFrequency), ImageNet-R, ImageNet-Sketch and
+ImageNet-A. Each test set is scored in its own label space: ReaL by
+``real_top1`` (multi-hot labels), R and A by ``subset_top1`` (the 1000 scores
+restricted to their 200 classes; the unrestricted ``top1`` is stored too).
+The report's "rank changes" table (``report/rank_changes.csv``) gives every
+model's rank on each variant minus its rank on val; it is computed on
+``results_primary.csv``, one row per measurement with its test set's primary
+metric.
+
+  sslbench-jax evaluate --workdir runs/imagenet_variants \\
+      --config configs/imagenet_variants.py:checkpoints=/ckpt,data_dir=/data/tfds
+
+Arguments: checkpoints=DIR (required; the files named in closer_look.MODELS),
+data_dir=DIR (the TFDS data dir holding imagenet2012 and the variants, or the
+ImageNet folder root with train/ and val/), models=a+b (subset of the model
+names), variants=a+b (subset of imagenet_real, imagenet_v2, imagenet_r,
+imagenet_sketch, imagenet_a; ImageNet val is always tested), and for variants
+kept as extracted folders (docs/datasets.md) their roots: v2_dir, r_dir,
+sketch_dir, a_dir (default: data_dir). Datasets are prepared as
+docs/datasets.md says.
+
+Notes: the study's use of ImageNet-A is not confirmed (see
+shared/reference/imagenet_variants.csv), nor which ImageNet-v2 version it used
+or whether it restricted R's logits (both numbers are stored). ReaL images are
+val images, but their features are extracted separately (another dataset:
+46,837 images with multi-hot labels).
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+from sslbench_jax.config_utils import parse_arg
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+# entry name -> (registry test dataset, test split, folder-root argument)
+VARIANTS = {
+    "imagenet_real": ("imagenet_real", "validation", None),
+    "imagenet_v2": ("imagenet_v2", "test", "v2_dir"),
+    "imagenet_r": ("imagenet_r", "test", "r_dir"),
+    "imagenet_sketch": ("imagenet_sketch", "test", "sketch_dir"),
+    "imagenet_a": ("imagenet_a", "test", "a_dir"),
+}
+
+
+def _closer_look():
+  """configs/closer_look.py (configs are files, not a package)."""
+  spec = importlib.util.spec_from_file_location(
+      "sslbench_configs_closer_look", os.path.join(_HERE, "closer_look.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg=None):
+  arg = parse_arg(arg, checkpoints="", data_dir="", models="", variants="",
+                  v2_dir="", r_dir="", sketch_dir="", a_dir="")
+  if not arg.checkpoints:
+    raise ValueError("configs/imagenet_variants.py needs checkpoints=DIR (the released "
+                     "checkpoint files)")
+  closer_look = _closer_look()
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.models = {
+      name: dict(arch=closer_look.MODELS[name][0],
+                 checkpoint=f"{arg.checkpoints}/{closer_look.MODELS[name][1]}",
+                 select=closer_look.MODELS[name][2], allow_missing=None, options={})
+      for name in closer_look._subset(arg.models, closer_look.MODELS, "models")}  # pylint: disable=protected-access
+  variants = closer_look._subset(arg.variants, VARIANTS, "variants")  # pylint: disable=protected-access
+  train = dict(dataset="imagenet1k", train_split="train", data_dir=arg.data_dir or None,
+               preprocessing="imagenet_bilinear")
+  c.datasets = {"imagenet": dict(train, test_split="validation", test_dataset=None,
+                                 test_data_dir=None)}
+  for name in variants:
+    dataset, split, dir_arg = VARIANTS[name]
+    c.datasets[name] = dict(train, test_dataset=dataset, test_split=split,
+                            test_data_dir=(arg[dir_arg] if dir_arg else None) or None)
+  c.protocols = closer_look.protocols(list(c.datasets))
+  c.extraction = dict(representation="pre_logits", dtype="float32",
+                      batch_size_per_device=128, steps_per_shard=16)
+  c.analysis = dict(n_boot=2000, n_perm=2000)
+  return c
