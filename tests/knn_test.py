@@ -326,6 +326,12 @@ _TWO_PROCESSES = textwrap.dedent("""
       _, i1 = knn.neighbours(xtr, xte, 20, metric=metric, bank_shard=9,
                              devices=jax.local_devices())
       np.testing.assert_array_equal(i2, i1)
+    # bfloat16 screening across the two processes' halves of the bank
+    _, s2 = knn.neighbours(xtr, xte, 5, bank_shard=9, screen=True,
+                           screen_candidates=6)
+    _, s1 = knn.neighbours(xtr, xte, 5, bank_shard=9, screen=False,
+                           devices=jax.local_devices())
+    np.testing.assert_array_equal(s2, s1)
     print("OK")
 """)
 
