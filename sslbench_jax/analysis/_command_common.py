@@ -18,7 +18,12 @@ def define_flags() -> None:
   flags.DEFINE_string("results", None, "results CSV export (or .jsonl store)",
                       required=True)
   flags.DEFINE_string("out", None, "output directory", required=True)
-  flags.DEFINE_string("metric", "top1", "metric to analyse")
+  flags.DEFINE_string(
+      "metric", None,
+      "metric to analyse, e.g. top1 or top5; 'primary' = each test set's main "
+      "metric (real_top1 on ImageNet-ReaL, subset_top1 on ImageNet-R/-A, top1 "
+      "elsewhere; rows chosen like results.store.primary_mask). Default: "
+      "primary if the results hold real_top1/subset_top1 rows, else top1")
   flags.DEFINE_integer("n_boot", 2000, "bootstrap resamples per interval", lower_bound=0)
   flags.DEFINE_integer("n_perm", 2000, "permutations per p-value", lower_bound=0)
   flags.DEFINE_integer("seed", 0, "resampling seed")
@@ -50,15 +55,28 @@ def run(html_too: bool) -> dict[str, str]:
   return out
 
 
-def write_all(results: str, out_dir: str, *, metric: str = "top1", n_boot: int = 2000,
+def write_all(results: str, out_dir: str, *, metric: str | None = None, n_boot: int = 2000,
               n_perm: int = 2000, seed: int = 0, matrix_method: str = "spearman",
               html_too: bool = True) -> dict[str, str]:
   """Loads ``results``, analyses, writes tables, plots and the report.
+
+  Args:
+    results: results CSV export or ``.jsonl`` store.
+    out_dir: output directory.
+    metric: metric analysed; None: ``primary`` when the results hold
+      ``real_top1`` / ``subset_top1`` rows, else ``top1``
+      (``table.resolve_metric``).
+    n_boot: bootstrap resamples per interval.
+    n_perm: permutations per p-value.
+    seed: resampling seed.
+    matrix_method: correlation of the full matrix / heatmap.
+    html_too: also write ``report.html``.
 
   Returns:
     Output file name -> path.
   """
   tab = table_lib.load_results(results, metric)
+  logging.info("analysing metric %r of %s", tab.metric, results)
   a = summary.analyze(tab, n_boot, n_perm, seed, matrix_method)
   out = summary.write_tables(a, out_dir)
   out.update(report.write_report(a, out_dir, source=os.path.abspath(results),

@@ -18,6 +18,7 @@ from sslbench_jax import atomic
 from sslbench_jax.analysis import correlations
 from sslbench_jax.analysis import names
 from sslbench_jax.analysis import plots
+from sslbench_jax.analysis import table as table_lib
 from sslbench_jax.analysis.summary import Analysis
 
 
@@ -82,7 +83,10 @@ def build_sections(a: Analysis, plot_paths: dict[str, str], out_dir: str,
   t = a.table
   rel = lambda p: os.path.relpath(p, out_dir)  # noqa: E731
   secs = [Section("sslbench_jax analysis report", level=1, text=[
-      f"Source: `{source}`; metric: `{t.metric}` (percent).",
+      f"Source: `{source}`; metric: `{t.metric}` (percent)." +
+      (" Primary = each test set's main metric: real_top1 on ImageNet ReaL, "
+       "subset_top1 on ImageNet-R / -A, top1 elsewhere." if t.metric == table_lib.PRIMARY
+       else ""),
       f"{len(t.models)} models, protocols: {', '.join(t.protocols)}; "
       f"benchmark datasets ({len(t.benchmark_datasets)}): "
       f"{', '.join(t.benchmark_datasets)}; ImageNet variants: "

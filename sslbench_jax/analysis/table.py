@@ -5,6 +5,16 @@ protocol, metric, value, n_examples`` at least; optional ``hparams``,
 ``backbone``, ``method_family``) or the ``.jsonl`` store itself. Dataset names
 are canonicalised (``names.canonical_dataset``) and protocols labelled
 ``+bn`` when the hparams ask for BatchNorm before the head.
+
+Metric ``primary`` (``PRIMARY``) keeps, per measurement, its test set's main
+metric, selected by ``results.store.primary_mask``: ``real_top1`` on ImageNet
+ReaL (which has no single-label top1), ``subset_top1`` on ImageNet-R / -A
+(their ``top1`` is the unrestricted 1000-way one), ``top1`` elsewhere. It works
+on the store, its plain CSV export, and ``store.export_primary_csv`` files
+(whose rows are already named ``primary``). With ``metric=None`` (the
+``analyze`` / ``report`` default) ``resolve_metric`` picks ``primary`` when the
+results hold ``real_top1`` / ``subset_top1`` (or ``primary``) rows and
+``top1`` otherwise, so top1-only results are analysed exactly as before.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import json
 import math
 import os
 
@@ -22,6 +33,12 @@ from sslbench_jax.analysis import names
 
 REQUIRED_COLUMNS = ("model", "dataset", "split", "protocol", "metric", "value",
                     "n_examples")
+# The per-test-set main metric (``results.store.PRIMARY``; kept equal by a test
+# so that this module need not import the store at import time).
+PRIMARY = "primary"
+# Metrics whose presence makes ``primary`` the automatic choice: without them
+# every test set's primary metric is top1 and ``top1`` is kept as before.
+_PRIMARY_ONLY_METRICS = ("real_top1", "subset_top1", PRIMARY)
 
 
 @dataclasses.dataclass
@@ -29,7 +46,8 @@ class ResultsTable:
   """Values of one metric, keyed by (model, protocol, dataset).
 
   Attributes:
-    metric: the metric kept (e.g. ``"top1"``).
+    metric: the metric kept (e.g. ``"top1"``, or ``"primary"``: each test
+      set's main metric, see the module docstring).
     values: {(model, protocol, dataset): value in percent}.
     n_examples: {(model, protocol, dataset): test-set size}.
     backbone: {model: "ResNet" | "ViT" | "unknown"}.
@@ -107,7 +125,25 @@ def _read_store(path: str) -> list[dict[str, str]]:
   return [{k: str(r[k]) for k in rec.dtype.names} for r in rec]
 
 
-def load_results(path: str, metric: str = "top1") -> ResultsTable:
+def resolve_metric(rows: list[dict[str, str]], metric: str | None) -> str:
+  """The metric to analyse: ``metric``, or the automatic choice when None.
+
+  Args:
+    rows: results rows (dicts with at least a ``metric`` key).
+    metric: a metric name, or None for ``primary`` if any row's metric is
+      ``real_top1``, ``subset_top1`` or ``primary``, else ``top1``.
+
+  Returns:
+    The metric name.
+  """
+  if metric is not None:
+    return metric
+  if any(r["metric"] in _PRIMARY_ONLY_METRICS for r in rows):
+    return PRIMARY
+  return "top1"
+
+
+def load_results(path: str, metric: str | None = "top1") -> ResultsTable:
   """Reads a results CSV export (or ``.jsonl`` store) for one metric.
 
   Rows with the same (model, protocol label, canonical dataset) -- e.g. seeds
@@ -115,7 +151,8 @@ def load_results(path: str, metric: str = "top1") -> ResultsTable:
 
   Args:
     path: ``.csv`` export or ``.jsonl`` store.
-    metric: metric to keep, e.g. ``"top1"``.
+    metric: metric to keep, e.g. ``"top1"``; ``"primary"`` keeps each test
+      set's main metric (module docstring); None picks one (``resolve_metric``).
 
   Returns:
     A ``ResultsTable``.
@@ -130,16 +167,48 @@ def load_results(path: str, metric: str = "top1") -> ResultsTable:
   return table_from_rows(rows, metric, source=path)
 
 
-def table_from_rows(rows: list[dict[str, str]], metric: str = "top1",
+def _primary_keep(rows: list[dict[str, str]]) -> list[bool]:
+  """Which rows hold their measurement's primary metric (``store.primary_mask``).
+
+  Rows already named ``primary`` (an ``export_primary_csv`` file) were
+  selected when exported and are kept as they are; if there are any, the
+  other rows are not considered (they would be the same measurements again).
+  """
+  if any(r["metric"] == PRIMARY for r in rows):
+    return [r["metric"] == PRIMARY for r in rows]
+  from sslbench_jax.results import store  # data flows store -> analysis
+  # CSV files may leave out optional key columns; a measurement is then
+  # identified by the columns present (missing ones take the store default).
+  keyed = [{k: r.get(k, store.DEFAULTS.get(k, "")) for k in store.DEDUP_KEY}
+           for r in rows]
+  for k in keyed:
+    k["hparams"] = _canonical_hparams(k["hparams"])
+  return [bool(b) for b in store.primary_mask(keyed)]
+
+
+def _canonical_hparams(hparams) -> str:
+  """``hparams`` as sorted-key JSON, so that equal settings group together."""
+  if not isinstance(hparams, str):
+    return json.dumps(hparams, sort_keys=True)
+  try:
+    return json.dumps(json.loads(hparams) if hparams.strip() else {}, sort_keys=True)
+  except json.JSONDecodeError:
+    return hparams  # not JSON: compared as written
+
+
+def table_from_rows(rows: list[dict[str, str]], metric: str | None = "top1",
                     source: str = "rows") -> ResultsTable:
   """Builds a ``ResultsTable`` from row dicts (see ``load_results``)."""
+  metric = resolve_metric(rows, metric)
+  keep = (_primary_keep(rows) if metric == PRIMARY
+          else [r["metric"] == metric for r in rows])
   acc: dict[tuple, list[tuple[float, int]]] = collections.defaultdict(list)
   backbone: dict[str, str] = {}
   family: dict[str, str] = {}
   metrics_seen = set()
-  for i, r in enumerate(rows):
+  for i, (r, kept) in enumerate(zip(rows, keep)):
     metrics_seen.add(r["metric"])
-    if r["metric"] != metric:
+    if not kept:
       continue
     try:
       value = float(r["value"])
@@ -157,7 +226,9 @@ def table_from_rows(rows: list[dict[str, str]], metric: str = "top1",
     backbone[model] = (r.get("backbone") or "").strip() or info.backbone
     family[model] = (r.get("method_family") or "").strip() or info.method_family
   if not acc:
-    raise ValueError(f"{source}: no rows with metric {metric!r}; "
+    wanted = (f"metric {metric!r}" if metric != PRIMARY else
+              "a primary metric (real_top1, subset_top1 or top1)")
+    raise ValueError(f"{source}: no rows with {wanted}; "
                      f"metrics present: {sorted(metrics_seen)}")
   values, n_examples = {}, {}
   averaged = 0
