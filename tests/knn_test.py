@@ -57,13 +57,14 @@ def test_cosine_matches_dino_formula(data, screen):
 
 @pytest.mark.parametrize("data,zscore", [("random", False), ("clustered", False),
                                          ("clustered", True)])
-def test_euclidean_matches_sklearn(data, zscore):
+@pytest.mark.parametrize("screen", [False, True])
+def test_euclidean_matches_sklearn(data, zscore, screen):
   xtr, ytr, xte, classes = (_random(2) if data == "random" else _clustered(3)[:4])
   if zscore:  # make the dimensions' scales very different
     scale = np.geomspace(0.01, 100, xtr.shape[1]).astype(np.float32)
     xtr, xte = xtr * scale, xte * scale
   out = knn.classify(xtr, ytr, xte, classes, ks=(20, 5), metric="euclidean",
-                     zscore=zscore, query_chunk=64, bank_shard=100)
+                     zscore=zscore, query_chunk=64, bank_shard=100, screen=screen)
   rtr, rte = xtr.astype(np.float64), xte.astype(np.float64)
   if zscore:
     mean, std = rtr.mean(0), rtr.std(0)
@@ -76,7 +77,8 @@ def test_euclidean_matches_sklearn(data, zscore):
     np.testing.assert_allclose(proba, clf.predict_proba(rte), atol=1e-4)
 
 
-def test_zero_distance_follows_sklearn_rule():
+@pytest.mark.parametrize("screen", [False, True])
+def test_zero_distance_follows_sklearn_rule(screen):
   rng = np.random.default_rng(4)
   xtr = rng.normal(size=(300, 8)).astype(np.float32)
   ytr = rng.integers(0, 5, 300)
@@ -84,7 +86,8 @@ def test_zero_distance_follows_sklearn_rule():
   xtr[11] = xtr[12] = xtr[10]
   ytr[10], ytr[11], ytr[12] = 1, 2, 2
   xte = np.concatenate([xtr[[10, 50, 60]], rng.normal(size=(20, 8))]).astype(np.float32)
-  out = knn.classify(xtr, ytr, xte, 5, ks=(20,), metric="euclidean")[20]
+  out = knn.classify(xtr, ytr, xte, 5, ks=(20,), metric="euclidean",
+                     screen=screen, screen_candidates=24 if screen else None)[20]
   clf = KNeighborsClassifier(20, weights="distance", algorithm="brute").fit(xtr, ytr)
   np.testing.assert_array_equal(out.argmax(1), clf.predict(xte))
   np.testing.assert_allclose(out / out.sum(1, keepdims=True), clf.predict_proba(xte),
@@ -100,11 +103,13 @@ def test_neighbour_ties_take_lower_index_first():
   # five identical rows at indices spread over several bank shards
   for i in (3, 17, 18, 33, 49):
     xtr[i] = xtr[3]
-  for metric, screen in (("cosine", False), ("cosine", True), ("euclidean", False)):
-    for shard in (7, 50):
-      _, idx = knn.neighbours(xtr, xtr[[3]], 5, metric=metric, bank_shard=shard,
-                              screen=screen, screen_candidates=5 if screen else None)
-      np.testing.assert_array_equal(idx[0], [3, 17, 18, 33, 49])
+  for metric in ("cosine", "euclidean"):
+    for screen in (False, True):
+      for shard in (7, 50):
+        _, idx = knn.neighbours(xtr, xtr[[3]], 5, metric=metric, bank_shard=shard,
+                                screen=screen,
+                                screen_candidates=5 if screen else None)
+        np.testing.assert_array_equal(idx[0], [3, 17, 18, 33, 49])
 
 
 def test_default_shards_from_memory_budget(monkeypatch):
@@ -165,7 +170,17 @@ def _exact_order(xtr, xte):
   return sim, np.argsort(-sim, axis=1, kind="stable")
 
 
-def test_screened_search_certificate_and_fallback(caplog):
+def _exact_neighbours(xtr, xte, metric):
+  """float64 keys (-cosine similarity or distance) and their stable order."""
+  if metric == "cosine":
+    sim, order = _exact_order(xtr, xte)
+    return -sim, order
+  d = np.sqrt(((xte.astype(np.float64)[:, None] - xtr.astype(np.float64)[None]) ** 2).sum(-1))
+  return d, np.argsort(d, axis=1, kind="stable")
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_screened_search_certificate_and_fallback(caplog, metric):
   # Dense similarities (three clusters in 64-d) put many rows within the
   # bfloat16 error of the k-th neighbour, so with 3 spare candidates most
   # queries cannot be certified and are recomputed by the float32 search; with
@@ -173,34 +188,36 @@ def test_screened_search_certificate_and_fallback(caplog):
   rng = np.random.default_rng(21)
   centres = rng.normal(size=(3, 64))
   xtr = (centres[rng.integers(0, 3, 900)] + 0.6 * rng.normal(size=(900, 64))).astype(np.float32)
-  ytr = rng.integers(0, 5, 900)
   xte = (centres[rng.integers(0, 3, 120)] + 0.6 * rng.normal(size=(120, 64))).astype(np.float32)
-  sim, order = _exact_order(xtr, xte)
+  ref, order = _exact_neighbours(xtr, xte, metric)
   k = 15
+  tol = 1e-6 * np.abs(ref).max()
   for m, shard in ((18, 128), (18, None), (48, 100)):
     caplog.clear()
     with caplog.at_level("INFO"):
-      values, idx = knn.neighbours(xtr, xte, k, screen=True, screen_candidates=m,
-                                   bank_shard=shard, query_chunk=50)
+      values, idx = knn.neighbours(xtr, xte, k, metric=metric, screen=True,
+                                   screen_candidates=m, bank_shard=shard,
+                                   query_chunk=50)
     recomputed = int(caplog.text.split("queries; ")[1].split()[0])
     assert (recomputed > 0) == (m == 18), caplog.text
-    # neighbours: the float64 order except where two similarities are within
-    # float32 rounding of each other
-    gap = np.abs(np.take_along_axis(sim, idx, 1) - np.take_along_axis(sim, order[:, :k], 1))
-    assert np.all((idx == order[:, :k]) | (gap < 1e-6))
-    np.testing.assert_allclose(values, np.take_along_axis(sim, order[:, :k], 1),
-                               atol=1e-6)
+    # neighbours: the float64 order except where two keys are within float32
+    # rounding of each other
+    gap = np.abs(np.take_along_axis(ref, idx, 1) - np.take_along_axis(ref, order[:, :k], 1))
+    assert np.all((idx == order[:, :k]) | (gap < tol))
+    np.testing.assert_allclose(values if metric == "euclidean" else -values,
+                               np.take_along_axis(ref, order[:, :k], 1),
+                               rtol=1e-5, atol=tol)
   # the certificate itself: certified queries are the exact top-k
   from sslbench_jax.probes import _knn_screen
-  xtr_n, xte_n = knn.preprocess(xtr, xte, metric="cosine", zscore=False)
+  xtr_n, xte_n = knn.preprocess(xtr, xte, metric=metric, zscore=False)
   mesh, bank, rows, shard = knn._place_bank(xtr_n, 128, "float32", None, 120)
-  stats = _knn_screen.bank_stats(mesh)(bank)
-  fn = _knn_screen.screened_search(mesh, 900, rows, shard, 18, k, 64)
+  fn = _knn_screen.screened_search(mesh, 900, rows, shard, 18, k, 64, metric)
   keys, idx, certified = (np.asarray(a) for a in fn(
-      bank, bank.astype("bfloat16"), stats, xte_n))
+      bank, bank.astype("bfloat16"), _knn_screen.bank_stats(mesh)(bank),
+      _knn_screen.bank_sqnorms(mesh)(bank), xte_n))
   assert 0 < certified.sum() < len(certified)
-  gap = np.abs(np.take_along_axis(sim, idx, 1) - np.take_along_axis(sim, order[:, :k], 1))
-  assert np.all(((idx == order[:, :k]) | (gap < 1e-6))[certified])
+  gap = np.abs(np.take_along_axis(ref, idx, 1) - np.take_along_axis(ref, order[:, :k], 1))
+  assert np.all(((idx == order[:, :k]) | (gap < tol))[certified])
 
 
 def test_automatic_screening_falls_back_when_it_does_not_pay(monkeypatch, caplog):
@@ -257,7 +274,7 @@ def test_screening_error_bound_holds(dim):
 def test_bad_inputs_raise_clear_errors():
   xtr, ytr, xte, classes = _random(9, n_train=20, n_test=3)
   with pytest.raises(ValueError, match="screen=True needs"):
-    knn.classify(xtr, ytr, xte, classes, metric="euclidean", screen=True)
+    knn.classify(xtr, ytr, xte, classes, bank_dtype="bfloat16", screen=True)
   with pytest.raises(ValueError, match="screen_candidates"):
     knn.classify(xtr, ytr, xte, classes, ks=(5,), screen=True, screen_candidates=3)
   with pytest.raises(ValueError, match="metric"):
@@ -291,10 +308,12 @@ _EIGHT_DEVICES = textwrap.dedent("""
         np.testing.assert_allclose(s1[k], s8[k], rtol=1e-6)
     # bfloat16 screening: candidates from several shards and devices, the
     # certificate's bound is the max over devices
-    for n in (1, 8):
-      v, i = knn.neighbours(xtr, xte, 5, bank_shard=9, screen=True,
-                            screen_candidates=6, devices=jax.devices()[:n])
-      np.testing.assert_array_equal(i, out["cosine1"][1][:, :5])
+    for metric in ("cosine", "euclidean"):
+      for n in (1, 8):
+        v, i = knn.neighbours(xtr, xte, 5, metric=metric, bank_shard=9,
+                              screen=True, screen_candidates=6,
+                              devices=jax.devices()[:n])
+        np.testing.assert_array_equal(i, out[f"{metric}1"][1][:, :5])
     print("OK")
 """)
 
@@ -327,11 +346,12 @@ _TWO_PROCESSES = textwrap.dedent("""
                              devices=jax.local_devices())
       np.testing.assert_array_equal(i2, i1)
     # bfloat16 screening across the two processes' halves of the bank
-    _, s2 = knn.neighbours(xtr, xte, 5, bank_shard=9, screen=True,
-                           screen_candidates=6)
-    _, s1 = knn.neighbours(xtr, xte, 5, bank_shard=9, screen=False,
-                           devices=jax.local_devices())
-    np.testing.assert_array_equal(s2, s1)
+    for metric in ("cosine", "euclidean"):
+      _, s2 = knn.neighbours(xtr, xte, 5, metric=metric, bank_shard=9,
+                             screen=True, screen_candidates=6)
+      _, s1 = knn.neighbours(xtr, xte, 5, metric=metric, bank_shard=9,
+                             screen=False, devices=jax.local_devices())
+      np.testing.assert_array_equal(s2, s1)
     print("OK")
 """)
 

@@ -1,4 +1,4 @@
-"""Exact cosine top-k through a bfloat16 screening pass and a certificate.
+"""Exact top-k (cosine or Euclidean) through a bfloat16 screen and a certificate.
 
 Why: a bfloat16 x bfloat16 matmul accumulated in float32 runs 3-4x faster
 than a float32 one on CPUs with AMX / AVX512-BF16 (measured in BENCHMARKS.md)
@@ -98,30 +98,59 @@ def bank_stats(mesh: Mesh):
 
 
 @functools.lru_cache(maxsize=32)
-def screened_search(mesh: Mesh, n_train: int, rows: int, shard: int, m: int,
-                    k_max: int, dim: int):
-  """Jitted (bank32, bank16, stats, queries) -> (keys, indices, certified).
+def bank_sqnorms(mesh: Mesh):
+  """Jitted bank -> (rows,) float32 squared norms, sharded like the bank."""
+  return jax.jit(jax.shard_map(lambda b: jnp.sum(jnp.square(b), axis=1),
+                               mesh=mesh, in_specs=P("bank"),
+                               out_specs=P("bank"), check_vma=False))
 
-  ``keys`` are -similarity, ascending, (q, k_max); ``indices`` global training
-  indices; ``certified`` (q,) bool, True where the result is provably the
-  float32 top-k. Cached per shape.
+
+@functools.lru_cache(maxsize=32)
+def screened_search(mesh: Mesh, n_train: int, rows: int, shard: int, m: int,
+                    k_max: int, dim: int, metric: str = "cosine"):
+  """Jitted (bank32, bank16, stats, sqnorms, queries) -> (keys, indices, certified).
+
+  ``keys`` ascending, (q, k_max): -similarity ("cosine") or the Euclidean
+  distance computed as ``sqrt(sum((q - x)^2))`` ("euclidean", as the float32
+  search re-ranks); ``indices`` global training indices; ``certified`` (q,)
+  bool, True where the result is provably the top-k of those float32 values
+  over the whole bank. ``sqnorms`` (``bank_sqnorms``) is used by "euclidean"
+  only. Cached per shape.
+
+  Euclidean screening ranks rows by ``2 s_b - |x|^2`` (``|q - x|^2`` up to the
+  query's constant); a row left out has a real ``2 q.x - |x|^2`` at most
+  ``left + E``, ``E = 2 eps + 2 gamma_D X^2`` (the second term: the float32
+  ``|x|^2``), so its real squared distance is at least
+  ``|q|^2 - left - E``, and its float32 one at least ``(1 - c)`` times that,
+  ``c = 3u + 2 gamma_D`` (rounding of the differences, squares and sum). The
+  query is certified when that exceeds the k-th re-ranked distance squared
+  (times ``1 + 8u`` for the square root's rounding).
   """
+  euclidean = metric == "euclidean"
   n_shards = rows // shard
   m = min(m, rows)
   m_shard = min(m, shard)
   k_local = min(k_max, m)
+  u = 2.0 ** -24
+  g = gamma(dim)
 
-  def per_device(bank32, bank16, stats, queries):
+  def per_device(bank32, bank16, stats, sqnorms, queries):
     offset = jax.lax.axis_index("bank") * rows
     qh = queries.astype(jnp.bfloat16)
     eps = error_bound(queries, stats[0])
+    if euclidean:
+      x_max = stats[0, 0] * (1.0 + 2.0 * g)
+      eps = 2.0 * eps + 2.0 * g * x_max * x_max
     blocks = bank16.reshape(n_shards, shard, dim)
+    sq_blocks = sqnorms.reshape(n_shards, shard)
     q = queries.shape[0]
 
     def screen(inputs):
-      block, s = inputs
+      block, sq, s = inputs
       sims = jnp.einsum("qd,sd->qs", qh, block,
                         preferred_element_type=jnp.float32)
+      if euclidean:
+        sims = 2.0 * sims - sq[None, :]
       local = s * shard + jnp.arange(shard, dtype=jnp.int32)
       sims = jnp.where((offset + local < n_train)[None, :], sims, -jnp.inf)
       values, pos = jax.lax.top_k(sims, m_shard)
@@ -132,10 +161,10 @@ def screened_search(mesh: Mesh, n_train: int, rows: int, shard: int, m: int,
       return values, s * shard + pos, left
 
     if n_shards == 1:
-      values, pos, left = screen((blocks[0], jnp.int32(0)))
+      values, pos, left = screen((blocks[0], sq_blocks[0], jnp.int32(0)))
     else:
       values, pos, left = jax.lax.map(
-          screen, (blocks, jnp.arange(n_shards, dtype=jnp.int32)))
+          screen, (blocks, sq_blocks, jnp.arange(n_shards, dtype=jnp.int32)))
       values = jnp.transpose(values, (1, 0, 2)).reshape(q, n_shards * m_shard)
       pos = jnp.transpose(pos, (1, 0, 2)).reshape(q, n_shards * m_shard)
       left = jnp.max(left, axis=0)
@@ -148,21 +177,30 @@ def screened_search(mesh: Mesh, n_train: int, rows: int, shard: int, m: int,
 
     def rerank(inputs):
       query, rows_idx = inputs
-      return jnp.dot(bank32[rows_idx], query,
-                     precision=jax.lax.Precision.HIGHEST)
+      cand = bank32[rows_idx]
+      if euclidean:
+        return -jnp.sqrt(jnp.sum(jnp.square(query[None, :] - cand), axis=1))
+      return jnp.dot(cand, query, precision=jax.lax.Precision.HIGHEST)
 
-    exact = jax.lax.map(rerank, (queries, pos))
-    exact = jnp.where(offset + pos < n_train, exact, -jnp.inf)
-    best, sel = jax.lax.top_k(exact, k_local)
+    score = jax.lax.map(rerank, (queries, pos))
+    score = jnp.where(offset + pos < n_train, score, -jnp.inf)
+    best, sel = jax.lax.top_k(score, k_local)
     idx = offset + jnp.take_along_axis(pos, sel, axis=1)
     keys = jax.lax.all_gather(-best, "bank", axis=1, tiled=True)
     idx = jax.lax.all_gather(idx, "bank", axis=1, tiled=True)
     keys, idx = jax.lax.sort((keys, idx), dimension=1, num_keys=2)
     keys, idx = keys[:, :k_max], idx[:, :k_max]
     bound = jnp.max(jax.lax.all_gather(left + eps, "bank", axis=0), axis=0)
-    certified = bound < -jnp.max(keys, axis=1)        # the k-th similarity
+    kth = jnp.max(keys, axis=1)
+    if euclidean:
+      q2 = jnp.sum(jnp.square(queries), axis=1) * (1.0 - 2.0 * g)
+      lower = (1.0 - (3.0 * u + 2.0 * g)) * (q2 - bound)
+      certified = lower > kth * kth * (1.0 + 8.0 * u)
+    else:
+      certified = bound < -kth                        # the k-th similarity
     return keys, idx, certified
 
   return jax.jit(jax.shard_map(
-      per_device, mesh=mesh, in_specs=(P("bank"), P("bank"), P("bank"), P()),
+      per_device, mesh=mesh,
+      in_specs=(P("bank"), P("bank"), P("bank"), P("bank"), P()),
       out_specs=(P(), P(), P()), check_vma=False))

@@ -22,8 +22,8 @@ one ``lax.top_k``); the shards' lists are concatenated and cut to k once, and
 the per-device lists are merged into the global top-k. The full
 ``N_test x N_train`` matrix never exists (unless it fits the budget).
 
-Cosine search over a float32 bank can screen (``screen``; by default when the
-bank is large): candidates come from a bfloat16 matmul (3-4x faster than
+Search over a float32 bank can screen (``screen``; by default when the bank
+is large): candidates come from a bfloat16 matmul (3-4x faster than
 float32 on AMX CPUs and accelerators), are re-ranked with float32 dot
 products, and a rigorous error bound certifies per query that no other row
 can enter the top-k; uncertified queries are recomputed by the float32
@@ -105,11 +105,12 @@ def classify(train_features: np.ndarray,
       (similarities are accumulated in float32 either way; "bfloat16" is an
       approximate search).
     devices: devices over which the bank is split (default: all).
-    screen: cosine with a float32 bank only: find candidates with a bfloat16
-      matmul and re-rank them in float32 with a certificate
-      (``_knn_screen``); the neighbours are the float32 ones either way.
-      None (default): screen when the bank has at least
-      ``SCREEN_MIN_ROWS_PER_CANDIDATE`` rows per device per candidate.
+    screen: float32 bank only: find candidates with a bfloat16 matmul and
+      re-rank them in float32 with a certificate (``_knn_screen``); the
+      neighbours are the float32 ones either way. None (default): screen when
+      the bank has at least ``SCREEN_MIN_ROWS_PER_CANDIDATE`` rows per device
+      per candidate, and stop after the first query chunk if it certified
+      less than ``SCREEN_MIN_CERTIFIED`` of its queries.
     screen_candidates: candidates per query for screening (>= max(ks));
       default ``_knn_screen.candidates(max(ks))``.
 
@@ -458,35 +459,44 @@ def _neighbour_search(xtr, xte, k, metric, query_chunk, bank_shard, bank_dtype,
   keys ascending (-similarity or distance), ties by lower training index.
   """
   n_train, dim = xtr.shape
+  if len(xte) == 0:
+    return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
   if screen_candidates is not None and screen_candidates < k:
     raise ValueError(f"screen_candidates={screen_candidates} must be >= k={k}")
-  screenable = metric == "cosine" and bank_dtype == "float32"
-  if screen and not screenable:
-    raise ValueError("screen=True needs metric='cosine' and bank_dtype='float32'")
+  if screen and bank_dtype != "float32":
+    raise ValueError("screen=True needs bank_dtype='float32' (a bfloat16 bank "
+                     "is already an approximate search)")
   n_devices = len(jax.devices() if devices is None else devices)
   rows = -(-n_train // n_devices)
   m = min(screen_candidates or _knn_screen.candidates(k), rows)
   screen_forced = bool(screen)
   if screen is None:
-    screen = screenable and rows >= SCREEN_MIN_ROWS_PER_CANDIDATE * m
-  if screen and bank_shard is None:
+    screen = (bank_dtype == "float32"
+              and rows >= SCREEN_MIN_ROWS_PER_CANDIDATE * m)
+  exact_chunk = _chunk_size(query_chunk, metric, k, dim, len(xte))
+  if not screen:
+    mesh, bank, rows, shard = _place_bank(xtr, bank_shard, bank_dtype, devices,
+                                          exact_chunk)
+    exact = _search(mesh, n_train, rows, shard, k, metric)
+    return _run_chunks(lambda q: exact(bank, q), xte, exact_chunk, bank.dtype)[:2]
+
+  if bank_shard is None:
     # One screening top-k over the whole device block beats several shard
     # top-k's plus a merge: shrink the query chunk until a (chunk, rows)
     # float32 block fits the budget (the matmul stays efficient at >= 128).
     query_chunk = min(query_chunk,
                       max(128, SIMILARITY_BUDGET_BYTES // (4 * rows)))
-  chunk = _chunk_size(query_chunk, metric, k, dim, len(xte))
+  # (the screen re-ranks one query at a time: no (chunk, k, D) block to cap)
+  chunk = _chunk_size(query_chunk, "cosine", k, dim, len(xte))
   mesh, bank, rows, shard = _place_bank(xtr, bank_shard, bank_dtype, devices,
                                         chunk)
   m = min(m, rows)
   exact = _search(mesh, n_train, rows, shard, k, metric)
-  if not screen:
-    return _run_chunks(lambda q: exact(bank, q), xte, chunk, bank.dtype)[:2]
-
   stats = _knn_screen.bank_stats(mesh)(bank)
+  sqnorms = _knn_screen.bank_sqnorms(mesh)(bank)
   bank16 = bank.astype(jnp.bfloat16)
-  fn = _knn_screen.screened_search(mesh, n_train, rows, shard, m, k, dim)
-  screened = lambda q: fn(bank, bank16, stats, q)
+  fn = _knn_screen.screened_search(mesh, n_train, rows, shard, m, k, dim, metric)
+  screened = lambda q: fn(bank, bank16, stats, sqnorms, q)
   # The first chunk tells whether screening pays on this data: when most
   # similarities crowd within the bfloat16 error of the k-th (e.g. queries far
   # from every training example), few queries are certified and the float32
@@ -512,7 +522,7 @@ def _neighbour_search(xtr, xte, k, metric, query_chunk, bank_shard, bank_dtype,
                n - len(redo), n, len(redo))
   if len(redo):
     keys[redo], idx[redo] = _run_chunks(lambda q: exact(bank, q), xte[redo],
-                                        chunk, bank.dtype)
+                                        exact_chunk, bank.dtype)
   return keys, idx
 
 
