@@ -43,11 +43,13 @@ from __future__ import annotations
 
 import collections
 import functools
+import time
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -452,12 +454,24 @@ def _row_chunks(keys, idx, chunk):
     yield n, key, i
 
 
-def _neighbour_search(xtr, xte, k, metric, query_chunk, bank_shard, bank_dtype,
-                      devices, screen, screen_candidates):
+def _neighbour_search(xtr, xte, k, metric, *args, **kwargs):
   """Global top-k of every query: (keys, indices) NumPy arrays (N_test, k).
 
   keys ascending (-similarity or distance), ties by lower training index.
+  Arguments after ``metric``: see ``_search_all``.
   """
+  start = time.perf_counter()
+  out = _search_all(xtr, xte, k, metric, *args, **kwargs)
+  seconds = time.perf_counter() - start
+  logging.info("kNN (%s, k=%d): %d queries x %d training rows in %.2f s "
+               "(%.0f queries/s)", metric, k, len(xte), len(xtr), seconds,
+               len(xte) / max(seconds, 1e-9))
+  return out
+
+
+def _search_all(xtr, xte, k, metric, query_chunk, bank_shard, bank_dtype,
+                devices, screen, screen_candidates):
+  """``_neighbour_search`` without the timing log."""
   n_train, dim = xtr.shape
   if len(xte) == 0:
     return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
@@ -511,7 +525,7 @@ def _neighbour_search(xtr, xte, k, metric, query_chunk, bank_shard, bank_dtype,
   if screen_forced or certified[:first].mean() >= SCREEN_MIN_CERTIFIED:
     if first < n:
       keys[first:], idx[first:], certified[first:] = _run_chunks(
-          screened, xte[first:], chunk, bank.dtype)
+          screened, xte[first:], chunk, bank.dtype, desc="kNN screened search")
   else:
     logging.info("kNN: screening certified only %d of the first %d queries; "
                  "using the float32 search", certified.sum(), first)
@@ -522,16 +536,23 @@ def _neighbour_search(xtr, xte, k, metric, query_chunk, bank_shard, bank_dtype,
                n - len(redo), n, len(redo))
   if len(redo):
     keys[redo], idx[redo] = _run_chunks(lambda q: exact(bank, q), xte[redo],
-                                        exact_chunk, bank.dtype)
+                                        exact_chunk, bank.dtype,
+                                        desc="kNN float32 search")
   return keys, idx
 
 
-def _run_chunks(fn, queries, chunk, dtype):
+def _run_chunks(fn, queries, chunk, dtype, desc="kNN search"):
   """Runs ``fn`` on every query chunk (pipelined) and concatenates its outputs
-  (each (chunk, ...)), dropping the padding rows."""
+  (each (chunk, ...)), dropping the padding rows. Searches of several chunks
+  show a progress bar (queries/s) on process 0."""
   parts = []
-  for n, out in _ahead((n, fn(q)) for n, q in _query_chunks(queries, chunk, dtype)):
-    parts.append([np.asarray(o)[:n] for o in out])
+  with tqdm.tqdm(total=len(queries), unit="query", unit_scale=True,
+                 smoothing=0.1, desc=desc, leave=False,
+                 disable=jax.process_index() != 0 or len(queries) <= chunk) as bar:
+    for n, out in _ahead((n, fn(q))
+                         for n, q in _query_chunks(queries, chunk, dtype)):
+      parts.append([np.asarray(o)[:n] for o in out])
+      bar.update(n)
   if not parts:
     raise AssertionError("no queries")
   return [np.concatenate(p) for p in zip(*parts)]
