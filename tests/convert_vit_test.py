@@ -272,7 +272,7 @@ def test_caller_options_override_the_inferred_rule(tmp_path, caplog):
   ckpt, _, _ = _dino_full()
   model = _model(seed=0, pos_resize=TIMM)
   override = vit_keys.POS_INTERP_RULES["exact_size_antialias"]
-  with caplog.at_level(logging.INFO):
+  with caplog.at_level(logging.INFO, logger="absl"):
     variables, meta = convert_checkpoint(
         _save(tmp_path, ckpt), "vit_small_patch16",
         options={"depth": DEPTH, **override})

@@ -85,3 +85,22 @@ def test_unknown_probe():
   with pytest.raises(ValueError, match="unknown few-shot probes"):
     fewshot.run(np.zeros((4, 2)), np.array([0, 1, 0, 1]), np.zeros((2, 2)),
                 np.array([0, 1]), 2, probes=("svm",))
+
+
+def test_progress_bar_changes_no_number(capfd):
+  x, y = load_digits(return_X_y=True)
+  x = (x / 16.0).astype(np.float32)
+  kwargs = dict(setups=("1shot", "5shot"), probes=("leastsquares", "linear"),
+                tries=2, seed=3, l2=4.0, train_config=fewshot.linear.TrainConfig(
+                    epochs=3, batch_size=16, warmup_epochs=1))
+  capfd.readouterr()
+  quiet = fewshot.run(x[:600], y[:600], x[600:], y[600:], 10, progress=False,
+                      **kwargs)
+  assert "fewshot" not in capfd.readouterr().err
+  shown = fewshot.run(x[:600], y[:600], x[600:], y[600:], 10, progress=True,
+                      **kwargs)
+  err = capfd.readouterr().err
+  # one bar over (setup, probe, try); the linear fits inside show none
+  assert "fewshot" in err and "8/8" in err and "linear (" not in err
+  assert [r.metrics for r in shown] == [r.metrics for r in quiet]
+  assert len({r.mean for r in quiet}) > 1

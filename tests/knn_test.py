@@ -194,7 +194,7 @@ def test_screened_search_certificate_and_fallback(caplog, metric):
   tol = 1e-6 * np.abs(ref).max()
   for m, shard in ((18, 128), (18, None), (48, 100)):
     caplog.clear()
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):
       values, idx = knn.neighbours(xtr, xte, k, metric=metric, screen=True,
                                    screen_candidates=m, bank_shard=shard,
                                    query_chunk=50)
@@ -234,7 +234,7 @@ def test_automatic_screening_falls_back_when_it_does_not_pay(monkeypatch, caplog
   for xtr, switched in ((crowded, True), (clustered, False)):
     xtr = xtr.astype(np.float32)
     caplog.clear()
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):
       _, idx = knn.neighbours(xtr, xte, 20, query_chunk=30, screen_candidates=48)
     assert ("using the float32 search" in caplog.text) == switched, caplog.text
     assert "bfloat16 screening" in caplog.text

@@ -236,3 +236,25 @@ _TWO_PROCESSES = textwrap.dedent("""
 
 def test_two_processes_equal_one_process():
   multiprocess_util.run_two_processes(_TWO_PROCESSES)
+
+
+def test_progress_bar_changes_no_number(capfd, caplog):
+  x, y = _data(7, n=90)
+  configs = linear.grid(["x"], [0.05, 0.5], [1e-3], batchnorm=[False, True])
+  tc = linear.TrainConfig(epochs=3, batch_size=32, warmup_epochs=1, seed=4)
+  capfd.readouterr()
+  quiet = linear.train({"x": x}, y, 5, configs, tc, progress=False)
+  assert "linear (4 heads)" not in capfd.readouterr().err
+  with caplog.at_level("INFO", logger="absl"):
+    shown = linear.train({"x": x}, y, 5, configs, tc, progress=True)
+  err = capfd.readouterr().err
+  # the bar counts examples: 3 epochs x 90, with a rate in examples/s
+  assert "linear (4 heads)" in err and "270/270" in err and "ex/s" in err
+  assert "epoch=3/3" in err
+  assert "examples/s" in caplog.text  # the one absl line per training pass
+  for i in range(len(configs)):
+    np.testing.assert_array_equal(shown.weights[i], quiet.weights[i])
+    np.testing.assert_array_equal(shown.biases[i], quiet.biases[i])
+  for a, b in zip(shown.bn_stats["x"], quiet.bn_stats["x"]):
+    np.testing.assert_array_equal(a, b)
+  assert np.abs(quiet.weights[0]).max() > 0.05  # it trained

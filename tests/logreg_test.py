@@ -86,3 +86,18 @@ def test_bad_inputs():
     logreg.fit(x, np.array([0, 1, 0, 1]), 2, [0.0])
   with pytest.raises(ValueError, match="labels must lie"):
     logreg.fit(x, np.array([0, 1, 0, 5]), 2, [1.0])
+
+
+def test_progress_bar_changes_no_number(digits, capfd):
+  xtr, ytr, _, _ = digits
+  cs = [1e-2, 1.0, 0.1]
+  capfd.readouterr()
+  quiet = logreg.fit(xtr[:300], ytr[:300], 10, cs, max_iter=50, progress=False)
+  assert "logreg C" not in capfd.readouterr().err
+  shown = logreg.fit(xtr[:300], ytr[:300], 10, cs, max_iter=50, progress=True)
+  err = capfd.readouterr().err
+  # the rate reads C/s, or s/C when a solve takes over a second
+  assert "logreg C" in err and "3/3" in err and ("C/s" in err or "s/C" in err)
+  np.testing.assert_array_equal(shown[0], quiet[0])
+  np.testing.assert_array_equal(shown[1], quiet[1])
+  assert np.abs(quiet[0][1]).max() > np.abs(quiet[0][0]).max() > 0  # C matters

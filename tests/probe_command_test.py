@@ -305,3 +305,19 @@ def test_label_space_errors(files, imagenet_like, tmp_path):
                             pm.feature_meta("my_renditions", "test", 5, unknown)))
   with pytest.raises(ValueError, match="unknown label space 'my_renditions'"):
     command.run(dict(features_train=paths["train"], features_test=te))
+
+
+
+def test_progress_flag(files, capfd):
+  tr, te, _, _, _ = files
+  argv = ["--features-train", tr, "--features-test", te, "--protocol", "logreg",
+          "--c", "0.01,1", "--max-iter", "30"]
+  outputs = []
+  for extra in ([], ["--noprogress"]):  # default: bars on
+    command.define_flags()
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["probe"] + argv + extra)
+    command.main(["probe"])
+    outputs.append(capfd.readouterr())
+  assert "logreg C" in outputs[0].err and "logreg C" not in outputs[1].err
+  assert "logreg" in outputs[0].out and outputs[0].out == outputs[1].out

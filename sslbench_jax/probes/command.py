@@ -50,6 +50,9 @@ _FLAG_SPECS = (
      "did it; ranks by plain top-1, so needs single-label test labels); results "
      "are labelled so"),
     ("holdout", "float", 0.1, "fraction of every training class held out for selection"),
+    ("progress", "bool", True,
+     "progress bars with throughput on stderr (process 0; knn, linear, logreg, "
+     "fewshot); results do not depend on it"),
     # kNN
     ("knn_k", "list", ["10", "20", "100", "200"], "kNN: numbers of neighbours"),
     ("knn_metric", "string", "cosine", "kNN: cosine (DINO) or euclidean (Closer Look)"),
@@ -198,7 +201,8 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
                           metric=opts["knn_metric"],
                           temperature=opts["knn_temperature"],
                           zscore=opts["zscore"], bank_dtype=opts["bank_dtype"],
-                          query_chunk=opts["query_chunk"])
+                          query_chunk=opts["query_chunk"],
+                          progress=bool(opts["progress"]))
     for k in ks:
       hp = dict(k=k, metric=opts["knn_metric"], zscore=bool(opts["zscore"]))
       if opts["knn_metric"] == "cosine":
@@ -221,7 +225,8 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
                    ytr,
                    {n: fs.features for n, (_, fs) in zip(names, test_sources)},
                    yte, num_classes, configs, tc, holdout=opts["holdout"],
-                   select_on_test=opts["select_on_test"])
+                   select_on_test=opts["select_on_test"],
+                   progress=bool(opts["progress"]))
     hp = dict(r.selected.hparams(), epochs=tc.epochs, batch_size=bs,
               warmup_epochs=tc.warmup_epochs, clip_norm=tc.clip_norm,
               grid_size=len(configs), selection=r.selection)
@@ -232,7 +237,7 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
     cs = ([_float(v, "c") for v in opts["c"]] if opts["c"] else list(logreg.DEFAULT_CS))
     r = logreg.run(xtr, ytr, xte, yte, num_classes, cs, holdout=opts["holdout"],
                    seed=opts["seed"], select_on_test=opts["select_on_test"],
-                   max_iter=opts["max_iter"])
+                   max_iter=opts["max_iter"], progress=bool(opts["progress"]))
     hp = dict(C=r.selected_c, grid_size=len(cs), selection=r.selection)
     add_metrics("logreg", hp, r.test_scores)
 
@@ -255,7 +260,8 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
         probes=opts["fewshot_probes"], tries=opts["tries"], seed=opts["seed"],
         knn_k=opts["fewshot_k"], knn_metric=opts["knn_metric"],
         l2=opts["fewshot_l2"],
-        evaluate=lambda scores: _test_metrics.evaluate(scores, space, top5=False))
+        evaluate=lambda scores: _test_metrics.evaluate(scores, space, top5=False),
+        progress=bool(opts["progress"]))
     for r in results:
       hp = dict(setup=r.setup, per_class=r.per_class, tries=r.tries)
       if r.probe == "knn":

@@ -23,7 +23,9 @@ import dataclasses
 import math
 from typing import Callable, Mapping, Sequence
 
+import jax
 import numpy as np
+import tqdm
 
 from sslbench_jax.probes import knn, leastsquares, linear
 from sslbench_jax.probes._selection import topk_hits
@@ -141,6 +143,7 @@ def run(train_features: np.ndarray,
         head: linear.HeadConfig | None = None,
         train_config: linear.TrainConfig | None = None,
         evaluate: Callable[[np.ndarray], Mapping[str, float]] | None = None,
+        progress: bool = True,
         ) -> list[FewShotResult]:
   """Every (setup, probe) over ``tries`` subsets.
 
@@ -162,6 +165,8 @@ def run(train_features: np.ndarray,
       min(256, subset), 5 warmup epochs, clip 0.5).
     evaluate: (N_test, C) test scores -> ``{metric: %}`` (e.g. the test label
       space's metrics); default: top-1 against ``test_labels``.
+    progress: show a tqdm bar over the (setup, probe, try) evaluations on
+      process 0 (the probes inside run without bars of their own).
 
   Returns:
     One ``FewShotResult`` per (setup, probe), setups outer.
@@ -181,34 +186,42 @@ def run(train_features: np.ndarray,
     evaluate = lambda s: {"top1": float(100.0 * topk_hits(s, yte, (1,))[0] / len(yte))}
   head = head or linear.HeadConfig("x", lr=0.1)
   results = []
-  for setup in setups:
-    shots, fraction = parse_setup(setup)
-    per_class = per_class_count(ytr, num_classes, shots, fraction)
-    subsets = [sample_subset(ytr, num_classes, shots, fraction, seed, t)
-               for t in range(tries)]
-    for probe in probes:
-      values: dict[str, list[float]] = {}
-      for t, idx in enumerate(subsets):
-        scores = _scores(probe, xtr[idx], ytr[idx], xte, num_classes, knn_k,
-                         knn_metric, l2, head, train_config, seed + t)
-        for name, value in evaluate(scores).items():
-          values.setdefault(name, []).append(float(value))
-      accs = values.get("top1", [])
-      results.append(FewShotResult(
-          setup, probe, per_class, accs,
-          float(np.mean(accs)) if accs else math.nan,
-          float(np.std(accs)) if accs else math.nan, len(xte), values))
+  bar = tqdm.tqdm(total=len(setups) * len(probes) * tries, unit="fit",
+                  smoothing=0.1, desc="fewshot",
+                  disable=not progress or jax.process_index() != 0)
+  with bar:
+    for setup in setups:
+      shots, fraction = parse_setup(setup)
+      per_class = per_class_count(ytr, num_classes, shots, fraction)
+      subsets = [sample_subset(ytr, num_classes, shots, fraction, seed, t)
+                 for t in range(tries)]
+      for probe in probes:
+        values: dict[str, list[float]] = {}
+        for t, idx in enumerate(subsets):
+          bar.set_postfix(setup=setup, probe=probe, refresh=False)
+          scores = _scores(probe, xtr[idx], ytr[idx], xte, num_classes, knn_k,
+                           knn_metric, l2, head, train_config, seed + t)
+          # ``evaluate`` reads the scores on the host: the bar's step is real.
+          for name, value in evaluate(scores).items():
+            values.setdefault(name, []).append(float(value))
+          bar.update(1)
+        accs = values.get("top1", [])
+        results.append(FewShotResult(
+            setup, probe, per_class, accs,
+            float(np.mean(accs)) if accs else math.nan,
+            float(np.std(accs)) if accs else math.nan, len(xte), values))
   return results
 
 
 def _scores(probe, x, y, xte, num_classes, knn_k, knn_metric, l2, head,
             train_config, seed):
   if probe == "knn":
-    return knn.classify(x, y, xte, num_classes, ks=(knn_k,), metric=knn_metric)[knn_k]
+    return knn.classify(x, y, xte, num_classes, ks=(knn_k,), metric=knn_metric,
+                        progress=False)[knn_k]   # inside the few-shot bar
   if probe == "leastsquares":
     return leastsquares.predict(leastsquares.precompute(x, y, num_classes), xte, l2)
   tc = train_config or linear.TrainConfig(batch_size=min(256, len(y)))
   tc = dataclasses.replace(tc, seed=seed)
   cfg = dataclasses.replace(head, source="x")
-  heads = linear.train({"x": x}, y, num_classes, [cfg], tc)
+  heads = linear.train({"x": x}, y, num_classes, [cfg], tc, progress=False)
   return heads.logits({"x": xte}, 0)

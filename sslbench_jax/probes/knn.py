@@ -85,6 +85,7 @@ def classify(train_features: np.ndarray,
              devices: Sequence[jax.Device] | None = None,
              screen: bool | None = None,
              screen_candidates: int | None = None,
+             progress: bool = True,
              ) -> dict[int, np.ndarray]:
   """Scores every class for every test example by weighted kNN voting.
 
@@ -115,6 +116,8 @@ def classify(train_features: np.ndarray,
       less than ``SCREEN_MIN_CERTIFIED`` of its queries.
     screen_candidates: candidates per query for screening (>= max(ks));
       default ``_knn_screen.candidates(max(ks))``.
+    progress: show a progress bar (queries/s, process 0) for searches of
+      several query chunks.
 
   Returns:
     ``{k: scores}`` with scores a float32 NumPy array (N_test, C); the
@@ -134,7 +137,7 @@ def classify(train_features: np.ndarray,
   k_max = min(max(ks), n_train)
   keys, idx = _neighbour_search(xtr, xte, k_max, metric, query_chunk,
                                 bank_shard, bank_dtype, devices, screen,
-                                screen_candidates)
+                                screen_candidates, progress)
   ks_eff = tuple(min(k, n_train) for k in ks)
   vote = _vote(ks_eff, metric, float(temperature), num_classes)
   chunk = _chunk_size(query_chunk, "cosine", k_max, 1, len(xte))
@@ -163,7 +166,7 @@ def neighbours(train_features: np.ndarray,
     metric: "cosine" or "euclidean" (see ``classify``).
     zscore: standardise with training statistics first.
     **kwargs: ``query_chunk``, ``bank_shard``, ``bank_dtype``, ``devices``,
-      ``screen``, ``screen_candidates`` (see ``classify``).
+      ``screen``, ``screen_candidates``, ``progress`` (see ``classify``).
 
   Returns:
     ``(values, indices)``, each (N_test, min(k, N_train)), nearest first:
@@ -172,7 +175,8 @@ def neighbours(train_features: np.ndarray,
   """
   labels = np.zeros((len(train_features),), np.int64)
   options = dict(query_chunk=1024, bank_shard=None, bank_dtype="float32",
-                 devices=None, screen=None, screen_candidates=None)
+                 devices=None, screen=None, screen_candidates=None,
+                 progress=True)
   unknown = sorted(set(kwargs) - set(options))
   if unknown:
     raise ValueError(f"unknown arguments {unknown}")
@@ -470,7 +474,7 @@ def _neighbour_search(xtr, xte, k, metric, *args, **kwargs):
 
 
 def _search_all(xtr, xte, k, metric, query_chunk, bank_shard, bank_dtype,
-                devices, screen, screen_candidates):
+                devices, screen, screen_candidates, progress):
   """``_neighbour_search`` without the timing log."""
   n_train, dim = xtr.shape
   if len(xte) == 0:
@@ -492,7 +496,8 @@ def _search_all(xtr, xte, k, metric, query_chunk, bank_shard, bank_dtype,
     mesh, bank, rows, shard = _place_bank(xtr, bank_shard, bank_dtype, devices,
                                           exact_chunk)
     exact = _search(mesh, n_train, rows, shard, k, metric)
-    return _run_chunks(lambda q: exact(bank, q), xte, exact_chunk, bank.dtype)[:2]
+    return _run_chunks(lambda q: exact(bank, q), xte, exact_chunk, bank.dtype,
+                       progress=progress)[:2]
 
   if bank_shard is None:
     # One screening top-k over the whole device block beats several shard
@@ -521,11 +526,12 @@ def _search_all(xtr, xte, k, metric, query_chunk, bank_shard, bank_dtype,
   certified = np.zeros((n,), bool)
   first = min(chunk, n)
   keys[:first], idx[:first], certified[:first] = _run_chunks(
-      screened, xte[:first], chunk, bank.dtype)
+      screened, xte[:first], chunk, bank.dtype, progress=progress)
   if screen_forced or certified[:first].mean() >= SCREEN_MIN_CERTIFIED:
     if first < n:
       keys[first:], idx[first:], certified[first:] = _run_chunks(
-          screened, xte[first:], chunk, bank.dtype, desc="kNN screened search")
+          screened, xte[first:], chunk, bank.dtype, desc="kNN screened search",
+          progress=progress)
   else:
     logging.info("kNN: screening certified only %d of the first %d queries; "
                  "using the float32 search", certified.sum(), first)
@@ -537,18 +543,20 @@ def _search_all(xtr, xte, k, metric, query_chunk, bank_shard, bank_dtype,
   if len(redo):
     keys[redo], idx[redo] = _run_chunks(lambda q: exact(bank, q), xte[redo],
                                         exact_chunk, bank.dtype,
-                                        desc="kNN float32 search")
+                                        desc="kNN float32 search",
+                                        progress=progress)
   return keys, idx
 
 
-def _run_chunks(fn, queries, chunk, dtype, desc="kNN search"):
+def _run_chunks(fn, queries, chunk, dtype, desc="kNN search", progress=True):
   """Runs ``fn`` on every query chunk (pipelined) and concatenates its outputs
   (each (chunk, ...)), dropping the padding rows. Searches of several chunks
   show a progress bar (queries/s) on process 0."""
   parts = []
   with tqdm.tqdm(total=len(queries), unit="query", unit_scale=True,
                  smoothing=0.1, desc=desc, leave=False,
-                 disable=jax.process_index() != 0 or len(queries) <= chunk) as bar:
+                 disable=(not progress or jax.process_index() != 0
+                          or len(queries) <= chunk)) as bar:
     for n, out in _ahead((n, fn(q))
                          for n, q in _query_chunks(queries, chunk, dtype)):
       parts.append([np.asarray(o)[:n] for o in out])

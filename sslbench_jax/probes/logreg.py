@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Sequence
 
 from absl import logging
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import tqdm
 
 from sslbench_jax.probes._selection import select_and_refit, topk_percent
 
@@ -70,7 +72,8 @@ def fit(features: np.ndarray,
         cs: Sequence[float] = DEFAULT_CS,
         max_iter: int = 1000,
         tol: float = 1e-4,
-        chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+        chunk: int = 65536,
+        progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Fits one multinomial logistic regression per C.
 
   Args:
@@ -82,15 +85,18 @@ def fit(features: np.ndarray,
     tol: stop when the max-abs gradient of the scaled objective is below it
       (scikit-learn's lbfgs ``gtol``, same default and same scaling).
     chunk: examples per chunk of the data term (bounds memory).
+    progress: show a tqdm bar over the C values on process 0.
 
   Returns:
     (W (num_C, D, K), b (num_C, K)) float32 NumPy arrays.
   """
   x, y = _check(features, labels, num_classes)
-  return _fit(x, y, np.ones(len(x), bool), num_classes, cs, max_iter, tol, chunk)
+  return _fit(x, y, np.ones(len(x), bool), num_classes, cs, max_iter, tol, chunk,
+              progress)
 
 
-def _fit(x, y, mask, num_classes, cs, max_iter=1000, tol=1e-4, chunk=65536):
+def _fit(x, y, mask, num_classes, cs, max_iter=1000, tol=1e-4, chunk=65536,
+         progress=True):
   """``fit`` on the rows where ``mask`` is True. Masking (rather than slicing)
   keeps one array shape for the selection fit and the final refit, so the
   solver compiles once."""
@@ -111,9 +117,20 @@ def _fit(x, y, mask, num_classes, cs, max_iter=1000, tol=1e-4, chunk=65536):
   ws = np.zeros((len(cs), d, num_classes), np.float32)
   bs = np.zeros((len(cs), num_classes), np.float32)
   w, b = jnp.zeros((d, num_classes), jnp.float32), jnp.zeros((num_classes,), jnp.float32)
-  for i in np.argsort(cs, kind="stable"):  # strongest regularisation first
-    w, b = solve(xp, yp, mp, jnp.float32(cs[i]), w, b)
-    ws[i], bs[i] = np.asarray(w), np.asarray(b)
+  t0 = time.time()
+  # Every solve ends in a host read (the path is warm-started anyway), so the
+  # bar's per-C update adds no synchronisation.
+  with tqdm.tqdm(np.argsort(cs, kind="stable"), unit="C", smoothing=0.1,
+                 desc="logreg C",
+                 disable=not progress or jax.process_index() != 0) as bar:
+    for i in bar:  # strongest regularisation first
+      w, b = solve(xp, yp, mp, jnp.float32(cs[i]), w, b)
+      ws[i], bs[i] = np.asarray(w), np.asarray(b)
+      bar.set_postfix(C=f"{cs[i]:.3g}", refresh=False)
+  seconds = time.time() - t0
+  logging.info("logreg: %d C values on %d examples x %d dims in %.1fs "
+               "(%.2f C/s)", len(cs), int(mask.sum()), d, seconds,
+               len(cs) / max(seconds, 1e-9))
   return ws, bs
 
 
@@ -136,6 +153,7 @@ def run(train_features: np.ndarray,
         holdout: float = 0.1,
         seed: int = 0,
         select_on_test: bool = False,
+        progress: bool = True,
         **fit_kwargs) -> LogRegResult:
   """Selects C on held-out train, refits on all train, evaluates on test once.
 
@@ -152,6 +170,7 @@ def run(train_features: np.ndarray,
     seed: seeds the held-out split.
     select_on_test: "max over test" mode (fit on all train, report the best
       test accuracy over C; not a fair protocol; needs ``test_labels``).
+    progress: show a bar over the C values of each fit (see ``fit``).
     **fit_kwargs: ``max_iter``, ``tol``, ``chunk`` for ``fit``.
 
   Returns:
@@ -168,7 +187,8 @@ def run(train_features: np.ndarray,
     if rows is not None:
       mask[:] = False
       mask[rows] = True
-    w, b = _fit(x, y, mask, num_classes, [cs[i] for i in grid], **fit_kwargs)
+    w, b = _fit(x, y, mask, num_classes, [cs[i] for i in grid],
+                progress=progress, **fit_kwargs)
     where = {g: j for j, g in enumerate(grid)}
     return lambda i, feats: feats @ w[where[i]] + b[where[i]]
 
