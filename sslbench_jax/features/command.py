@@ -142,6 +142,8 @@ def run(opts: dict[str, Any]) -> dict[str, Any] | None:
       num_threads=opts["num_threads"], cache_root=opts["cache"], key=key,
       steps_per_shard=opts["steps_per_shard"], progress=opts["progress"],
       meta=dict(dataset=opts["dataset"] or dataset, data_dir=opts["data_dir"],
+                # the released checkpoint the weights were converted from
+                checkpoint_sha256=meta.get("checkpoint_sha256"),
                 images=opts["images"] and os.path.abspath(opts["images"]),
                 # label space, preprocessing detail of a registry dataset
                 source=source.describe() if hasattr(source, "describe") else None))

@@ -176,7 +176,10 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
   base = dict(
       model=opts.get("model") or train.meta.get("arch") or
       os.path.splitext(os.path.basename(path_tr0))[0],
-      checkpoint_sha256=str(train.meta.get("weights_sha256", "")),
+      # The released checkpoint's hash (recorded by convert, carried by
+      # features); the converted weights' own hash for other weights files.
+      checkpoint_sha256=str(train.meta.get("checkpoint_sha256")
+                            or train.meta.get("weights_sha256", "")),
       dataset=opts.get("dataset") or test.meta.get("dataset") or "unknown",
       split=str(test.meta.get("split") or "test"),
       seed=int(opts["seed"]), device_count=jax.device_count())
