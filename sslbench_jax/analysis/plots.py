@@ -37,6 +37,14 @@ def _save(fig, path: str) -> str:
   return path
 
 
+def _metric_label(table) -> str:
+  """Axis wording of the analysed metric; ``primary`` is top-1 on ImageNet val
+  and the transfer datasets (only ReaL/R/A differ, and they are not plotted
+  against)."""
+  metric = getattr(table, "metric", "top1")
+  return {"top1": "top-1", "primary": "top-1", "top5": "top-5"}.get(metric, metric)
+
+
 def _pretty_column(col: str) -> str:
   protocol, _, dataset = col.rpartition("/")
   shown = "mean OOD" if dataset == "mean_ood" else names.dataset_display(dataset)
@@ -149,8 +157,8 @@ def indomain_vs_ood_scatter(table, protocols: list[str], path: str,
       ax.set_title(f"{p}: not enough data", fontsize=10)
     idx = np.flatnonzero(ok)
     _place_labels(ax, x[idx], y[idx], [str(i + 1) for i in idx])
-    ax.set_xlabel(f"{names.dataset_display(x_dataset)} top-1 (%)")
-    ax.set_ylabel("mean out-of-domain top-1 (%)")
+    ax.set_xlabel(f"{names.dataset_display(x_dataset)} {_metric_label(table)} (%)")
+    ax.set_ylabel(f"mean out-of-domain {_metric_label(table)} (%)")
     ax.grid(alpha=0.3)
   for ax in list(axes.flat)[k:]:
     ax.axis("off")
@@ -243,9 +251,9 @@ def protocol_bars(table, protocol: str, comparison: list[dict], path: str) -> st
              for b, col in _BACKBONE_COLOURS.items() if b in {table.backbone.get(m) for m in models}]
   ax.legend(handles=handles + ax.get_legend_handles_labels()[0], loc="upper left",
             bbox_to_anchor=(1.01, 1.0), fontsize=8)
-  ax.set_xlabel(f"{names.dataset_display(names.IN_DOMAIN)} top-1 (%)")
+  ax.set_xlabel(f"{names.dataset_display(names.IN_DOMAIN)} {_metric_label(table)} (%)")
   ax.set_xlim(0, max(100.0, float(np.nanmax(vals)) + 5) if n else 100)
   ax.set_ylim(-0.7, n - 0.3)
   ax.grid(axis="x", alpha=0.3)
-  ax.set_title(f"{protocol}: ImageNet top-1 per model")
+  ax.set_title(f"{protocol}: ImageNet {_metric_label(table)} per model")
   return _save(fig, path)
