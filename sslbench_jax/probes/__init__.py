@@ -2,11 +2,12 @@
 labels, test features, number of classes, protocol settings):
 
 * ``knn``: DINO's weighted cosine kNN and the Closer Look Euclidean kNN,
-  memory-bounded and sharded over devices;
+  memory-bounded, sharded over devices, large banks searched through a
+  certified bfloat16 screen (``_knn_screen``);
 * ``linear``: many linear heads (lr x wd x BN x source x optimizer) trained in
   one jitted pass, selected on held-out train;
-* ``logreg``: L2 multinomial logistic regression, a C grid solved with
-  vmapped L-BFGS (scikit-learn's objective);
+* ``logreg``: L2 multinomial logistic regression, a C grid solved as a
+  warm-started L-BFGS regularisation path (scikit-learn's objective);
 * ``leastsquares``: big_vision's closed-form ridge classifier, one
   eigendecomposition for a whole l2 grid;
 * ``fewshot``: class-balanced k-shot / percent-of-labels subsets, several tries;

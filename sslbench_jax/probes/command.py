@@ -187,7 +187,18 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
   n_scored = {"real_top1": int(space.labels.any(1).sum())} if space.multi_label else {}
   rows = []
 
+  # How the features were made is part of every number's provenance.
+  feature_provenance = {k: train.meta[k] for k in ("preprocessing", "dtype")
+                        if train.meta.get(k) is not None}
+  if feature_provenance:
+    feature_provenance = {("features_" + k if k == "dtype" else k): v
+                          for k, v in feature_provenance.items()}
+  test_pre = test.meta.get("preprocessing")
+  if test_pre is not None and test_pre != train.meta.get("preprocessing"):
+    feature_provenance["test_preprocessing"] = test_pre
+
   def add(protocol_name, hparams, metric, value, n=None):
+    hparams = dict(feature_provenance, **hparams)
     rows.append(dict(base, protocol=protocol_name, hparams=hparams, metric=metric,
                      value=float(value),
                      n_examples=int(n if n is not None else
@@ -207,7 +218,8 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
                           query_chunk=opts["query_chunk"],
                           progress=bool(opts["progress"]))
     for k in ks:
-      hp = dict(k=k, metric=opts["knn_metric"], zscore=bool(opts["zscore"]))
+      hp = dict(k=k, metric=opts["knn_metric"], zscore=bool(opts["zscore"]),
+                bank_dtype=opts["bank_dtype"])
       if opts["knn_metric"] == "cosine":
         hp["temperature"] = opts["knn_temperature"]
       # kNN's top-5 never counts a class that got no vote.
@@ -232,7 +244,8 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
                    progress=bool(opts["progress"]))
     hp = dict(r.selected.hparams(), epochs=tc.epochs, batch_size=bs,
               warmup_epochs=tc.warmup_epochs, clip_norm=tc.clip_norm,
-              grid_size=len(configs), selection=r.selection)
+              grid_size=len(configs), selection=r.selection,
+              holdout=opts["holdout"])
     add_metrics("linear", hp, r.test_scores)
 
   elif protocol == "logreg":
@@ -241,7 +254,8 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
     r = logreg.run(xtr, ytr, xte, yte, num_classes, cs, holdout=opts["holdout"],
                    seed=opts["seed"], select_on_test=opts["select_on_test"],
                    max_iter=opts["max_iter"], progress=bool(opts["progress"]))
-    hp = dict(C=r.selected_c, grid_size=len(cs), selection=r.selection)
+    hp = dict(C=r.selected_c, grid_size=len(cs), selection=r.selection,
+              holdout=opts["holdout"], max_iter=opts["max_iter"])
     add_metrics("logreg", hp, r.test_scores)
 
   elif protocol == "leastsquares":
@@ -251,7 +265,8 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
     r = leastsquares.run(xtr, ytr, xte, yte, num_classes, l2s,
                          holdout=opts["holdout"], seed=opts["seed"],
                          select_on_test=opts["select_on_test"])
-    hp = dict(l2=r.selected_l2, grid_size=len(l2s), selection=r.selection)
+    hp = dict(l2=r.selected_l2, grid_size=len(l2s), selection=r.selection,
+              holdout=opts["holdout"])
     add_metrics("leastsquares", hp, r.test_scores)
 
   else:

@@ -27,8 +27,12 @@ is large): candidates come from a bfloat16 matmul (3-4x faster than
 float32 on AMX CPUs and accelerators), are re-ranked with float32 dot
 products, and a rigorous error bound certifies per query that no other row
 can enter the top-k; uncertified queries are recomputed by the float32
-search. The neighbours are those of the float32 similarities either way
-(``_knn_screen`` has the proof).
+search. For cosine the neighbours are those of the float32 similarities
+either way (``_knn_screen`` has the proof); for Euclidean the screened search
+returns the top-k of the directly computed float32 distances over the whole
+bank, while the float32 search picks its k by the expanded form
+``2 q.x - |x|^2`` before computing those distances, so the two can differ
+only on near-ties at the k-th place (float32 rounding of the expanded form).
 
 Tie rules (deterministic, independent of the device count and chunk sizes):
   * neighbours: among equal similarities/distances the training example with
@@ -60,7 +64,7 @@ METRICS = ("cosine", "euclidean")
 # ``bank_shard`` is not given. Bigger shards mean fewer top-k passes; 128 MB
 # keeps a 1024-query chunk against 32k bank rows in one matmul.
 SIMILARITY_BUDGET_BYTES = 128 << 20
-# ``screen=None`` screens (cosine, float32 bank) when a device holds at least
+# ``screen=None`` screens (float32 bank) when a device holds at least
 # this many bank rows per screened candidate: the bfloat16 matmul saves ~15 ns
 # per (query, row) on CPU, the float32 re-rank costs ~1.3 us per candidate
 # (BENCHMARKS.md), so screening pays from ~90 rows per candidate there.
