@@ -118,6 +118,19 @@ def test_run_with_options_dict(files):
     command.run(dict(features_train=tr, features_test=te, knn_kk=["5"]))
 
 
+def test_options_the_protocol_ignores_are_logged(files, caplog):
+  tr, te, *_ = files
+  with caplog.at_level("WARNING", logger="absl"):
+    command.run(dict(features_train=tr, features_test=te, protocol="leastsquares",
+                     l2=["8"], epochs=5, zscore=True))
+  assert "--protocol leastsquares does not use --epochs=5, --zscore=True" in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="absl"):
+    command.run(dict(features_train=tr, features_test=te, protocol="leastsquares",
+                     l2=["8"], holdout=0.2))
+  assert "does not use" not in caplog.text
+
+
 def test_linear_with_two_feature_sources(files, capsys):
   tr, te, x, y, d = files
   paths = {}

@@ -81,6 +81,21 @@ _FLAG_SPECS = (
     ("fewshot_l2", "float", 2.0 ** 10, "few-shot: l2 of the closed-form probe"),
     ("fewshot_k", "integer", 20, "few-shot: kNN neighbours"),
 )
+# Options every protocol reads, and those only some protocols read: setting
+# one the chosen protocol ignores is almost always a mistake, so it is logged.
+_COMMON_OPTIONS = frozenset({"features_train", "features_test", "protocol", "model",
+                             "dataset", "num_classes", "seed", "progress"})
+_PROTOCOL_OPTIONS = {
+    "knn": frozenset({"knn_k", "knn_metric", "knn_temperature", "zscore",
+                      "bank_dtype", "query_chunk"}),
+    "linear": frozenset({"select_on_test", "holdout", "lr", "weight_decay",
+                         "batchnorm", "optimizer", "epochs", "batch_size",
+                         "warmup_epochs", "clip_norm"}),
+    "logreg": frozenset({"select_on_test", "holdout", "c", "max_iter"}),
+    "leastsquares": frozenset({"select_on_test", "holdout", "l2"}),
+    "fewshot": frozenset({"setups", "fewshot_probes", "tries", "fewshot_l2",
+                          "fewshot_k", "knn_metric"}),
+}
 _DEFINE = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer,
            "float": flags.DEFINE_float, "bool": flags.DEFINE_bool,
            "list": flags.DEFINE_list}
@@ -147,6 +162,13 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
   protocol = opts["protocol"]
   if protocol not in PROTOCOLS:
     raise ValueError(f"--protocol must be one of {PROTOCOLS}, got {protocol!r}")
+  defaults = default_options()
+  ignored = sorted(k for k, v in opts.items()
+                   if k not in _COMMON_OPTIONS | _PROTOCOL_OPTIONS[protocol]
+                   and v != defaults[k])
+  if ignored:
+    logging.warning("--protocol %s does not use %s; ignored", protocol,
+                    ", ".join(f"--{k}={opts[k]!r}" for k in ignored))
   train_sources = _load_sources(opts, "features_train", io)
   test_sources = _load_sources(opts, "features_test", io)
   if len(train_sources) != len(test_sources):
