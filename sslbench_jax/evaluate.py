@@ -27,6 +27,11 @@ The test set is scored in its own label space (``probes/_test_metrics.py``:
 ``hparams.train_split``. Features of one (model, dataset, data_dir, split,
 preprocessing, representation) are extracted once per run and shared by every
 entry and protocol that needs them (e.g. ImageNet-1k train for all variants).
+ReaL features are not extracted when the run also needs the ImageNet val
+features of the same images (same data_dir and backend, preprocessing,
+representation): they are cut out of the val file (the rows of the images ReaL
+keeps, ReaL's multi-hot labels and meta, ``meta["derived_from"]``), so the val
+images go through the model once.
 
 Unknown keys anywhere are rejected with the list of valid ones. Every step is
 resumable: converted weights are reused when their input hash matches, features
@@ -224,6 +229,109 @@ def _features(weights_path: str, s: _Split, representation: str, config,
   return out
 
 
+def _needed_features(config: ml_collections.ConfigDict) -> set[tuple[_Split, str]]:
+  """Every (split, representation) some protocol of ``config`` reads."""
+  out = set()
+  for p in config.protocols.values():
+    for ds_name in p.datasets:
+      train, test = _splits(config.datasets[ds_name])
+      if p.type == "classify":
+        out.add((test, "logits"))
+      else:
+        out.update({(train, config.extraction.representation),
+                    (test, config.extraction.representation)})
+  return out
+
+
+def _real_val_split(s: _Split, splits: dict[_Split, str]) -> _Split | None:
+  """The ImageNet val split of this run that ReaL split ``s`` can be cut from.
+
+  That is an ``imagenet1k`` validation split of the config with the same
+  ``data_dir`` and preprocessing (representation and model are the caller's);
+  None for any other split or when the run has no such val split.
+  """
+  from sslbench_jax.data import registry as data_registry  # pylint: disable=g-import-not-at-top
+  if s.dataset != "imagenet_real":
+    return None
+  backend_split = data_registry.get_spec("imagenet_real").splits.get(s.split)
+  val_splits = data_registry.get_spec("imagenet1k").splits
+  for v in splits:
+    if (v.dataset == "imagenet1k" and v.data_dir == s.data_dir
+        and v.preprocessing == s.preprocessing
+        and val_splits.get(v.split) == backend_split):
+      return v
+  return None
+
+
+def _source_ids(src: Any) -> list[str]:
+  if hasattr(src, "ids"):
+    return list(src.ids())
+  return [src.read(i)[2] for i in range(len(src))]
+
+
+def _derive_real(val_path: str, s: _Split, workdir: str, tag: str) -> str | None:
+  """ReaL features cut out of ImageNet val features: ``features/tag.npz``.
+
+  Rows of the val images ReaL keeps, in ReaL's order, with ReaL's multi-hot
+  labels and the meta ``features`` writes for ``imagenet_real`` (plus
+  ``derived_from``): the same file as a direct extraction, without running the
+  model again. Both datasets are opened from the registry (no image is
+  decoded) to check that ReaL reads exactly the val images of ``val_path``.
+
+  Returns:
+    The written path, or None when ReaL does not read the same images (another
+    backend or file order) or val rows were skipped, so the caller extracts.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.data import dataset as dataset_lib  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.data import registry as data_registry  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.features import io  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.features import multihost  # pylint: disable=g-import-not-at-top
+  val = io.load(val_path)
+  preset = val.meta.get("preprocessing")
+  if val.meta.get("num_skipped") or val.meta.get("dataset") != "imagenet1k" or not preset:
+    return None  # rows no longer line up with the val images one to one
+  try:
+    val_ds = data_registry.open_dataset("imagenet1k", val.meta["split"], data_dir=s.data_dir,
+                                        preprocessing=preset)
+    real_ds = data_registry.open_dataset("imagenet_real", s.split, data_dir=s.data_dir,
+                                         preprocessing=preset)
+  except (ValueError, FileNotFoundError) as e:
+    logging.info("ReaL not derived from %s: %s", val_path, e)
+    return None
+  real_src = real_ds.source
+  # Same backend (not TFDS for one, a folder for the other), same images in
+  # the same order as the val rows.
+  if (not isinstance(real_src, dataset_lib.SubsetSource)
+      or type(real_src.source) is not type(val_ds.source)
+      or len(real_src.source) != len(val.features)
+      or not _source_ids(real_src.source) == _source_ids(val_ds.source) == val.ids.tolist()):
+    logging.info("ReaL does not read the val images of %s: extracting it", val_path)
+    return None
+  keep = np.asarray(real_src.indices, np.int64)
+  labels = val.labels[keep]
+  if real_src.label_fn is not None:
+    labels = [real_src.label_fn(int(k), val.labels[k], str(val.ids[k])) for k in keep]
+  if real_ds.label_space.multi_label:  # as Dataset.get hands them to extraction
+    labels = np.stack([np.asarray(l, np.int8) for l in labels])
+  else:
+    labels = np.asarray([int(l) for l in labels], val.labels.dtype)
+  meta = dict(val.meta, dataset="imagenet_real", split=s.split,
+              source=real_ds.describe(), num_examples=len(keep), num_skipped=0,
+              derived_from=dict(file=os.path.basename(val_path), dataset=val.meta["dataset"],
+                                split=val.meta["split"],
+                                cache_key=val.meta.get("cache_key")))
+  meta.pop("cache_key", None)  # no cache entry holds these rows
+  meta.pop("skipped_indices", None)
+  out = os.path.join(workdir, "features", f"{tag}.npz")
+  if jax.process_index() == 0:
+    io.save(out, io.FeatureSet(val.features[keep], labels, val.ids[keep], meta))
+    logging.info("wrote %s: %d ReaL rows of %s", out, len(keep), val_path)
+  multihost.sync(f"features {tag}")
+  return out
+
+
 def _classify_rows(test_path: str, base: dict[str, Any]) -> list[dict[str, Any]]:
   """The backbone's own classifier (logits features), scored in the test label space.
 
@@ -286,12 +394,20 @@ def iterate(config: ml_collections.ConfigDict, workdir: str, progress: _Progress
   rep = config.extraction.representation
   stems = _feature_stems(config.datasets)
   made: dict[tuple[str, _Split, str], str] = {}  # feature files written by this run
+  needed = _needed_features(config)
 
   def features(model_name: str, s: _Split, representation: str) -> str:
     if (model_name, s, representation) not in made:
-      made[model_name, s, representation] = _features(
-          _weights_path(workdir, model_name), s, representation, config, workdir,
-          f"{model_name}__{stems[s]}__{representation}")
+      tag = f"{model_name}__{stems[s]}__{representation}"
+      val = _real_val_split(s, stems)
+      # ReaL is a subset of ImageNet val: cut it out of the val features the
+      # run needs anyway rather than putting the same images through the
+      # model again.
+      path = None
+      if val is not None and (val, representation) in needed:
+        path = _derive_real(features(model_name, val, representation), s, workdir, tag)
+      made[model_name, s, representation] = path or _features(
+          _weights_path(workdir, model_name), s, representation, config, workdir, tag)
     return made[model_name, s, representation]
 
   for model_name, m in config.models.items():

@@ -265,13 +265,12 @@ def _feats(workdir, name):
 
 def test_variants_extract_train_features_once_and_name_test_sets(variants_run):
   workdir, _, summary, calls = variants_run
+  # ReaL's features are cut out of val's: its images go through the model once.
   assert sorted(calls) == sorted([
       ("imagenet1k", "train", "pre_logits"),  # once, for the three test sets
       ("imagenet1k", "validation", "pre_logits"), ("imagenet1k", "validation", "logits"),
-      ("imagenet_real", "validation", "pre_logits"),
-      ("imagenet_real", "validation", "logits"),
       ("imagenet_r", "test", "pre_logits"), ("imagenet_r", "test", "logits")])
-  assert len(os.listdir(os.path.join(workdir, "cache"))) == 7  # one cache entry each
+  assert len(os.listdir(os.path.join(workdir, "cache"))) == 5  # one cache entry each
   assert sorted(os.listdir(os.path.join(workdir, "features"))) == sorted(
       f"lite0__{n}.npz" for n in (
           "imagenet__train__pre_logits", "imagenet__validation__pre_logits",
@@ -360,6 +359,91 @@ def test_variants_knn_trained_on_imagenet_matches_sklearn_on_each_test_set(varia
     got = {r["metric"]: r["value"] for r in rows if r["dataset"] == dataset}
     assert got == pytest.approx(expected, abs=1e-4), dataset
     assert {r["n_examples"] for r in rows if r["dataset"] == dataset} == {n}
+
+
+@pytest.fixture(scope="module")
+def direct_real(variants_run, tmp_path_factory):
+  """ReaL extracted directly (no derivation), as a run without val would."""
+  workdir, data, _, _ = variants_run
+  config = _variants_config(data)
+  _, real = evaluate._splits(config.datasets.imagenet_real)  # pylint: disable=protected-access
+  weights = os.path.join(workdir, "weights", "lite0.npz")
+  out = str(tmp_path_factory.mktemp("direct_real"))
+  return {rep: io.load(evaluate._features(  # pylint: disable=protected-access
+      weights, real, rep, config, out, f"real__{rep}")) for rep in ("pre_logits", "logits")}
+
+
+@pytest.mark.parametrize("rep", ["pre_logits", "logits"])
+def test_variants_real_derived_from_val_equals_direct_extraction(variants_run, direct_real,
+                                                                 rep):
+  workdir, _, _, _ = variants_run
+  derived = _feats(workdir, f"{_TEST_FILES['imagenet_real']}__{rep}")
+  direct = direct_real[rep]
+  val = _feats(workdir, f"{_TEST_FILES['imagenet1k']}__{rep}")
+  # Val image 1 has an empty ReaL set: ReaL is val images 2..12, in val order.
+  assert direct.ids.tolist() == _VAL[1:] == val.ids.tolist()[1:]
+  np.testing.assert_array_equal(derived.ids, direct.ids)
+  assert derived.features.dtype == direct.features.dtype == np.float32
+  np.testing.assert_array_equal(derived.features, direct.features)
+  np.testing.assert_array_equal(derived.features, val.features[1:])
+  assert derived.labels.dtype == direct.labels.dtype == np.int8
+  np.testing.assert_array_equal(derived.labels, direct.labels)
+  # Multi-hot rows are the ReaL sets of the shipped label file, read here.
+  sets = _real_sets()
+  expected = np.zeros((11, 1000), np.int8)
+  for k, name in enumerate(_VAL[1:]):
+    expected[k, sorted(sets[name])] = 1
+  np.testing.assert_array_equal(derived.labels, expected)
+  # The meta is the direct extraction's, except that it names its val file
+  # instead of a cache entry.
+  assert derived.meta.pop("derived_from") == dict(
+      file=f"lite0__{_TEST_FILES['imagenet1k']}__{rep}.npz", dataset="imagenet1k",
+      split="validation", cache_key=val.meta["cache_key"])
+  direct_meta = dict(direct.meta)
+  assert direct_meta.pop("cache_key") != val.meta["cache_key"]
+  assert derived.meta == direct_meta
+  assert (derived.meta["dataset"], derived.meta["split"], derived.meta["num_examples"],
+          derived.meta["source"]["label_space"]["name"]) == (
+              "imagenet_real", "validation", 11, "imagenet_real")
+
+
+def test_variants_real_rows_are_those_of_direct_features(variants_run, direct_real,
+                                                         tmp_path):
+  workdir, _, _, _ = variants_run
+  rows = [r for r in _rows(workdir) if r["dataset"] == "imagenet_real"]
+  path = str(tmp_path / "direct_logits.npz")
+  io.save(path, direct_real["logits"])
+  base = dict(model="lite0", dataset="imagenet_real")
+  expected = {(r["metric"], r["value"], r["n_examples"])
+              for r in evaluate._classify_rows(path, base)}  # pylint: disable=protected-access
+  assert {(r["metric"], r["value"], r["n_examples"]) for r in rows
+          if r["protocol"] == "classify"} == expected
+
+
+def test_variants_real_not_derived_from_other_images(variants_run, tmp_path):
+  workdir, data, _, _ = variants_run
+  config = _variants_config(data)
+  val = _feats(workdir, f"{_TEST_FILES['imagenet1k']}__pre_logits")
+  _, real = evaluate._splits(config.datasets.imagenet_real)  # pylint: disable=protected-access
+  # Val rows in another order are not the images ReaL reads: no derived file.
+  shuffled = str(tmp_path / "val.npz")
+  io.save(shuffled, io.FeatureSet(val.features[::-1], val.labels[::-1], val.ids[::-1],
+                                  val.meta))
+  os.makedirs(tmp_path / "features")
+  assert evaluate._derive_real(shuffled, real, str(tmp_path), "r") is None  # pylint: disable=protected-access
+  assert os.listdir(tmp_path / "features") == []
+
+
+def test_real_derived_only_from_val_of_the_same_images_and_preprocessing():
+  val = evaluate._Split("imagenet1k", "/in", "val", None)  # pylint: disable=protected-access
+  others = [evaluate._Split("imagenet1k", "/other", "validation", None),  # pylint: disable=protected-access
+            evaluate._Split("imagenet1k", "/in", "validation", "crop_square"),  # pylint: disable=protected-access
+            evaluate._Split("imagenet1k", "/in", "train", None)]  # pylint: disable=protected-access
+  real = evaluate._Split("imagenet_real", "/in", "validation", None)  # pylint: disable=protected-access
+  pick = evaluate._real_val_split  # pylint: disable=protected-access
+  assert pick(real, {s: "" for s in others + [val]}) == val  # "val" aliases "validation"
+  assert pick(real, {s: "" for s in others}) is None
+  assert pick(val, {val: ""}) is None  # only ReaL is derived
 
 
 def test_variants_rerun_does_nothing(variants_run):
