@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from sslbench_jax.probes import _shard_top_k
+
 
 def gamma(dim: int) -> float:
   """Higham's gamma_D for float32: bound on the relative error of a D-term sum."""
@@ -62,6 +64,13 @@ def candidates(k: int) -> int:
   return -(-m // 8) * 8
 
 
+def _split_norms(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Row norms of x, of its bfloat16 rounding xh, and of the residual x - xh."""
+  high = x.astype(jnp.bfloat16).astype(jnp.float32)
+  return (jnp.linalg.norm(x, axis=1), jnp.linalg.norm(high, axis=1),
+          jnp.linalg.norm(x - high, axis=1))
+
+
 def error_bound(queries: jax.Array, stats: jax.Array) -> jax.Array:
   """Per query, a bound on ``|fl32(q.x) - fl32(bf16(q).bf16(x))|`` over rows x.
 
@@ -75,10 +84,7 @@ def error_bound(queries: jax.Array, stats: jax.Array) -> jax.Array:
   dim = queries.shape[-1]
   slack = 2.0 * gamma(dim)
   inflate = 1.0 + 2.0 * gamma(dim)
-  high = queries.astype(jnp.bfloat16).astype(jnp.float32)
-  nq = jnp.linalg.norm(queries, axis=1) * inflate
-  nqh = jnp.linalg.norm(high, axis=1) * inflate
-  nql = jnp.linalg.norm(queries - high, axis=1) * inflate
+  nq, nqh, nql = (n * inflate for n in _split_norms(queries))
   x, xh, xl = stats[0] * inflate, stats[1] * inflate, stats[2] * inflate
   return nql * x + nqh * xl + slack * (nqh * xh + nq * x) + 1e-30
 
@@ -88,10 +94,7 @@ def bank_stats(mesh: Mesh):
   """Jitted bank -> (n_devices, 3): per device max |x|, |bf16(x)|, |x - bf16(x)|."""
 
   def per_device(bank):
-    high = bank.astype(jnp.bfloat16).astype(jnp.float32)
-    norms = (jnp.linalg.norm(bank, axis=1), jnp.linalg.norm(high, axis=1),
-             jnp.linalg.norm(bank - high, axis=1))
-    return jnp.stack([jnp.max(n) for n in norms])[None]
+    return jnp.stack([jnp.max(n) for n in _split_norms(bank)])[None]
 
   return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P("bank"),
                                out_specs=P("bank"), check_vma=False))
@@ -129,7 +132,6 @@ def screened_search(mesh: Mesh, n_train: int, rows: int, shard: int, m: int,
   euclidean = metric == "euclidean"
   n_shards = rows // shard
   m = min(m, rows)
-  m_shard = min(m, shard)
   k_local = min(k_max, m)
   u = 2.0 ** -24
   g = gamma(dim)
@@ -143,35 +145,18 @@ def screened_search(mesh: Mesh, n_train: int, rows: int, shard: int, m: int,
       eps = 2.0 * eps + 2.0 * g * x_max * x_max
     blocks = bank16.reshape(n_shards, shard, dim)
     sq_blocks = sqnorms.reshape(n_shards, shard)
-    q = queries.shape[0]
 
-    def screen(inputs):
-      block, sq, s = inputs
+    def score(inputs, s):
+      block, sq = inputs
       sims = jnp.einsum("qd,sd->qs", qh, block,
                         preferred_element_type=jnp.float32)
       if euclidean:
         sims = 2.0 * sims - sq[None, :]
       local = s * shard + jnp.arange(shard, dtype=jnp.int32)
-      sims = jnp.where((offset + local < n_train)[None, :], sims, -jnp.inf)
-      values, pos = jax.lax.top_k(sims, m_shard)
-      # (XLA:CPU turns top_k + a slice of its last column into a full sort;
-      # min over the row is the same number without that slow path.)
-      left = (jnp.min(values, axis=1) if m_shard < shard
-              else jnp.full((q,), -jnp.inf, jnp.float32))
-      return values, s * shard + pos, left
+      return jnp.where((offset + local < n_train)[None, :], sims, -jnp.inf)
 
-    if n_shards == 1:
-      values, pos, left = screen((blocks[0], sq_blocks[0], jnp.int32(0)))
-    else:
-      values, pos, left = jax.lax.map(
-          screen, (blocks, sq_blocks, jnp.arange(n_shards, dtype=jnp.int32)))
-      values = jnp.transpose(values, (1, 0, 2)).reshape(q, n_shards * m_shard)
-      pos = jnp.transpose(pos, (1, 0, 2)).reshape(q, n_shards * m_shard)
-      left = jnp.max(left, axis=0)
-      if n_shards * m_shard > m:
-        values, sel = jax.lax.top_k(values, m)
-        pos = jnp.take_along_axis(pos, sel, axis=1)
-        left = jnp.maximum(left, jnp.min(values, axis=1))
+    _, pos, left = _shard_top_k.block_top_k(score, (blocks, sq_blocks),
+                                            n_shards, shard, m)
     # Index order, so that the re-rank's top_k breaks ties by lower index.
     pos = jnp.sort(pos, axis=1)
 
@@ -182,14 +167,11 @@ def screened_search(mesh: Mesh, n_train: int, rows: int, shard: int, m: int,
         return -jnp.sqrt(jnp.sum(jnp.square(query[None, :] - cand), axis=1))
       return jnp.dot(cand, query, precision=jax.lax.Precision.HIGHEST)
 
-    score = jax.lax.map(rerank, (queries, pos))
-    score = jnp.where(offset + pos < n_train, score, -jnp.inf)
-    best, sel = jax.lax.top_k(score, k_local)
+    exact = jax.lax.map(rerank, (queries, pos))
+    exact = jnp.where(offset + pos < n_train, exact, -jnp.inf)
+    best, sel = jax.lax.top_k(exact, k_local)
     idx = offset + jnp.take_along_axis(pos, sel, axis=1)
-    keys = jax.lax.all_gather(-best, "bank", axis=1, tiled=True)
-    idx = jax.lax.all_gather(idx, "bank", axis=1, tiled=True)
-    keys, idx = jax.lax.sort((keys, idx), dimension=1, num_keys=2)
-    keys, idx = keys[:, :k_max], idx[:, :k_max]
+    keys, idx = _shard_top_k.gather_top_k(-best, idx, k_max)
     bound = jnp.max(jax.lax.all_gather(left + eps, "bank", axis=0), axis=0)
     kth = jnp.max(keys, axis=1)
     if euclidean:

@@ -58,6 +58,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sslbench_jax.probes import _knn_screen
+from sslbench_jax.probes import _shard_top_k
 
 METRICS = ("cosine", "euclidean")
 # Largest (query chunk x bank shard) float32 similarity block per device when
@@ -148,7 +149,7 @@ def classify(train_features: np.ndarray,
   outputs = {k: [] for k in ks}
   for n, scores_per_k in _ahead(
       (n, vote(jnp.asarray(key), jnp.asarray(ytr[i])))
-      for n, key, i in _row_chunks(keys, idx, chunk)):
+      for n, (key, i) in _padded_chunks(chunk, keys, idx)):
     for k, scores in zip(ks, scores_per_k):
       outputs[k].append(np.asarray(scores)[:n])
   return {k: (np.concatenate(v) if v else np.zeros((0, num_classes), np.float32))
@@ -325,15 +326,17 @@ def _chunk_size(query_chunk, metric, k, dim, n_queries):
   return -(-n_queries // steps)
 
 
-def _query_chunks(queries, chunk, dtype):
-  """Yields (n_valid, chunk) with the last chunk zero-padded to full size so
-  that every step has one shape (one compilation)."""
-  for start in range(0, len(queries), chunk):
-    q = queries[start:start + chunk]
-    n = len(q)
+def _padded_chunks(chunk, *arrays):
+  """Yields (n_valid, blocks): ``chunk`` rows of every array, the last block
+  zero-padded to full size so that every step has one shape (one
+  compilation); the caller drops the padded rows."""
+  for start in range(0, len(arrays[0]), chunk):
+    blocks = [a[start:start + chunk] for a in arrays]
+    n = len(blocks[0])
     if n < chunk:
-      q = np.concatenate([q, np.zeros((chunk - n, q.shape[1]), np.float32)])
-    yield n, jnp.asarray(q, dtype)
+      blocks = [np.concatenate([b, np.zeros((chunk - n,) + b.shape[1:], b.dtype)])
+                for b in blocks]
+    yield n, blocks
 
 
 def _ahead(results, depth=2):
@@ -349,13 +352,8 @@ def _ahead(results, depth=2):
 
 
 def _local_top_k(bank, queries, *, rows, shard, k, metric, n_train):
-  """Top-k of one device's bank block.
-
-  Each shard of the block gives its exact top-min(k, S) with one matmul and one
-  ``lax.top_k``; the shard lists are concatenated in shard order and cut to k
-  with one more ``lax.top_k`` (no running merge after every shard). On equal
-  values ``lax.top_k`` keeps the lower position, and positions follow global
-  indices, so ties go to the lower training index.
+  """Top-k of one device's bank block (``_shard_top_k.block_top_k``: one
+  matmul and one ``lax.top_k`` per shard, ties to the lower training index).
 
   Returns (keys, indices): keys ascending (-similarity or distance), ties by
   lower global index; indices global.
@@ -363,15 +361,12 @@ def _local_top_k(bank, queries, *, rows, shard, k, metric, n_train):
   offset = jax.lax.axis_index("bank") * rows
   n_shards = rows // shard
   blocks = bank.reshape(n_shards, shard, bank.shape[-1])
-  q = queries.shape[0]
-  k_shard = min(k, shard)
   # float32 banks are searched exactly (accelerators would otherwise use
   # bfloat16 passes); a bfloat16 bank has already chosen speed over exactness.
   precision = (jax.lax.Precision.HIGHEST if bank.dtype == jnp.float32
                else jax.lax.Precision.DEFAULT)
 
-  def shard_top_k(inputs):
-    block, s = inputs
+  def score(block, s):
     dots = jnp.einsum("qd,sd->qs", queries, block, precision=precision,
                       preferred_element_type=jnp.float32)
     if metric == "euclidean":
@@ -379,19 +374,9 @@ def _local_top_k(bank, queries, *, rows, shard, k, metric, n_train):
       sq = jnp.sum(jnp.square(block.astype(jnp.float32)), axis=1)
       dots = 2.0 * dots - sq[None, :]
     local = s * shard + jnp.arange(shard, dtype=jnp.int32)
-    dots = jnp.where((offset + local < n_train)[None, :], dots, -jnp.inf)
-    values, pos = jax.lax.top_k(dots, k_shard)
-    return values, s * shard + pos
+    return jnp.where((offset + local < n_train)[None, :], dots, -jnp.inf)
 
-  if n_shards == 1:
-    best_v, local = shard_top_k((blocks[0], jnp.int32(0)))
-  else:
-    values, local = jax.lax.map(
-        shard_top_k, (blocks, jnp.arange(n_shards, dtype=jnp.int32)))
-    values = jnp.transpose(values, (1, 0, 2)).reshape(q, n_shards * k_shard)
-    local = jnp.transpose(local, (1, 0, 2)).reshape(q, n_shards * k_shard)
-    best_v, pos = jax.lax.top_k(values, k)
-    local = jnp.take_along_axis(local, pos, axis=1)
+  best_v, local, _ = _shard_top_k.block_top_k(score, blocks, n_shards, shard, k)
   best_i = offset + local
 
   if metric == "cosine":
@@ -416,10 +401,7 @@ def _search(mesh, n_train, rows, shard, k_max, metric):
   def per_device(bank, queries):
     keys, idx = _local_top_k(bank, queries, rows=rows, shard=shard, k=k_local,
                              metric=metric, n_train=n_train)
-    keys = jax.lax.all_gather(keys, "bank", axis=1, tiled=True)
-    idx = jax.lax.all_gather(idx, "bank", axis=1, tiled=True)
-    keys, idx = jax.lax.sort((keys, idx), dimension=1, num_keys=2)
-    return keys[:, :k_max], idx[:, :k_max]
+    return _shard_top_k.gather_top_k(keys, idx, k_max)
 
   return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("bank"), P()),
                                out_specs=(P(), P()), check_vma=False))
@@ -448,18 +430,6 @@ def _vote(ks, metric, temperature, num_classes):
     return tuple(out)
 
   return fn
-
-
-def _row_chunks(keys, idx, chunk):
-  """Yields (n_valid, keys, idx) blocks of ``chunk`` rows, the last one padded
-  (one compilation); the caller drops the padded rows."""
-  for start in range(0, len(keys), chunk):
-    key, i = keys[start:start + chunk], idx[start:start + chunk]
-    n = len(key)
-    if n < chunk:
-      key = np.concatenate([key, np.ones((chunk - n, key.shape[1]), key.dtype)])
-      i = np.concatenate([i, np.zeros((chunk - n, i.shape[1]), i.dtype)])
-    yield n, key, i
 
 
 def _neighbour_search(xtr, xte, k, metric, *args, **kwargs):
@@ -561,8 +531,8 @@ def _run_chunks(fn, queries, chunk, dtype, desc="kNN search", progress=True):
                  smoothing=0.1, desc=desc, leave=False,
                  disable=(not progress or jax.process_index() != 0
                           or len(queries) <= chunk)) as bar:
-    for n, out in _ahead((n, fn(q))
-                         for n, q in _query_chunks(queries, chunk, dtype)):
+    for n, out in _ahead((n, fn(jnp.asarray(q, dtype)))
+                         for n, (q,) in _padded_chunks(chunk, queries)):
       parts.append([np.asarray(o)[:n] for o in out])
       bar.update(n)
   if not parts:
