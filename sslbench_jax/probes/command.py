@@ -210,11 +210,9 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
   rows = []
 
   # How the features were made is part of every number's provenance.
-  feature_provenance = {k: train.meta[k] for k in ("preprocessing", "dtype")
-                        if train.meta.get(k) is not None}
-  if feature_provenance:
-    feature_provenance = {("features_" + k if k == "dtype" else k): v
-                          for k, v in feature_provenance.items()}
+  feature_provenance = {name: train.meta[key] for name, key in
+                        (("preprocessing", "preprocessing"), ("features_dtype", "dtype"))
+                        if train.meta.get(key) is not None}
   test_pre = test.meta.get("preprocessing")
   if test_pre is not None and test_pre != train.meta.get("preprocessing"):
     feature_provenance["test_preprocessing"] = test_pre
