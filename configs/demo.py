@@ -18,6 +18,7 @@ report land in the workdir. Expected: ImageNet samples top-1 ~ 0.9 (see README).
 
 import os
 
+from absl import logging
 import ml_collections
 
 from sslbench_jax.config_utils import parse_arg
@@ -61,6 +62,10 @@ def get_config(arg=None):
                                           test_split="test", data_dir=_SAMPLES,
                                           preprocessing="smoke_32" if arg.tiny else None)
     c.protocols["classify"] = dict(type="classify", datasets=["imagenet_samples"])
+  else:
+    logging.warning("demo: no ImageNet samples at %s; skipping the ImageNet "
+                    "classification part (set SSLBENCH_SHARED to the shared/ "
+                    "folder to run it)", _SAMPLES)
   c.extraction = dict(representation="pre_logits", dtype="float32",
                       batch_size_per_device=64, steps_per_shard=8)
   c.analysis = dict(n_boot=200 if arg.tiny else 1000, n_perm=200 if arg.tiny else 1000)
