@@ -126,7 +126,13 @@ def test_canonical_dataset(name, split, expected):
     ("beit_v2_vitb16", "beit_v2", "ViT", "generative"),
     ("mae", "mae", "ViT", "generative"),
     ("my_new_model_vit_base", None, "ViT", "unknown"),
-    ("resnet50_supervised", None, "ResNet", "unknown"),
+    ("resnet50_supervised", "supervised", "ResNet", "supervised"),
+    ("resnet50_random_init", None, "ResNet", "unknown"),
+    ("PCL v2 (200ep)", "pcl_v2", "ResNet", "discriminative"),
+    ("obow_rn50", "obow", "ResNet", "discriminative"),
+    ("VICReg", "vicreg", "ResNet", "discriminative"),
+    ("moco_v1_resnet50", "moco_v1", "ResNet", "discriminative"),
+    ("simclr_v2_r50_1x_sk0", "simclr_v2", "ResNet", "discriminative"),
 ])
 def test_parse_model_name(name, method, backbone, family):
   info = names.parse_model_name(name)

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import SHARED
 from sslbench_jax.analysis import baselines
+from sslbench_jax.analysis import names
 from sslbench_jax.analysis import table as table_lib
 
 SHARED_CSV = os.path.join(SHARED, "reference", "published_baselines.csv")
@@ -78,4 +79,66 @@ def test_compare_deltas_and_flags():
 def test_protocol_normalisation():
   assert baselines.normalize_protocol("linear (ImageNet-1k val; frozen backbone)") == "linear"
   assert baselines.normalize_protocol("k-NN (ImageNet-1k val)") == "knn"
-  assert baselines.normalize_protocol("supervised end-to-end") == "supervised end-to-end"
+  assert baselines.normalize_protocol("supervised end-to-end") == "classify"
+
+
+def _published_rows():
+  path = SHARED_CSV if os.path.exists(SHARED_CSV) else None
+  return baselines.load_baselines(path)
+
+
+# Framework part of each published row -> the method key names.py must give.
+_FRAMEWORKS = {"DINO": "dino", "SwAV": "swav", "DeepCluster-v2": "deepcluster_v2",
+               "SeLa-v2": "sela_v2", "MoCo v1": "moco_v1", "MoCo v2": "moco_v2",
+               "SimCLR v1": "simclr", "SimCLR v2": "simclr_v2", "PCL v1": "pcl_v1",
+               "PCL v2": "pcl_v2", "BYOL": "byol", "SimSiam": "simsiam", "OBoW": "obow",
+               "Barlow Twins": "barlowtwins", "VICReg": "vicreg",
+               "Supervised": "supervised"}
+
+
+def test_every_published_framework_is_recognised_and_matched():
+  rows = _published_rows()
+  frameworks = {b.method.split(" (")[0] for b in rows}
+  assert frameworks == set(_FRAMEWORKS)  # the table's frameworks, written out
+  for b in rows:
+    fw = b.method.split(" (")[0]
+    key = _FRAMEWORKS[fw]
+    assert baselines.framework_of(b.method) == key, b.method
+    assert (key, "ResNet") in baselines.MODEL_TO_BASELINE, key
+    # Typical model names of that framework's ResNet-50 get one of its rows.
+    compact = fw.lower().replace(" ", "_").replace("-", "_")
+    for model in (f"{compact}_rn50", f"{compact}_resnet50", f"{fw} ResNet-50",
+                  f"{key}_r50"):
+      assert names.parse_model_name(model).method == key, model
+      matched, _ = baselines.baselines_for_model(model, rows)
+      assert matched and {baselines.framework_of(m.method) for m in matched} == {key}, model
+
+
+@pytest.mark.parametrize("model,expected", [
+    ("moco_v2_200ep_rn50", "MoCo v2 (200ep)"),       # epochs pick the release
+    ("moco_v2_800ep_rn50", "MoCo v2 (800ep)"),
+    ("swav_400ep_rn50", "SwAV (800ep; bs4096; 2x224+6x96)"),  # 2 releases of 400ep: default
+    ("pcl_v1_rn50", "PCL v1 (200ep)"),
+    ("PCL v2", "PCL v2 (200ep)"),
+    ("pcl_rn50", None),                              # v1 or v2: not guessed
+    ("moco_rn50", None),
+    ("obow_resnet50", "OBoW (200ep; bs256)"),
+    ("vicreg_rn50", "VICReg (1000ep)"),
+    ("vicregl_rn50", None),                          # a different method
+    ("simclr_v2_r50_1x_sk0", "SimCLR v2 (r50_1x_sk0)"),
+    ("simclr_v2_r50_1x_sk1", None),                  # selective kernels: another network
+    ("mocov1_rn50", "MoCo v1 (200ep)"),
+    ("supervised_rn50", "Supervised (torchvision v1 weights; reference)"),
+])
+def test_new_framework_matching(model, expected):
+  matched, _ = baselines.baselines_for_model(model, baselines.load_baselines())
+  assert ({b.method for b in matched} or {None}) == {expected}
+
+
+def test_supervised_baseline_compares_the_classify_protocol():
+  rows = [{"model": "supervised_rn50", "dataset": "imagenet", "split": "validation",
+           "protocol": "classify", "metric": "top1", "value": "76.0",
+           "n_examples": "50000"}]
+  out = baselines.compare(table_lib.table_from_rows(rows))
+  assert len(out) == 1 and out[0]["protocol"] == "classify"
+  assert out[0]["delta"] == pytest.approx(76.0 - 76.156)

@@ -38,6 +38,14 @@ MODEL_TO_BASELINE: dict[tuple[str, str], tuple[str, str]] = {
                             "epochs differ: our checkpoint is MMSelfSup 200ep"),
     ("barlowtwins", "ResNet"): ("Barlow Twins (1000ep; bs2048)",
                                 "epochs differ: our checkpoint is MMSelfSup 300ep"),
+    ("moco_v1", "ResNet"): ("MoCo v1 (200ep)", ""),
+    ("simclr_v2", "ResNet"): ("SimCLR v2 (r50_1x_sk0)", ""),
+    ("pcl_v1", "ResNet"): ("PCL v1 (200ep)", ""),
+    ("pcl_v2", "ResNet"): ("PCL v2 (200ep)", ""),
+    ("obow", "ResNet"): ("OBoW (200ep; bs256)", ""),
+    ("vicreg", "ResNet"): ("VICReg (1000ep)", ""),
+    ("supervised", "ResNet"): ("Supervised (torchvision v1 weights; reference)",
+                               "torchvision's supervised ResNet-50 (v1 weights)"),
 }
 
 
@@ -53,13 +61,28 @@ class Baseline:
 
 
 def normalize_protocol(text: str) -> str:
-  """Published protocol text -> our protocol name ("linear", "knn", ...)."""
+  """Published protocol text -> our protocol name ("linear", "knn", ...).
+
+  A supervised network's published accuracy is that of its own classifier
+  head: our ``classify`` protocol.
+  """
   t = text.strip().lower()
   if t.startswith("linear"):
     return "linear"
   if t.replace("-", "").startswith("knn"):
     return "knn"
+  if t.startswith("supervised"):
+    return "classify"
   return t
+
+
+def framework_of(published_method: str) -> str | None:
+  """Method key (``names.METHODS``) of a published row's ``method`` cell.
+
+  The cell is "<framework> (<release details>)", e.g. "PCL v2 (200ep)";
+  the framework part is read with ``names.parse_model_name``.
+  """
+  return names.parse_model_name(published_method.split(" (")[0]).method
 
 
 def load_baselines(path: str | None = None) -> list[Baseline]:
@@ -89,12 +112,22 @@ def load_baselines(path: str | None = None) -> list[Baseline]:
 
 
 def baselines_for_model(model: str, baselines: list[Baseline]) -> tuple[list[Baseline], str]:
-  """The published rows matching one of our model names, and the match note."""
+  """The published rows matching one of our model names, and the match note.
+
+  The release is ``MODEL_TO_BASELINE``'s, unless the name gives epochs
+  (``moco_v2_200ep``) and exactly one published release of that framework
+  has them ("MoCo v2 (200ep)").
+  """
   info = names.parse_model_name(model)
   entry = MODEL_TO_BASELINE.get((info.method, info.backbone))
   if entry is None:
     return [], ""
   method, note = entry
+  if info.epochs is not None:
+    same = {b.method for b in baselines if framework_of(b.method) == info.method
+            and f"({info.epochs}ep" in b.method}
+    if len(same) == 1:
+      method, note = same.pop(), ""
   return [b for b in baselines if b.method == method], note
 
 

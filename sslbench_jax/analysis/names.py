@@ -40,10 +40,19 @@ METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "milan": ("MILAN", "generative", ("ViT",)),
     "eva": ("EVA", "generative", ("ViT",)),
     "pixmim": ("PixMIM", "generative", ("ViT",)),
+    # Further frameworks of published_baselines.csv (the "Benchmark Lottery"
+    # study's 12 ResNet-50 frameworks and the releases users compare with).
+    "moco_v1": ("MoCo v1", "discriminative", ("ResNet",)),
+    "simclr_v2": ("SimCLR v2", "discriminative", ("ResNet",)),
+    "pcl_v1": ("PCL v1", "discriminative", ("ResNet",)),
+    "pcl_v2": ("PCL v2", "discriminative", ("ResNet",)),
+    "obow": ("OBoW", "discriminative", ("ResNet",)),
+    "vicreg": ("VICReg", "discriminative", ("ResNet",)),
+    "supervised": ("Supervised", "supervised", ("ResNet", "ViT")),
 }
 
 # Compact spellings (lower case, punctuation removed) -> method key.
-_ALIASES: dict[str, str] = {k.replace("_", ""): k for k in METHODS}
+_ALIASES: dict[str, str | None] = {k.replace("_", ""): k for k in METHODS}
 _ALIASES.update({
     "npid++": "npid_plusplus", "npidpp": "npid_plusplus",
     "siamsiam": "simsiam",  # the study's repo key has this typo
@@ -53,6 +62,11 @@ _ALIASES.update({
     "barlow": "barlowtwins",
     "mocov2": "moco_v2", "mocov3": "moco_v3",
     "beitv2": "beit_v2", "beit2": "beit_v2",
+    "mocov1": "moco_v1",
+    "simclrv2": "simclr_v2", "simclr2": "simclr_v2",
+    "pclv1": "pcl_v1", "pclv2": "pcl_v2",
+    "barlowtwin": "barlowtwins",
+    "vicregl": None,  # VICRegL is a different method: never read as VICReg
 })
 
 # Backbone spellings inside a compacted name, longest first.
@@ -60,6 +74,10 @@ _BACKBONE_RE = re.compile(
     r"(resnet50|resnet|rn50|r50|vitbasepatch16224|vitbasepatch16|vitbase16|"
     r"vitb16|vitbase|vitb|vit)")
 _EPOCHS_RE = re.compile(r"^\d+(ep|epoch|epochs|e)$")
+# Tokens that name no method: SimCLR v2's "1x" width and "sk0" (no selective
+# kernels) of the plain ResNet-50 release. Other widths / SK variants are
+# different networks and stay in the name (so they are not matched).
+_NEUTRAL_TOKENS = ("1x", "sk0")
 
 UNKNOWN = "unknown"
 
@@ -71,11 +89,14 @@ class ModelInfo:
   Attributes:
     method: key in ``METHODS`` or None when not recognised.
     backbone: "ResNet", "ViT" or "unknown".
-    method_family: "discriminative", "generative" or "unknown".
+    method_family: "discriminative", "generative", "supervised" or
+      "unknown".
+    epochs: pre-training epochs named in the model name (``800ep``), if any.
   """
   method: str | None
   backbone: str
   method_family: str
+  epochs: int | None = None
 
 
 def parse_model_name(name: str) -> ModelInfo:
@@ -94,7 +115,10 @@ def parse_model_name(name: str) -> ModelInfo:
     ``ModelInfo``; ``method`` None when no rule matches.
   """
   tokens = [t for t in re.split(r"[^a-z0-9+]+", name.lower()) if t]
-  compact = "".join(t for t in tokens if not _EPOCHS_RE.match(t))
+  compact = "".join(t for t in tokens
+                    if not _EPOCHS_RE.match(t) and t not in _NEUTRAL_TOKENS)
+  epoch_tokens = [int(re.match(r"\d+", t).group()) for t in tokens if _EPOCHS_RE.match(t)]
+  epochs = epoch_tokens[0] if len(epoch_tokens) == 1 else None
   backbone = UNKNOWN
   m = _BACKBONE_RE.search(compact)
   if m:
@@ -102,11 +126,11 @@ def parse_model_name(name: str) -> ModelInfo:
     compact = compact[:m.start()] + compact[m.end():]
   method = _ALIASES.get(compact)
   if method is None:
-    return ModelInfo(None, backbone, UNKNOWN)
+    return ModelInfo(None, backbone, UNKNOWN, epochs)
   _, fam, backbones = METHODS[method]
   if backbone == UNKNOWN and len(backbones) == 1:
     backbone = backbones[0]
-  return ModelInfo(method, backbone, fam)
+  return ModelInfo(method, backbone, fam, epochs)
 
 
 # ----------------------------------------------------------------- datasets
