@@ -365,6 +365,10 @@ def read_checkpoint(path: str) -> tuple[Any, str]:
   fmt = sniff_format(path)
   reader = {"torch_zip": _read_torch_zip, "torch_legacy": _read_torch_legacy,
             "safetensors": _read_safetensors, "npz": _read_npz}[fmt]
+  # Other frameworks' release formats; their modules import this one.
+  from sslbench_jax.convert import haiku_pickle  # pylint: disable=import-outside-toplevel
+  if fmt == "torch_legacy" and haiku_pickle.is_plain_pickle(path):
+    fmt, reader = "haiku_pickle", haiku_pickle.read_byol_pickle
   try:
     return reader(path), fmt
   except ConversionError as e:
