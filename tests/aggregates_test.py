@@ -1,9 +1,12 @@
 """Aggregates, ranks and rank changes on small hand-computed tables."""
 
+import json
+
 import numpy as np
 import pytest
 
 from sslbench_jax.analysis import aggregates
+from sslbench_jax.analysis import correlations
 from sslbench_jax.analysis import names
 from sslbench_jax.analysis import table as table_lib
 
@@ -145,3 +148,84 @@ def test_protocol_label():
   assert names.protocol_label("knn", "") == "knn"
   with pytest.raises(ValueError, match="not JSON"):
     names.protocol_label("linear", "{oops")
+
+
+def _study_rows(values):
+  """Rows as configs/closer_look.py's run stores them (tests/closer_look_smoke_test.py):
+  entries knn, knn_norm, linear (batchnorm false), linear_bn (batchnorm true).
+
+  values: {(model, entry): top1}
+  """
+  common = {"representation": "pre_logits", "train_dataset": "cifar100",
+            "train_split": "train", "preprocessing": "smoke_32", "features_dtype": "float32"}
+  hp = {"knn": dict(k=20, metric="euclidean", zscore=False, bank_dtype="float32",
+                    protocol_type="knn"),
+        "knn_norm": dict(k=20, metric="euclidean", zscore=True, bank_dtype="float32",
+                         protocol_type="knn"),
+        "linear": dict(source="pre_logits", lr=0.4, weight_decay=0.0, batchnorm=False,
+                       optimizer="sgd", epochs=100, batch_size=1024, warmup_epochs=5,
+                       clip_norm=0.5, grid_size=1, selection="holdout", holdout=0.1,
+                       protocol_type="linear"),
+        "linear_bn": dict(source="pre_logits", lr=0.4, weight_decay=0.0, batchnorm=True,
+                          optimizer="sgd", epochs=100, batch_size=1024, warmup_epochs=5,
+                          clip_norm=0.5, grid_size=1, selection="holdout", holdout=0.1,
+                          protocol_type="linear")}
+  rows = []
+  for (model, entry), v in values.items():
+    for metric, value in (("top1", v), ("top5", min(100.0, v + 20))):
+      rows.append({"model": model, "dataset": "cifar100", "split": "test",
+                   "protocol": entry, "hparams": json.dumps({**common, **hp[entry]}),
+                   "metric": metric, "value": str(value), "n_examples": "16"})
+  return rows
+
+
+def test_study_config_linear_bn_pairs_with_linear():
+  models = ["simclr", "moco_v2", "moco_v3_vitb16", "mae"]
+  rng = np.random.default_rng(0)
+  values = {}
+  for m in models:
+    for entry in ("knn", "knn_norm", "linear", "linear_bn"):
+      values[(m, entry)] = float(np.round(rng.uniform(20, 80), 2))
+  t = table_lib.table_from_rows(_study_rows(values))
+  assert t.protocols == ["knn", "knn_norm", "linear", "linear+bn"]
+  rows = correlations.bn_effect_table(t, n_boot=200, n_perm=200, seed=0)
+  # Groups: all models, ResNet (simclr, moco_v2), ViT (moco_v3_vitb16, mae).
+  by_group = {(r["dataset"], r["group"]): r for r in rows}
+  assert set(by_group) == {(d, g) for d in ("cifar100", "mean_ood")
+                           for g in ("all", "ResNet", "ViT")}
+  diff = np.array([values[(m, "linear_bn")] - values[(m, "linear")] for m in models])
+  r = by_group[("cifar100", "all")]
+  assert r["protocol"] == "linear" and r["n_models"] == 4
+  assert r["mean_diff"] == pytest.approx(diff.mean(), abs=1e-12)
+  assert r["n_improved"] == int(np.sum(diff > 0))
+  assert by_group[("cifar100", "ViT")]["mean_diff"] == pytest.approx(diff[2:].mean())
+  # Every sign pattern of 4 differences is one of 16: the sign-flip p-value
+  # converges to the exact one (share of patterns with |mean| >= observed).
+  signs = np.array(np.meshgrid(*[[-1, 1]] * 4)).reshape(4, -1).T
+  exact = np.mean(np.abs((signs * diff).mean(axis=1)) >= abs(diff.mean()) - 1e-12)
+  assert r["p_value"] == pytest.approx(exact, abs=0.08)
+
+
+def test_bn_selected_in_a_sweep_is_not_a_separate_protocol():
+  # The demo's linear entry sweeps batchnorm=[false, true]: one row per
+  # (model, dataset), BN on for some models. Still one protocol.
+  rows = []
+  for m, bn, v in (("a", True, 80), ("b", False, 70), ("c", True, 60)):
+    rows += _rows({(m, "digits"): (v, 360)}, hparams=json.dumps({"batchnorm": bn}))
+  t = table_lib.table_from_rows(rows)
+  assert t.protocols == ["linear"] and len(t.models) == 3
+  assert table_lib.bn_selected_protocols(rows) == {"linear"}
+
+
+@pytest.mark.parametrize("name,hparams,expected", [
+    ("linear_bn", {"batchnorm": True}, "linear+bn"),
+    ("linear-BN", {"batchnorm": True}, "linear+bn"),
+    ("linear+bn", {"batchnorm": True}, "linear+bn"),
+    ("linear_batchnorm", {"batchnorm": True}, "linear+bn"),
+    ("linear", {"batchnorm": True}, "linear+bn"),
+    ("linear", {"batchnorm": False}, "linear"),
+    ("knn_norm", {"zscore": True}, "knn_norm"),
+])
+def test_protocol_label_drops_bn_marker(name, hparams, expected):
+  assert names.protocol_label(name, hparams) == expected
+  assert names.protocol_label(name, hparams, bn_selected=True) == name

@@ -207,25 +207,48 @@ def dataset_display(key: str) -> str:
 
 # "batchnorm" is what probes.linear records.
 _BN_KEYS = ("batchnorm", "final_batch_norm", "use_final_batch_norm", "batch_norm", "bn")
+# A BatchNorm marker at the end of a protocol (config entry) name: the study
+# config's "linear_bn" entry is "linear" with BN, and must pair with "linear".
+_BN_SUFFIX_RE = re.compile(r"[_+-](bn|batchnorm|batch_norm)$", re.IGNORECASE)
+BN_SUFFIX = "+bn"
 
 
-def protocol_label(protocol: str, hparams: str | dict | None = None) -> str:
-  """Protocol name, suffixed ``+bn`` when the hparams say BatchNorm before head.
-
-  Args:
-    protocol: e.g. ``"linear"``.
-    hparams: dict or JSON string of the run's hyper-parameters.
-
-  Returns:
-    e.g. ``"linear"`` or ``"linear+bn"``.
-  """
+def _hparams_dict(protocol: str, hparams: str | dict | None) -> dict:
   if isinstance(hparams, str):
     try:
       hparams = json.loads(hparams) if hparams.strip() else {}
     except json.JSONDecodeError:
       raise ValueError(f"hparams of protocol {protocol!r} is not JSON: "
                        f"{hparams[:60]!r}") from None
-  if isinstance(hparams, dict) and any(hparams.get(k) for k in _BN_KEYS):
-    if not protocol.endswith("+bn"):
-      return protocol + "+bn"
-  return protocol
+  return hparams if isinstance(hparams, dict) else {}
+
+
+def uses_batchnorm(protocol: str, hparams: str | dict | None) -> bool:
+  """Whether a row's hparams say BatchNorm before the head."""
+  hp = _hparams_dict(protocol, hparams)
+  return any(hp.get(k) for k in _BN_KEYS)
+
+
+def protocol_label(protocol: str, hparams: str | dict | None = None,
+                   bn_selected: bool = False) -> str:
+  """Protocol name, labelled ``<base>+bn`` when BatchNorm before the head is set.
+
+  The label of a BN run is its name without a trailing BN marker (``_bn``,
+  ``-bn``, ``+bn``, ``_batchnorm``) plus ``+bn``, so a config entry
+  ``linear_bn`` (``batchnorm=true``) becomes ``linear+bn`` and pairs with the
+  ``linear`` entry in the BatchNorm-effect analysis.
+
+  Args:
+    protocol: e.g. ``"linear"`` or ``"linear_bn"``.
+    hparams: dict or JSON string of the run's hyper-parameters.
+    bn_selected: BN on/off was chosen by model selection (a grid over both):
+      then it is a selected hyper-parameter like the learning rate, not part
+      of the protocol, and the name is kept as it is.
+
+  Returns:
+    e.g. ``"linear"`` or ``"linear+bn"``.
+  """
+  if bn_selected or not uses_batchnorm(protocol, hparams):
+    _hparams_dict(protocol, hparams)  # still reject hparams that are not JSON
+    return protocol
+  return _BN_SUFFIX_RE.sub("", protocol) + BN_SUFFIX

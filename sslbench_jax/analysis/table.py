@@ -4,7 +4,10 @@ Input is the CSV export of the results store (columns ``model, dataset, split,
 protocol, metric, value, n_examples`` at least; optional ``hparams``,
 ``backbone``, ``method_family``) or the ``.jsonl`` store itself. Dataset names
 are canonicalised (``names.canonical_dataset``) and protocols labelled
-``+bn`` when the hparams ask for BatchNorm before the head.
+``<name>+bn`` when the hparams ask for BatchNorm before the head (a trailing
+``_bn`` of the name dropped, so the study config's ``linear_bn`` entry pairs
+with ``linear``), unless BN on/off was a selected hyper-parameter of a sweep
+(``bn_selected_protocols``).
 
 Metric ``primary`` (``PRIMARY``) keeps, per measurement, its test set's main
 metric, selected by ``results.store.primary_mask``: ``real_top1`` on ImageNet
@@ -196,10 +199,43 @@ def _canonical_hparams(hparams) -> str:
     return hparams  # not JSON: compared as written
 
 
+def bn_selected_protocols(rows: list[dict[str, str]]) -> set[str]:
+  """Protocol names whose BatchNorm setting was picked by model selection.
+
+  A linear sweep over ``batchnorm=[false, true]`` stores, per (model,
+  dataset), the selected head: BN on for some models, off for others, never
+  both for one measurement. Labelling those ``+bn`` would split one protocol
+  into two half-filled ones. Separate runs with BN fixed on and off instead
+  leave both settings on the same (model, dataset, metric) cell. So a name
+  counts as BN-selected when its rows hold both settings but no cell holds
+  both.
+
+  Args:
+    rows: results rows (``protocol``, ``hparams``, ``model``, ``dataset``,
+      ``split``, ``metric``).
+
+  Returns:
+    The protocol names whose rows keep their name regardless of BN.
+  """
+  settings: dict[str, set[bool]] = collections.defaultdict(set)
+  cells: dict[tuple, set[bool]] = collections.defaultdict(set)
+  for r in rows:
+    p = r["protocol"]
+    bn = names.uses_batchnorm(p, r.get("hparams"))
+    settings[p].add(bn)
+    cells[(p, r["model"], r["dataset"], r.get("split", ""), r["metric"])].add(bn)
+  both_in_a_cell = {k[0] for k, v in cells.items() if len(v) > 1}
+  return {p for p, v in settings.items() if len(v) > 1 and p not in both_in_a_cell}
+
+
 def table_from_rows(rows: list[dict[str, str]], metric: str | None = "top1",
                     source: str = "rows") -> ResultsTable:
   """Builds a ``ResultsTable`` from row dicts (see ``load_results``)."""
   metric = resolve_metric(rows, metric)
+  bn_selected = bn_selected_protocols(rows)
+  if bn_selected:
+    logging.info("%s: BatchNorm was a selected hyper-parameter of %s (not split "
+                 "into +bn protocols)", source, sorted(bn_selected))
   keep = (_primary_keep(rows) if metric == PRIMARY
           else [r["metric"] == metric for r in rows])
   acc: dict[tuple, list[tuple[float, int]]] = collections.defaultdict(list)
@@ -219,7 +255,8 @@ def table_from_rows(rows: list[dict[str, str]], metric: str | None = "top1",
     if not math.isfinite(value):
       raise ValueError(f"{source}: row {i + 1} value is {value}")
     model = r["model"]
-    key = (model, names.protocol_label(r["protocol"], r.get("hparams")),
+    key = (model, names.protocol_label(r["protocol"], r.get("hparams"),
+                                       r["protocol"] in bn_selected),
            names.canonical_dataset(r["dataset"], r.get("split", "")))
     acc[key].append((value, n))
     info = names.parse_model_name(model)
