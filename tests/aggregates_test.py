@@ -50,7 +50,8 @@ def test_aggregates_table_excludes_variants_and_splits_bn_protocol():
   t = table_lib.table_from_rows(rows)
   assert t.protocols == ["linear", "linear+bn"]
   assert t.benchmark_datasets == ["imagenet", "cub"]
-  out = {(r["model"], r["protocol"]): r for r in aggregates.aggregates(t)}
+  out = {(r["model"], r["protocol"]): r for r in aggregates.aggregates(t)
+         if r["suite"] == "benchmark"}
   assert out[("a", "linear")]["mean"] == pytest.approx(70.0)
   assert out[("a", "linear")]["weighted_mean"] == pytest.approx(
       (80 * 50000 + 60 * 5794) / 55794)
@@ -102,6 +103,12 @@ def test_load_results_errors(tmp_path):
     ("imagenet2012_real", "validation", "imagenet_real"),
     ("imagenet2012", "real", "imagenet_real"),
     ("imagenet_v2/matched-frequency", "test", "imagenet_v2"),
+    ("imagenet_v2", "test", "imagenet_v2"),
+    ("imagenet_v2/threshold-0.7", "test", "imagenet_v2_threshold"),
+    ("imagenet_v2_threshold", "test", "imagenet_v2_threshold"),
+    ("imagenet_v2/topimages", "test", "imagenet_v2_top"),
+    ("imagenet_v2_top", "test", "imagenet_v2_top"),
+    ("imagenet_v2_unknown_version", "test", "imagenet_v2_unknown_version"),
     ("imagenet_r", "test", "imagenet_r"),
     ("imagenet-a", "test", "imagenet_a"),
     ("imagenet_sketch", "test", "imagenet_sketch"),

@@ -46,9 +46,10 @@ def test_analyze_command_outputs(tmp_path):
     assert (out / name).stat().st_size > 0, name
   assert not (out / "report.html").exists()
   agg = _read(out / "aggregates.csv")
-  assert len(agg) == len(MODELS) * 2
+  assert len(agg) == len(MODELS) * 2 * 2  # 2 protocols x 2 suites
   # Arithmetic mean over the 4 benchmark datasets (variants excluded).
-  r = next(r for r in agg if r["model"] == "mae_vitb16" and r["protocol"] == "knn")
+  r = next(r for r in agg if r["model"] == "mae_vitb16" and r["protocol"] == "knn"
+           and r["suite"] == "benchmark")
   vals = [x["value"] for x in rows if x["model"] == "mae_vitb16" and x["protocol"] == "knn"
           and x["dataset"] in DATASETS]
   assert float(r["mean"]) == pytest.approx(np.mean(vals), abs=1e-9)
@@ -77,15 +78,15 @@ def test_report_command_from_jsonl_store(tmp_path):
 
 def test_bad_input_gives_one_line_error(tmp_path):
   proc = _cli("analyze", f"--results={tmp_path / 'missing.csv'}", f"--out={tmp_path}")
-  assert proc.returncode == 1
-  assert proc.stderr.strip().splitlines()[-1] == (
-      f"sslbench-jax analyze: error: results file not found: {tmp_path / 'missing.csv'}")
+  assert proc.returncode == 2  # bad input (the CLI's exit-code convention)
+  assert proc.stderr.strip().splitlines()[-1].endswith(
+      f"analyze: error: results file not found: {tmp_path / 'missing.csv'}")
   assert "Traceback" not in proc.stderr
   bad = tmp_path / "bad.csv"
   bad.write_text("model,dataset,split,protocol,metric,value,n_examples\n"
                  "m,imagenet,val,linear,top5,50,10\n")
   proc = _cli("report", f"--results={bad}", f"--out={tmp_path / 'o'}")
-  assert proc.returncode == 1
+  assert proc.returncode == 2
   assert "no rows with metric 'top1'; metrics present: ['top5']" in proc.stderr
 
 
@@ -195,11 +196,22 @@ def test_primary_metric_uses_real_and_subset_top1(tmp_path):
               "--n_perm=20")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert _rank_change_csv(out / "rank_changes.csv") == expected
-  agg = {r["model"]: r for r in _read(out / "aggregates.csv")}
+  agg = {r["model"]: r for r in _read(out / "aggregates.csv") if r["suite"] == "benchmark"}
   for m, vals in _VARIANT_VALUES.items():  # over ImageNet val top1 and CUB only
     v = [vals[("imagenet2012", "validation", "top1")], vals[("cub", "test", "top1")]]
     assert float(agg[m]["mean"]) == pytest.approx(sum(v) / 2, abs=1e-12)
     assert int(agg[m]["n_datasets"]) == 2
+  # The lottery suite: val top1, ReaL real_top1, R and A subset_top1.
+  lottery = {r["model"]: r for r in _read(out / "aggregates.csv")
+             if r["suite"] == "imagenet_variants"}
+  for m, vals in _VARIANT_VALUES.items():
+    v = [vals[k] for k in (("imagenet2012", "validation", "top1"),
+                           ("imagenet2012_real", "validation", "real_top1"),
+                           ("imagenet_r", "test", "subset_top1"),
+                           ("imagenet_a", "test", "subset_top1"))]
+    assert float(lottery[m]["mean"]) == pytest.approx(np.mean(v), abs=1e-12)
+    assert float(lottery[m]["geometric_mean"]) == pytest.approx(sps.gmean(v), abs=1e-12)
+    assert int(lottery[m]["n_datasets"]) == 4
   md = (out / "report.md").read_text()
   assert "metric: `primary` (percent). Primary = each test set's main metric" in md
   assert "| model | ImageNet rank | Δ ImageNet ReaL | Δ ImageNet-R | Δ ImageNet-A |" in md
@@ -259,4 +271,4 @@ def test_top1_only_results_unchanged_by_default(tmp_path):
     outs[name] = _outputs(tmp_path / name)
   assert outs["default"] == outs["top1"]
   assert "metric: `top1` (percent).\n" in outs["default"]["report.md"]
-  assert len(_read(tmp_path / "default" / "rank_changes.csv")) == 5 * 5
+  assert len(_read(tmp_path / "default" / "rank_changes.csv")) == 5 * 7  # 7 variants

@@ -90,11 +90,12 @@ def test_files_exist_and_pngs_valid(built):
 def test_table_shapes(built):
   out = built["out"]
   agg = _read(os.path.join(out, "aggregates.csv"))
-  assert len(agg) == 26 * 4
+  assert len(agg) == 26 * 4 * 2  # suites: benchmark, imagenet_variants
+  assert {r["suite"] for r in agg} == {"benchmark", "imagenet_variants"}
   assert {"model", "protocol", "mean", "weighted_mean", "geometric_mean",
           "mean_rank"} <= set(agg[0])
   assert {r["protocol"] for r in agg} == {"linear", "linear+bn", "knn", "finetune"}
-  assert all(int(r["n_datasets"]) == 11 for r in agg)
+  assert all(int(r["n_datasets"]) == (11 if r["suite"] == "benchmark" else 8) for r in agg)
   corr = _read(os.path.join(out, "correlations.csv"))
   assert {"x", "y", "method", "r", "ci_low", "ci_high", "p_value", "n_models"} <= set(corr[0])
   for r in corr:
@@ -102,10 +103,11 @@ def test_table_shapes(built):
     assert float(r["ci_low"]) <= float(r["ci_high"])
     assert int(r["n_models"]) == 26
   # 12 columns (11 datasets + mean_ood) x 6 protocol pairs, 4 x 10 in vs out,
-  # 4 x 4 in vs mean_ood, each x 3 methods; + 4 partial rows.
-  assert len(corr) == (12 * 6 + 4 * 10 + 4 * 4) * 3 + 4
+  # 4 x 4 in vs mean_ood, 4 x (7 variants + 2 variant aggregates) val vs
+  # variant, each x 3 methods; + 4 partial rows.
+  assert len(corr) == (12 * 6 + 4 * 10 + 4 * 4 + 4 * 9) * 3 + 4
   ranks = _read(os.path.join(out, "rank_changes.csv"))
-  assert len(ranks) == 26 * 4 * 5
+  assert len(ranks) == 26 * 4 * 7
   matrix = _read(os.path.join(out, "correlation_matrix_kendall.csv"))
   assert len(matrix) == 4 * 12 and len(matrix[0]) == 4 * 12 + 1
   # Symmetric with unit diagonal.
@@ -129,7 +131,8 @@ def test_csv_numbers_equal_independent_recomputation(built):
     if r["protocol"] == "linear" and r["hparams"] == "{}":
       raw.setdefault(r["model"], {})[r["dataset"]] = (r["value"], r["n_examples"])
   ds = built["datasets"]
-  agg = {(r["model"], r["protocol"]): r for r in _read(os.path.join(out, "aggregates.csv"))}
+  agg = {(r["model"], r["protocol"]): r for r in _read(os.path.join(out, "aggregates.csv"))
+         if r["suite"] == "benchmark"}
   for m in built["models"]:
     v = np.array([raw[m][d][0] for d in ds])
     n = np.array([raw[m][d][1] for d in ds])
@@ -165,7 +168,8 @@ def test_report_numbers_equal_analysis(built):
   md = open(os.path.join(built["out"], "report.md")).read()
   header, body = _md_table(md, "### Aggregates: linear")
   assert header[:2] == ["model", "backbone"] and len(body) == 26
-  agg = {r["model"]: r for r in a.aggregates if r["protocol"] == "linear"}
+  agg = {r["model"]: r for r in a.aggregates
+         if r["protocol"] == "linear" and r["suite"] == "benchmark"}
   for cells in body:
     r = agg[cells[0]]
     assert cells[4:] == [f"{r['mean']:.2f}", f"{r['weighted_mean']:.2f}",
@@ -181,7 +185,8 @@ def test_report_numbers_equal_analysis(built):
   header, body = _md_table(md, "### Rank changes from ImageNet val: knn")
   rc = {(r["model"], r["variant"]): r["rank_change"] for r in a.rank_changes
         if r["protocol"] == "knn"}
-  variants = ["imagenet_real", "imagenet_v2", "imagenet_r", "imagenet_sketch", "imagenet_a"]
+  variants = ["imagenet_real", "imagenet_v2", "imagenet_v2_threshold", "imagenet_v2_top",
+              "imagenet_r", "imagenet_sketch", "imagenet_a"]
   assert len(body) == 26
   for cells in body:
     assert cells[2:] == [f"{rc[(cells[0], v)]:.2f}" for v in variants]

@@ -8,9 +8,15 @@ from sslbench_jax.analysis import names
 from sslbench_jax.analysis import stats
 from sslbench_jax.analysis.table import ResultsTable
 
-AGGREGATE_COLUMNS = ("model", "protocol", "backbone", "method_family",
+AGGREGATE_COLUMNS = ("suite", "model", "protocol", "backbone", "method_family",
                      "n_datasets", "mean", "weighted_mean", "geometric_mean",
                      "mean_rank")
+# ``benchmark``: ImageNet val + the transfer datasets; ``imagenet_variants``:
+# ImageNet val + every ImageNet evaluation variant present (ReaL, the three
+# v2 test sets, R, Sketch, A) -- the "benchmark lottery" aggregates.
+BENCHMARK = "benchmark"
+IMAGENET_VARIANTS = "imagenet_variants"
+SUITES = (BENCHMARK, IMAGENET_VARIANTS)
 RANK_CHANGE_COLUMNS = ("model", "protocol", "variant", "value_imagenet",
                        "value_variant", "rank_imagenet", "rank_variant",
                        "rank_change", "n_models")
@@ -49,35 +55,63 @@ def aggregate_matrix(values: np.ndarray, weights: np.ndarray) -> dict[str, np.nd
           "ranks": ranks, "mean_rank": mean_rank, "n_datasets": n}
 
 
-def aggregates(table: ResultsTable) -> list[dict]:
-  """One row per (model, protocol) with ``AGGREGATE_COLUMNS``.
+def suite_datasets(table: ResultsTable, suite: str) -> list[str]:
+  """The datasets a suite aggregates over (present in ``table``).
 
-  Aggregates run over the benchmark datasets present (ImageNet val and the
-  transfer datasets; the ImageNet evaluation variants are left out: they are
-  studied by ``rank_changes``).
+  Args:
+    table: the results.
+    suite: ``"benchmark"`` (ImageNet val + transfer datasets) or
+      ``"imagenet_variants"`` (ImageNet val + the variants present; empty when
+      no variant is present).
+
+  Returns:
+    Canonical dataset keys, in ``table.datasets`` order.
+  """
+  if suite == BENCHMARK:
+    return table.benchmark_datasets
+  if suite == IMAGENET_VARIANTS:
+    variants = [d for d in table.datasets if d in names.VARIANTS]
+    if not variants:
+      return []
+    return [d for d in table.datasets if d == names.IN_DOMAIN] + variants
+  raise ValueError(f"unknown suite {suite!r}; valid: {SUITES}")
+
+
+def aggregates(table: ResultsTable) -> list[dict]:
+  """One row per (suite, model, protocol) with ``AGGREGATE_COLUMNS``.
+
+  Suites (``suite_datasets``): ``benchmark`` runs over ImageNet val and the
+  transfer datasets present; ``imagenet_variants`` over ImageNet val and the
+  evaluation variants present. The weighted mean weighs every test set by
+  its size as stored in the results rows (``n_examples``: images scored, e.g.
+  46,837 for ReaL, 30,000 for R, 10,000 per v2 test set). Ranks are per
+  dataset among the models that have it.
 
   Args:
     table: the results.
 
   Returns:
-    List of dicts, protocol-major, models sorted by name.
+    List of dicts, suite-major, then protocol, models sorted by name.
   """
   rows = []
-  datasets = table.benchmark_datasets
-  for protocol in table.protocols:
-    models = [m for m in table.models
-              if any((m, protocol, d) in table.values for d in datasets)]
-    if not models:
+  for suite in SUITES:
+    datasets = suite_datasets(table, suite)
+    if not datasets:
       continue
-    v, n = table.matrix(protocol, datasets, models)
-    agg = aggregate_matrix(v, n)
-    for i, m in enumerate(models):
-      rows.append({"model": m, "protocol": protocol,
-                   "backbone": table.backbone.get(m, names.UNKNOWN),
-                   "method_family": table.method_family.get(m, names.UNKNOWN),
-                   "n_datasets": int(agg["n_datasets"][i]),
-                   **{k: float(agg[k][i]) for k in
-                      ("mean", "weighted_mean", "geometric_mean", "mean_rank")}})
+    for protocol in table.protocols:
+      models = [m for m in table.models
+                if any((m, protocol, d) in table.values for d in datasets)]
+      if not models:
+        continue
+      v, n = table.matrix(protocol, datasets, models)
+      agg = aggregate_matrix(v, n)
+      for i, m in enumerate(models):
+        rows.append({"suite": suite, "model": m, "protocol": protocol,
+                     "backbone": table.backbone.get(m, names.UNKNOWN),
+                     "method_family": table.method_family.get(m, names.UNKNOWN),
+                     "n_datasets": int(agg["n_datasets"][i]),
+                     **{k: float(agg[k][i]) for k in
+                        ("mean", "weighted_mean", "geometric_mean", "mean_rank")}})
   return rows
 
 

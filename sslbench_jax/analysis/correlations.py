@@ -3,7 +3,16 @@
 Columns compared are named ``"protocol/dataset"`` (e.g. ``"linear/cub"``);
 ``"protocol/mean_ood"`` is a model's arithmetic mean over the out-of-domain
 datasets it has all of (models missing one get NaN, so that means are
-comparable).
+comparable). ``"protocol/variants_weighted_mean"`` and
+``"protocol/variants_geometric_mean"`` are the "benchmark lottery" aggregates
+over ImageNet val and every ImageNet variant present (weights: test-set sizes,
+``n_examples``), likewise NaN for a model missing one of them.
+
+ImageNet val is compared with every variant (``p/imagenet`` vs
+``p/imagenet_real`` ...) and with the two aggregates. Spearman and Kendall on
+such a pair are the rank correlations of the val ranking with the variant's
+ranking (ranks among the models that have both numbers, ties averaged;
+Kendall tau-b).
 """
 
 from __future__ import annotations
@@ -15,6 +24,10 @@ from sslbench_jax.analysis import stats
 from sslbench_jax.analysis.table import ResultsTable
 
 MEAN_OOD = "mean_ood"
+# A model's weighted (by test-set size) / geometric mean over ImageNet val and
+# every ImageNet variant present; NaN unless it has all of them.
+VARIANTS_WMEAN = "variants_weighted_mean"
+VARIANTS_GMEAN = "variants_geometric_mean"
 CORRELATION_COLUMNS = ("x", "y", "method", "r", "ci_low", "ci_high", "p_value",
                        "n_models")
 GROUPED_COLUMNS = ("group_by", "group") + CORRELATION_COLUMNS
@@ -28,6 +41,15 @@ def column(table: ResultsTable, name: str, models: list[str] | None = None) -> n
   """Values of a ``"protocol/dataset"`` column per model (NaN if missing)."""
   models = table.models if models is None else models
   protocol, _, dataset = name.rpartition("/")
+  if dataset in (VARIANTS_WMEAN, VARIANTS_GMEAN):
+    sets = _variant_suite(table)
+    if not sets:
+      return np.full(len(models), np.nan)
+    v, n = table.matrix(protocol, sets, models)
+    if dataset == VARIANTS_WMEAN:
+      return (v * n).sum(axis=1) / n.sum(axis=1)  # NaN unless complete
+    with np.errstate(divide="ignore"):
+      return np.exp(np.log(v).mean(axis=1))  # a 0 accuracy gives 0
   if dataset == MEAN_OOD:
     ood = table.ood_datasets
     if not ood:
@@ -36,6 +58,18 @@ def column(table: ResultsTable, name: str, models: list[str] | None = None) -> n
     return v.mean(axis=1)  # NaN unless complete
   v, _ = table.matrix(protocol, [dataset], models)
   return v[:, 0]
+
+
+def _variant_suite(table: ResultsTable) -> list[str]:
+  """ImageNet val + the variants present ([] without a variant)."""
+  variants = variants_present(table)
+  return ([names.IN_DOMAIN] if names.IN_DOMAIN in table.datasets else []) + variants \
+      if variants else []
+
+
+def variants_present(table: ResultsTable) -> list[str]:
+  """The ImageNet evaluation variants in the results, ``names.VARIANTS`` order."""
+  return [d for d in table.datasets if d in names.VARIANTS]
 
 
 def all_columns(table: ResultsTable) -> list[str]:
@@ -56,7 +90,9 @@ def default_pairs(table: ResultsTable) -> list[tuple[str, str]]:
 
   * protocol vs protocol on each dataset (and on mean_ood);
   * in-domain vs out-of-domain: ``p/imagenet`` vs every ``p/<ood>`` and vs
-    ``q/mean_ood`` for every protocol q.
+    ``q/mean_ood`` for every protocol q;
+  * ImageNet val vs its variants: ``p/imagenet`` vs every ``p/<variant>``
+    present and vs ``p/variants_weighted_mean`` / ``p/variants_geometric_mean``.
   """
   protos = table.protocols
   datasets = table.benchmark_datasets + ([MEAN_OOD] if table.ood_datasets else [])
@@ -72,6 +108,10 @@ def default_pairs(table: ResultsTable) -> list[tuple[str, str]]:
       for q in protos:
         if table.ood_datasets:
           pairs.append((f"{p}/{names.IN_DOMAIN}", f"{q}/{MEAN_OOD}"))
+  if names.IN_DOMAIN in table.datasets and variants_present(table):
+    for p in protos:
+      for v in variants_present(table) + [VARIANTS_WMEAN, VARIANTS_GMEAN]:
+        pairs.append((f"{p}/{names.IN_DOMAIN}", f"{p}/{v}"))
   seen, out = set(), []
   for pair in pairs:
     if pair not in seen:

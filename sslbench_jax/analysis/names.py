@@ -136,13 +136,16 @@ def parse_model_name(name: str) -> ModelInfo:
 # ----------------------------------------------------------------- datasets
 
 IN_DOMAIN = "imagenet"
-VARIANTS = ("imagenet_real", "imagenet_v2", "imagenet_r", "imagenet_sketch",
-            "imagenet_a")
+# ImageNet-v2 has three test sets (``imagenet_v2`` = MatchedFrequency, the
+# common default; Threshold0.7; TopImages), kept apart.
+VARIANTS = ("imagenet_real", "imagenet_v2", "imagenet_v2_threshold", "imagenet_v2_top",
+            "imagenet_r", "imagenet_sketch", "imagenet_a")
 _DOMAINNET = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 
 DATASET_DISPLAY = {
     "imagenet": "ImageNet-1k", "imagenet_real": "ImageNet ReaL",
-    "imagenet_v2": "ImageNet-v2", "imagenet_r": "ImageNet-R",
+    "imagenet_v2": "ImageNet-v2", "imagenet_v2_threshold": "ImageNet-v2 Thr0.7",
+    "imagenet_v2_top": "ImageNet-v2 Top", "imagenet_r": "ImageNet-R",
     "imagenet_sketch": "ImageNet-Sketch", "imagenet_a": "ImageNet-A",
     "inaturalist": "iNat2021-mini", "cub": "CUB-200", "pascal": "Pascal VOC",
     "cifar100": "CIFAR-100",
@@ -155,7 +158,8 @@ def canonical_dataset(dataset: str, split: str = "") -> str:
 
   ImageNet val -> ``"imagenet"``; its evaluation variants -> ``VARIANTS``
   (also recognised from the split, e.g. dataset ``imagenet2012`` split
-  ``real``); the 10 transfer datasets of the study -> ``inaturalist``, ``cub``,
+  ``real``); ImageNet-v2's three versions stay apart (``imagenet_v2``,
+  ``imagenet_v2_threshold``, ``imagenet_v2_top``); the 10 transfer datasets of the study -> ``inaturalist``, ``cub``,
   ``pascal``, ``cifar100``, ``imagenet_d_<domain>``. Unrecognised names are
   returned lower-cased unchanged.
 
@@ -186,9 +190,17 @@ def canonical_dataset(dataset: str, split: str = "") -> str:
              "imagenetv2": "imagenet_v2", "imagenetr": "imagenet_r",
              "imagenetrendition": "imagenet_r", "imagenetsketch": "imagenet_sketch",
              "imageneta": "imagenet_a", "imagenetadversarial": "imagenet_a"}
+  if c.startswith("imagenetv2"):
+    # The version suffix (TFDS "imagenet_v2/threshold-0.7", registry
+    # "imagenet_v2_threshold", ...) says which of the three test sets.
+    version = c[len("imagenetv2"):]
+    for start, canon in (("threshold", "imagenet_v2_threshold"), ("top", "imagenet_v2_top"),
+                         ("matched", "imagenet_v2")):
+      if version.startswith(start):
+        return canon
+    return "imagenet_v2" if not version else dataset.lower()
   for prefix in sorted(variant, key=len, reverse=True):
-    # ImageNet-v2 names carry a version suffix (matched-frequency, ...).
-    if c == prefix or (prefix == "imagenetv2" and c.startswith(prefix)):
+    if c == prefix:
       return variant[prefix]
   if c.startswith(("imagenet", "ilsvrc")):
     s = re.sub(r"[^a-z0-9]", "", split.lower())

@@ -15,6 +15,7 @@ import numpy as np
 
 from sslbench_jax import atomic
 
+from sslbench_jax.analysis import aggregates
 from sslbench_jax.analysis import correlations
 from sslbench_jax.analysis import names
 from sslbench_jax.analysis import plots
@@ -98,7 +99,8 @@ def build_sections(a: Analysis, plot_paths: dict[str, str], out_dir: str,
 
   # Aggregates.
   for p in t.protocols:
-    rows = sorted((r for r in a.aggregates if r["protocol"] == p),
+    rows = sorted((r for r in a.aggregates
+                   if r["protocol"] == p and r["suite"] == aggregates.BENCHMARK),
                   key=lambda r: (r["mean_rank"], r["model"]))
     secs.append(Section(
         f"Aggregates: {p}", level=3,

@@ -18,8 +18,9 @@ from sslbench_jax.analysis import names
 
 SYNTHETIC_PROTOCOLS = (("linear", {}), ("linear", {"final_batch_norm": True}),
                        ("knn", {"k": 20}), ("finetune", {}))
-VARIANT_SIZES = {"imagenet_real": 46837, "imagenet_v2": 10000, "imagenet_r": 30000,
-                 "imagenet_sketch": 50889, "imagenet_a": 7500}
+VARIANT_SIZES = {"imagenet_real": 46837, "imagenet_v2": 10000,
+                 "imagenet_v2_threshold": 10000, "imagenet_v2_top": 10000,
+                 "imagenet_r": 30000, "imagenet_sketch": 50889, "imagenet_a": 7500}
 
 
 def synthetic_rows(models: list[str], datasets: dict[str, int], seed: int = 0,
