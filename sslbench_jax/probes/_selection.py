@@ -9,6 +9,19 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 
+def check_finite(name: str, x: np.ndarray) -> None:
+  """Raises ValueError naming ``name`` when rows of ``x`` hold NaN or inf.
+
+  A NaN row would be scored as class 0 (argmax of NaN scores) and a NaN in
+  training poisons every fitted weight, so probes refuse them outright.
+  """
+  x = np.asarray(x)
+  if x.size and not np.isfinite(x).all():
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(1)
+    raise ValueError(f"{name}: {int(bad.sum())} of {len(x)} rows contain NaN or "
+                     f"inf (first at row {int(np.argmax(bad))})")
+
+
 def topk_hits(logits: np.ndarray, labels: np.ndarray,
               ks: Sequence[int]) -> np.ndarray:
   """Number of examples whose label is in the top-k (stable ranking)."""

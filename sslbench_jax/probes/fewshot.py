@@ -28,7 +28,7 @@ import numpy as np
 import tqdm
 
 from sslbench_jax.probes import knn, leastsquares, linear
-from sslbench_jax.probes._selection import topk_hits
+from sslbench_jax.probes._selection import check_finite, topk_hits
 
 PROBES = ("knn", "linear", "leastsquares")
 DEFAULT_SETUPS = ("1shot", "5shot", "10shot", "25shot", "1%", "10%")
@@ -179,6 +179,8 @@ def run(train_features: np.ndarray,
   xtr = np.asarray(train_features, np.float32)
   ytr = np.asarray(train_labels)
   xte = np.asarray(test_features, np.float32)
+  check_finite("train_features", xtr)
+  check_finite("test_features", xte)
   if evaluate is None:
     if test_labels is None:
       raise ValueError("few-shot: give test_labels or an evaluate function")

@@ -58,6 +58,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sslbench_jax.probes import _knn_screen
+from sslbench_jax.probes import _selection
 from sslbench_jax.probes import _shard_top_k
 
 METRICS = ("cosine", "euclidean")
@@ -281,8 +282,8 @@ def _check_inputs(train_features, train_labels, test_features, num_classes, ks,
                      f"{query_chunk}, {bank_shard}")
   if bank_dtype not in ("float32", "bfloat16"):
     raise ValueError(f"bank_dtype must be float32 or bfloat16, got {bank_dtype!r}")
-  if not (np.isfinite(xtr).all() and np.isfinite(xte).all()):
-    raise ValueError("features contain NaN or inf")
+  _selection.check_finite("train_features", xtr)
+  _selection.check_finite("test_features", xte)
   return xtr, ytr.astype(np.int32), xte
 
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sslbench_jax.probes._selection import select_and_refit, topk_percent
+from sslbench_jax.probes._selection import check_finite, select_and_refit, topk_percent
 
 BIAS_CONSTANT = 100.0
 DEFAULT_L2 = tuple(float(2.0 ** i) for i in range(-10, 20))
@@ -129,6 +129,8 @@ def run(train_features: np.ndarray,
   xtr = np.asarray(train_features, np.float32)
   ytr = np.asarray(train_labels)
   xte = np.asarray(test_features, np.float32)
+  check_finite("train_features", xtr)
+  check_finite("test_features", xte)
 
   def fit_grid(rows, grid):
     del grid  # one decomposition serves every l2

@@ -47,7 +47,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import tqdm
 
-from sslbench_jax.probes._selection import stratified_split
+from sslbench_jax.probes._selection import check_finite, stratified_split
 
 OPTIMIZERS = ("sgd", "adamw")
 BN_EPS = 1e-6        # MAE: BatchNorm1d(affine=False, eps=1e-6)
@@ -374,6 +374,10 @@ def run(train_features: Mapping[str, np.ndarray],
   """
   configs = list(configs)
   train_labels = np.asarray(train_labels)
+  for what, sources in (("train_features", train_features),
+                        ("test_features", test_features)):
+    for source, x in sources.items():
+      check_finite(f"{what}[{source!r}]", x)
   if test_labels is not None:
     test_labels = np.asarray(test_labels)
   n_test = len(next(iter(test_features.values())))

@@ -34,7 +34,7 @@ import numpy as np
 import optax
 import tqdm
 
-from sslbench_jax.probes._selection import select_and_refit, topk_percent
+from sslbench_jax.probes._selection import check_finite, select_and_refit, topk_percent
 
 DEFAULT_CS = tuple(np.logspace(-6, 5, 45).tolist())
 
@@ -179,6 +179,7 @@ def run(train_features: np.ndarray,
   cs = [float(c) for c in cs]
   x, y = _check(train_features, train_labels, num_classes)
   xte = np.asarray(test_features, np.float32)
+  check_finite("test_features", xte)
 
   def fit_grid(rows, grid):
     # A mask (not a slice) keeps one array shape for the selection fit and
@@ -210,8 +211,7 @@ def _check(features, labels, num_classes):
     raise ValueError(f"labels must be ({len(x)},) integers, got {y.shape} {y.dtype}")
   if y.min() < 0 or y.max() >= num_classes:
     raise ValueError(f"labels must lie in [0, {num_classes})")
-  if not np.isfinite(x).all():
-    raise ValueError("features contain NaN or inf")
+  check_finite("train_features", x)
   return x, y.astype(np.int32)
 
 
