@@ -34,6 +34,7 @@ features match the ports, not the Haiku graph bit for bit.
 from __future__ import annotations
 
 from collections.abc import Mapping
+import os
 import re
 from typing import Any
 
@@ -83,16 +84,19 @@ def _record_global(module: str, name: str) -> type:
 
 
 class _Unpickler(readers._Unpickler):  # pylint: disable=protected-access
-  """The readers' whitelist, but unknown globals keep their arguments."""
+  """The readers' allow-list, but unknown globals keep their arguments."""
+
+  def __init__(self, file):
+    try:
+      super().__init__(file, None, torch=False)
+    except TypeError:  # the readers' earlier signature
+      super().__init__(file, _no_storage)
 
   def find_class(self, module: str, name: str) -> Any:
     found = super().find_class(module, name)
     if isinstance(found, type) and issubclass(found, readers._Opaque):  # pylint: disable=protected-access
       return _record_global(module, name)
-    if isinstance(found, tuple):  # a torch storage type: not in a Haiku pickle
-      raise ConversionError(f"pickle references torch.{name} without the "
-                            "PyTorch magic number")
-    return found
+    return found  # allow-listed (storages still fail in persistent_load)
 
   def persistent_load(self, pid: Any) -> Any:
     raise ConversionError("pickle uses persistent ids (not a Haiku checkpoint)")
@@ -102,41 +106,66 @@ def _no_storage(*unused):
   raise ConversionError("pickle references a storage (not a Haiku checkpoint)")
 
 
+def _plain(obj: Any, budget: list[int], depth: int = 0) -> Any:
+  """Records -> dicts/tuples, pending arrays -> arrays, within a byte budget."""
+  if depth > _MAX_DEPTH:
+    raise ConversionError("pickle nesting is too deep")
+  if type(obj).__name__ == "_PendingArray":  # the readers' deferred array
+    obj = getattr(obj, "array", None)
+    if obj is None:
+      raise ConversionError("pickled NumPy array without its data")
+  if isinstance(obj, np.ndarray):
+    budget[0] -= obj.nbytes
+    if budget[0] < 0:
+      raise ConversionError("pickled arrays exceed what the file size allows "
+                            "(corrupt or malicious sizes)")
+    return obj
+  if isinstance(obj, Mapping):
+    return {k: _plain(v, budget, depth + 1) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return tuple(_plain(v, budget, depth + 1) for v in obj)
+  if isinstance(obj, _Record):
+    args = [_plain(a, budget, depth + 1) for a in obj.args]
+    if len(args) == len(_STATE_FIELDS) and all(
+        isinstance(a, (Mapping, tuple)) for a in args):
+      out = dict(zip(_STATE_FIELDS, args))  # _ByolExperimentState
+    else:
+      out = {i: a for i, a in enumerate(args)}
+    for k, v in list(obj.kwargs.items()) + list(obj.items.items()):
+      out[k] = _plain(v, budget, depth + 1)
+    if obj.state is not None:
+      out["state"] = _plain(obj.state, budget, depth + 1)
+    return out
+  return obj
+
+
 def load_pickle(path: str) -> Any:
-  """Unpickles ``path`` with the restricted unpickler (arrays, containers, records)."""
+  """Unpickles ``path`` restrictedly: arrays, containers and inert records.
+
+  Records (any global outside the readers' allow-list, e.g. BYOL's
+  ``_ByolExperimentState``) come back as dicts of what they were built with;
+  NamedTuple fields of ``_ByolExperimentState`` get their names.
+  """
   with open(path, "rb") as f:
-    return _Unpickler(f, _no_storage).load()
+    obj = _Unpickler(f).load()
+  # Arrays may take at most a small multiple of the file's size.
+  budget = [4 * os.path.getsize(path) + (256 << 20)]
+  return _plain(obj, budget)
 
 
 def _leaves(obj: Any, path: tuple, out: dict[tuple, np.ndarray], depth: int = 0):
-  """Every array in ``obj`` keyed by its path (dict keys, positions, fields)."""
+  """Every array in ``obj`` keyed by its path (dict keys, positions)."""
   if depth > _MAX_DEPTH:
     raise ConversionError("pickle nesting is too deep")
   if isinstance(obj, np.ndarray):
     if obj.dtype != object:
       out[path] = obj
-    return
-  if isinstance(obj, Mapping):
+  elif isinstance(obj, Mapping):
     for k, v in obj.items():
       _leaves(v, path + (k,), out, depth + 1)
   elif isinstance(obj, (list, tuple)):
-    # A NamedTuple unpickled as a record holds its fields positionally.
     for i, v in enumerate(obj):
       _leaves(v, path + (i,), out, depth + 1)
-  elif isinstance(obj, _Record):
-    if obj.args and len(obj.args) == len(_STATE_FIELDS) and all(
-        isinstance(a, (Mapping, _Record, tuple, list)) for a in obj.args):
-      for field, v in zip(_STATE_FIELDS, obj.args):  # _ByolExperimentState
-        _leaves(v, path + (field,), out, depth + 1)
-    else:
-      for i, v in enumerate(obj.args):
-        _leaves(v, path + (i,), out, depth + 1)
-    for k, v in obj.kwargs.items():
-      _leaves(v, path + (k,), out, depth + 1)
-    for k, v in obj.items.items():
-      _leaves(v, path + (k,), out, depth + 1)
-    if obj.state is not None:
-      _leaves(obj.state, path + ("state",), out, depth + 1)
 
 
 def _role(prefix: tuple) -> tuple[str, str] | None:
