@@ -59,11 +59,15 @@ def test_train_mode_uses_batch_statistics(random_pair):
   flax_model = registry.create_model(ARCH, **meta["arch_options"])
   out, updates = jax.jit(lambda v, x: flax_model.apply(
       v, x, train=True, mutable=["batch_stats"]))(variables, images)
+  # A train-mode forward moves torch's running stats: restore them for the
+  # other tests sharing this module-scoped model.
+  saved = {k: v.clone() for k, v in model.state_dict().items()}
   model.train()
   try:
     pre, logits = _torch_forward(model, images)
   finally:
     model.eval()
+    model.load_state_dict(saved)
   np.testing.assert_allclose(out["logits"], logits, atol=1e-4, rtol=0)
   # Running means move towards the batch mean with the TF decay 0.99.
   old = variables["batch_stats"]["stem_bn"]["mean"]
@@ -107,6 +111,51 @@ def test_no_classifier_and_bad_input():
   assert "classifier" not in variables["params"]
   variables = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), variables)
   out = jax.jit(model.apply)(variables, x)
-  assert set(out) == {"pre_logits"} and out["pre_logits"].shape == (1, 1280)
+  assert set(out) == {"pre_logits"} | {f"stage{n}_avg" for n in range(1, 8)}
+  assert out["pre_logits"].shape == (1, 1280)
   with pytest.raises(ValueError, match="NHWC"):
     model.apply(variables, jnp.zeros((1, 3, 32, 32)))
+
+
+def _torch_stage_outputs(model, images_nhwc):
+  """Pooled output of the last block of each stage, from the PyTorch reference."""
+  ends = np.cumsum([repeats for *_, repeats in torch_efficientnet.STAGES])
+  pooled = []
+  with torch.no_grad():
+    x = torch.from_numpy(images_nhwc).permute(0, 3, 1, 2)
+    x = torch.nn.functional.relu6(model._bn0(model._conv_stem(x)))  # pylint: disable=protected-access
+    for i, block in enumerate(model._blocks):  # pylint: disable=protected-access
+      x = block(x)
+      if i + 1 in ends:
+        pooled.append(x.mean(dim=(2, 3)).numpy())
+  return pooled
+
+
+@pytest.mark.parametrize("height,width", [(64, 64), (45, 70)])
+def test_stage_outputs_match_torch_intermediate_blocks(random_pair, height, width):
+  model, variables, meta = random_pair
+  images = np.random.RandomState(5).randn(2, height, width, 3).astype(np.float32)
+  out = jax.jit(registry.create_model(ARCH, **meta["arch_options"]).apply)(variables, images)
+  expected = _torch_stage_outputs(model, images)
+  assert len(expected) == 7
+  for n, ref in enumerate(expected, start=1):
+    got = out[f"stage{n}_avg"]
+    assert got.shape == ref.shape == (2, torch_efficientnet.STAGES[n - 1][3])
+    assert np.abs(ref).max() > 0.05  # the tolerance below means something
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0, err_msg=f"stage{n}_avg")
+
+
+def test_early_stage_compiles_without_later_blocks(random_pair):
+  """Selecting stage 2 only: XLA drops the later blocks (fewer flops than the head)."""
+  _, variables, meta = random_pair
+  model = registry.create_model(ARCH, **meta["arch_options"])
+  x = jnp.zeros((1, 64, 64, 3))
+
+  def flops(key):
+    lowered = jax.jit(lambda v, im: model.apply(v, im)[key]).lower(variables, x)
+    cost = lowered.compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return cost["flops"]
+
+  early, full = flops("stage2_avg"), flops("pre_logits")
+  assert 0 < early < 0.5 * full

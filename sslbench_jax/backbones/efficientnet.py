@@ -147,8 +147,13 @@ class EfficientNetLite0(nn.Module):
     stages: per-stage ``(expand_ratio, kernel, stride, out_channels, repeats)``.
 
   Returns (from ``__call__``) a dict with ``"pre_logits"`` (B, 1280): the
-  global average of the head features after BN + ReLU6, and ``"logits"``
-  (B, num_classes) when ``num_classes > 0``. Both are float32.
+  global average of the head features after BN + ReLU6, ``"logits"``
+  (B, num_classes) when ``num_classes > 0``, and ``"stage{N}_avg"`` for N = 1
+  .. len(stages): the global average of the output of block stage N (the last
+  block of that stage, after its residual; Lite0: 16, 24, 40, 80, 112, 192,
+  320 channels) for layer-wise probes. All are float32. Selecting only an
+  early stage under ``jax.jit`` lets XLA drop the later blocks, so early-stage
+  features cost only the blocks they need.
   """
   num_classes: int = 1000
   dtype: Any = jnp.float32
@@ -164,18 +169,20 @@ class EfficientNetLite0(nn.Module):
     x = nn.relu6(_batch_norm(train, self.dtype, "stem_bn")(x))
     in_channels = STEM_WIDTH
     index = 0
-    for expand, kernel, stride, out_channels, repeats in self.stages:
+    out = {}
+    for stage, (expand, kernel, stride, out_channels, repeats) in enumerate(self.stages):
       for r in range(repeats):
         x = MBConv(in_channels, out_channels, expand, kernel,
                    stride if r == 0 else 1, dtype=self.dtype,
                    name=f"blocks_{index}")(x, train)
         in_channels = out_channels
         index += 1
+      out[f"stage{stage + 1}_avg"] = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
     x = nn.Conv(HEAD_WIDTH, (1, 1), use_bias=False, dtype=self.dtype,
                 name="head_conv")(x)
     x = nn.relu6(_batch_norm(train, self.dtype, "head_bn")(x))
     pre_logits = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    out = {"pre_logits": pre_logits}
+    out["pre_logits"] = pre_logits
     if self.num_classes:
       # The original's dropout (0.2) before the classifier is a training-only
       # regulariser of its recipe; it is not part of this forward pass.
