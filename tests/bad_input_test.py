@@ -267,3 +267,78 @@ def test_jpeg_renamed_npz_from_the_cli(clean, tmp_path):
   errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and str(fake) in errors[0]
   assert "not an .npz (zip) archive" in errors[0]
+
+
+# ------------------------------------------------- qualified (warned) results
+
+@pytest.mark.parametrize("protocol", ["knn", "linear", "logreg", "leastsquares"])
+def test_test_classes_absent_from_training_are_warned_and_recorded(
+    protocol, digits, tmp_path, caplog):
+  x, y = digits
+  keep = y[:400] < 8                     # train on classes 0..7 only
+  tr = _save(tmp_path / "train.npz", x[:400][keep], y[:400][keep], "train")
+  te = _save(tmp_path / "test.npz", x[400:], y[400:], "test")
+  opts = dict(features_train=tr, features_test=te, protocol=protocol,
+              num_classes=10, progress=False, knn_k=["5"], epochs=1, batch_size=128,
+              warmup_epochs=0, lr=["0.1"], batchnorm=["false"], c=["1"], max_iter=20,
+              l2=["8"])
+  opts = {k: v for k, v in opts.items()
+          if k in command._COMMON_OPTIONS | command._PROTOCOL_OPTIONS[protocol]}
+  with caplog.at_level("WARNING", logger="absl"):
+    rows = command.run(opts)
+  n_unseen = int(np.sum(y[400:] >= 8))  # independent count
+  assert n_unseen > 0
+  msg = (f"{te}: {n_unseen} of 200 test examples belong to 2 classes absent from "
+         f"the training classes of {tr} (e.g. [8, 9]); the probe can never predict "
+         "them")
+  assert msg in caplog.text
+  assert rows and all(r["hparams"]["warnings"] == [msg] for r in rows)
+  # The rows survive the results store (hparams is stored as JSON).
+  from sslbench_jax.results import store  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "r.jsonl")
+  store.append_results(path, rows)
+  assert all(json.loads(h)["warnings"] == [msg]
+             for h in store.read_results(path)["hparams"])
+  # The unseen examples are errors: top-1 is at most the seen fraction.
+  top1 = next(r["value"] for r in rows if r["metric"] == "top1")
+  assert top1 <= 100.0 * (200 - n_unseen) / 200 + 1e-9
+
+
+def test_no_warning_when_every_test_class_was_seen(clean, caplog):
+  with caplog.at_level("WARNING", logger="absl"):
+    rows = command.run(dict(features_train=clean[0], features_test=clean[1],
+                            protocol="leastsquares", l2=["8"]))
+  assert "absent from the training classes" not in caplog.text
+  assert all("warnings" not in r["hparams"] for r in rows)
+
+
+def test_knn_k_above_the_training_set_stores_the_k_used(digits, tmp_path, caplog):
+  from sklearn.neighbors import KNeighborsClassifier  # pylint: disable=g-import-not-at-top
+  x, y = digits
+  tr = _save(tmp_path / "small_train.npz", x[:30], y[:30], "train")
+  te = _save(tmp_path / "test.npz", x[400:], y[400:], "test")
+  with caplog.at_level("WARNING", logger="absl"):
+    rows = command.run(dict(features_train=tr, features_test=te, protocol="knn",
+                            knn_metric="euclidean", knn_k=["10", "50", "100"],
+                            progress=False))
+  assert f"--knn_k 50, 100 > the 30 training examples of {tr}: used k=30" in caplog.text
+  by_k = {}
+  for r in rows:
+    by_k.setdefault(r["hparams"]["k"], {})[r["metric"]] = r
+  assert sorted(by_k) == [10, 30]      # one set of rows per k actually used
+  clipped = by_k[30]["top1"]["hparams"]
+  assert clipped["k_requested"] == [50, 100] and len(clipped["warnings"]) == 1
+  assert "k_requested" not in by_k[10]["top1"]["hparams"]
+  for k, metrics in by_k.items():
+    clf = KNeighborsClassifier(k, weights="distance").fit(x[:30], y[:30])
+    assert metrics["top1"]["value"] == pytest.approx(100 * clf.score(x[400:], y[400:]))
+
+
+def test_fewshot_knn_rows_store_the_k_used(clean):
+  rows = command.run(dict(features_train=clean[0], features_test=clean[1],
+                          protocol="fewshot", setups=["1shot", "5shot"], tries=1,
+                          fewshot_probes=["knn"], fewshot_k=20, progress=False))
+  ks = {r["hparams"]["setup"]: (r["hparams"]["k"], r["hparams"].get("k_requested"))
+        for r in rows}
+  # 1 shot x 10 classes = 10 examples: k = 10; 5 shots: 50 >= 20.
+  assert ks == {"1shot": (10, 20), "5shot": (20, None)}

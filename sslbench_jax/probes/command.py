@@ -194,6 +194,9 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
                          "sources must hold the same examples in the same order")
   num_classes = _num_classes(opts, train, path_tr0, ytr, space)
   xtr, xte = train.features, test.features
+  # Problems that do not invalidate the numbers but qualify them: logged and
+  # recorded in every row's hparams["warnings"].
+  warnings = _unseen_test_classes(ytr, space, path_tr0)
 
   base = dict(
       model=opts.get("model") or train.meta.get("arch") or
@@ -219,6 +222,9 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
 
   def add(protocol_name, hparams, metric, value, n=None):
     hparams = dict(feature_provenance, **hparams)
+    row_warnings = list(warnings) + list(hparams.pop("warnings", []))
+    if row_warnings:
+      hparams["warnings"] = row_warnings
     rows.append(dict(base, protocol=protocol_name, hparams=hparams, metric=metric,
                      value=float(value),
                      n_examples=int(n if n is not None else
@@ -237,9 +243,20 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
                           zscore=opts["zscore"], bank_dtype=opts["bank_dtype"],
                           query_chunk=opts["query_chunk"],
                           progress=bool(opts["progress"]))
+    # k > N_train uses every training example: the row stores the k used,
+    # once per distinct k (several requested k can clip to the same one).
+    used: dict[int, list[int]] = {}
     for k in ks:
-      hp = dict(k=k, metric=opts["knn_metric"], zscore=bool(opts["zscore"]),
+      used.setdefault(min(k, len(xtr)), []).append(k)
+    for k_used, requested in used.items():
+      k = requested[0]
+      hp = dict(k=k_used, metric=opts["knn_metric"], zscore=bool(opts["zscore"]),
                 bank_dtype=opts["bank_dtype"])
+      if requested != [k_used]:
+        msg = (f"--knn_k {', '.join(map(str, requested))} > the {len(xtr)} training "
+               f"examples of {path_tr0}: used k={k_used}")
+        logging.warning("%s", msg)
+        hp.update(k_requested=requested, warnings=[msg])
       if opts["knn_metric"] == "cosine":
         hp["temperature"] = opts["knn_temperature"]
       # kNN's top-5 never counts a class that got no vote.
@@ -303,7 +320,11 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
     for r in results:
       hp = dict(setup=r.setup, per_class=r.per_class, tries=r.tries)
       if r.probe == "knn":
-        hp.update(k=opts["fewshot_k"], metric=opts["knn_metric"])
+        # kNN on a subset of per_class * C examples uses at most that many.
+        k_used = min(int(opts["fewshot_k"]), r.per_class * num_classes)
+        hp.update(k=k_used, metric=opts["knn_metric"])
+        if k_used != opts["fewshot_k"]:
+          hp["k_requested"] = int(opts["fewshot_k"])
       elif r.probe == "leastsquares":
         hp.update(l2=opts["fewshot_l2"])
       for metric, values in r.metrics.items():
@@ -328,6 +349,33 @@ def _load_sources(opts, name, io) -> list[tuple[str, Any]]:
       raise FileNotFoundError(f"{flag}: no such file {path}")
     out.append((path, io.load(path)))
   return out
+
+
+def _unseen_test_classes(ytr, space, path_tr) -> list[str]:
+  """Warnings (logged) when test examples belong to no training class.
+
+  A probe cannot predict a class it never saw, so those examples count as
+  errors: the number is still what the protocol gives, but lower than the
+  representation deserves, and the row says so.
+  """
+  seen = np.unique(ytr)
+  if space.multi_label:
+    labelled = space.labels.any(1)
+    # Examples all of whose correct classes are unseen can never be right.
+    hopeless = labelled & ~space.labels[:, seen].any(1)
+    classes = np.flatnonzero(space.labels.any(0) & ~np.isin(
+        np.arange(space.labels.shape[1]), seen))
+  else:
+    hopeless = ~np.isin(space.labels, seen)
+    classes = np.unique(space.labels[hopeless])
+  if not len(classes):
+    return []
+  msg = (f"{space.path}: {int(hopeless.sum())} of {len(space.labels)} test "
+         f"examples belong to {len(classes)} classes absent from the training "
+         f"classes of {path_tr} (e.g. {classes[:5].tolist()}); the probe can "
+         "never predict them")
+  logging.warning("%s", msg)
+  return [msg]
 
 
 def _source_names(feature_sets) -> list[str]:
