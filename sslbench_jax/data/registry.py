@@ -278,6 +278,38 @@ def _wnid_prefixed_files(split, data_dir):
   return folder_source.ListSource(samples)
 
 
+# "Restricted ImageNet" (Tsipras et al. 2019, https://arxiv.org/abs/1805.12152):
+# 9 superclasses as inclusive ranges of ImageNet-1k class indices.
+RESTRICTED_IMAGENET: tuple[tuple[str, int, int], ...] = (
+    ("dog", 151, 268), ("cat", 281, 285), ("frog", 30, 32), ("turtle", 33, 37),
+    ("bird", 80, 100), ("primate", 365, 382), ("fish", 389, 397), ("crab", 118, 121),
+    ("insect", 300, 319))
+
+
+def _restricted_samples(split, data_dir):
+  """The images of ``_wnid_prefixed_files`` in a Restricted ImageNet superclass.
+
+  Labels are the superclass (0..8). A fixed split without randomness: within
+  each superclass, in file-name (= class index) order, images 0, 2, 4, ... are
+  ``train`` and 1, 3, 5, ... are ``test`` (on ../shared's one image per
+  class: 104 train / 99 test).
+  """
+  coarse = {i: c for c, (_, lo, hi) in enumerate(RESTRICTED_IMAGENET)
+            for i in range(lo, hi + 1)}
+  seen = [0] * len(RESTRICTED_IMAGENET)
+  samples = []
+  for path, label, example_id in _wnid_prefixed_files(split, data_dir).samples:
+    if label not in coarse:
+      continue
+    c = coarse[label]
+    if seen[c] % 2 == (0 if split == "train" else 1):
+      samples.append((path, c, example_id))
+    seen[c] += 1
+  if not samples:
+    raise FileNotFoundError(f"no Restricted ImageNet images ({split}) in {data_dir}")
+  return folder_source.ListSource(samples)
+
+
 def _csv(split, data_dir):
   path = data_dir if data_dir.endswith(".csv") else os.path.join(data_dir, f"{split}.csv")
   return folder_source.CsvSource(path)
@@ -410,6 +442,16 @@ register(DatasetSpec(
     "Flat folder of ImageNet images named <wnid>_*.JPEG (e.g. ../shared's 1000, one per class)",
     {"test": "test"}, lambda src: _IN(), "imagenet_bilinear",
     folder=_wnid_prefixed_files,
+    prepare="Pass data_dir= the folder (e.g. shared/data/imagenet_samples)."))
+
+register(DatasetSpec(
+    "imagenet_samples_restricted",
+    "The imagenet_samples folder at the 9 Restricted ImageNet superclasses (Tsipras et al. "
+    "2019): alternate images per superclass train / test (../shared: 104 / 99)",
+    {"train": "train", "test": "test"},
+    lambda src: label_spaces.simple("imagenet_samples_restricted",
+                                    [c for c, _, _ in RESTRICTED_IMAGENET]),
+    "imagenet_bilinear", folder=_restricted_samples,
     prepare="Pass data_dir= the folder (e.g. shared/data/imagenet_samples)."))
 
 register(DatasetSpec(
