@@ -2,15 +2,23 @@
 
 ``parse_arg("tiny=True,n=3", tiny=False, n=1)`` returns a ConfigDict with the
 defaults overridden by the comma-separated ``key=value`` pairs, rejecting keys
-that have no default (a typo must not be silently ignored).
+that have no default (a typo must not be silently ignored). A value is parsed
+by the type of its default, strictly: a bool takes only
+``true/false/True/False/1/0`` (a bare ``key`` means true), an int an integer,
+a float a number, a string any text; a ``None`` default takes a Python literal
+or, failing that, the text.
 """
 
 from __future__ import annotations
 
 import ast
+import math
 from typing import Any
 
 import ml_collections
+
+_TRUE, _FALSE = ("true", "True", "1"), ("false", "False", "0")
+BOOL_WORDS = _TRUE + _FALSE
 
 
 def _literal(text: str) -> Any:
@@ -20,15 +28,60 @@ def _literal(text: str) -> Any:
     return text  # bare words are strings
 
 
+def parse_bool(text: Any, what: str) -> bool:
+  """``True``/``False`` or one of ``BOOL_WORDS``; anything else raises ValueError."""
+  if isinstance(text, bool):
+    return text
+  if isinstance(text, str) and text.strip() in BOOL_WORDS:
+    return text.strip() in _TRUE
+  raise ValueError(f"{what}={text!r} is not a boolean (one of {', '.join(BOOL_WORDS)})")
+
+
+def _parse_value(key: str, text: str, default: Any) -> Any:
+  what = f"config argument {key}"
+  if isinstance(default, bool):
+    return parse_bool(text, what)
+  if isinstance(default, int):
+    try:
+      return int(text)
+    except ValueError:
+      raise ValueError(f"{what}={text!r} is not an integer") from None
+  if isinstance(default, float):
+    try:
+      value = float(text)
+    except ValueError:
+      raise ValueError(f"{what}={text!r} is not a number") from None
+    if not math.isfinite(value):
+      raise ValueError(f"{what}={text!r} is not a finite number")
+    return value
+  if isinstance(default, str):
+    return text
+  return _literal(text)
+
+
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
-  """Parses ``"k1=v1,k2=v2"`` over ``defaults``; unknown keys raise ValueError."""
+  """Parses ``"k1=v1,k2=v2"`` over ``defaults``.
+
+  Raises:
+    ValueError: an unknown key, a key given twice, or a value that does not
+      parse as the type of its default (e.g. ``tiny=maybe``).
+  """
   values = dict(defaults)
+  seen = set()
   for item in filter(None, (arg or "").split(",")):
     key, sep, text = item.partition("=")
     key = key.strip()
     if key not in defaults:
       raise ValueError(f"unknown config argument {key!r}; valid: {sorted(defaults)}")
-    values[key] = _literal(text) if sep else True
+    if key in seen:
+      raise ValueError(f"config argument {key!r} is given twice")
+    seen.add(key)
+    if not sep:
+      if not isinstance(defaults[key], bool):
+        raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+      values[key] = True
+    else:
+      values[key] = _parse_value(key, text.strip(), defaults[key])
   return ml_collections.ConfigDict(values)
 
 

@@ -96,14 +96,35 @@ def test_config_errors_name_the_key(mutate, message, tmp_path):
   assert not os.listdir(tmp_path)  # validated before any work
 
 
-def test_cli_rejects_override_of_unknown_key(tmp_path):
+@pytest.mark.parametrize("override, message", [
+    ("--config.nosuchkey=1", "--config.nosuchkey: unknown config key 'nosuchkey'"),
+    ("--config.sed=3", "--config.sed: unknown config key 'sed' (did you mean 'seed'?)"),
+    ("--config.models.efficientnet_lite0.archh=x",
+     "--config.models.efficientnet_lite0.archh: unknown config key 'archh' "
+     "(did you mean 'arch'?)"),
+])
+def test_cli_rejects_override_of_unknown_key_in_one_line(tmp_path, override, message):
+  """Was a 56-line traceback (exit 1); now the file-level check's one line, exit 2."""
   proc = subprocess.run(
       [sys.executable, "-m", "sslbench_jax.cli", "evaluate",
        "--config", os.path.join(ROOT, "configs", "demo.py") + ":tiny=True",
-       "--workdir", str(tmp_path), "--config.sed=3"],
+       "--workdir", str(tmp_path), override],
       capture_output=True, text=True, cwd=ROOT, timeout=300)
-  assert proc.returncode != 0
-  assert "sed" in proc.stderr
+  assert proc.returncode == 2
+  assert proc.stderr.splitlines() == [f"evaluate: error: {message}"]
+  assert not os.listdir(tmp_path)
+
+
+def test_cli_rejects_unknown_config_argument_in_one_line(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "sslbench_jax.cli", "evaluate",
+       "--config", os.path.join(ROOT, "configs", "demo.py") + ":tinyy=1",
+       "--workdir", str(tmp_path)],
+      capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert proc.returncode == 2
+  [line] = proc.stderr.splitlines()
+  assert line.startswith("evaluate: error: flag --config=")
+  assert "unknown config argument 'tinyy'; valid: ['tiny']" in line
   assert not os.listdir(tmp_path)
 
 
