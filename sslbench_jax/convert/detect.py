@@ -30,16 +30,34 @@ _AMBIGUOUS = {
 }
 
 
+_MAX_ENTRIES = 1_000_000
+
+
 def flatten(obj: Any, prefix: str = "", depth: int = 0) -> dict[str, np.ndarray]:
-  """All arrays in nested dicts, keyed by dotted paths (lists are skipped)."""
+  """All arrays in nested dicts, keyed by dotted paths (lists are skipped).
+
+  Raises:
+    ConversionError: more than ``_MAX_ENTRIES`` dict entries would be visited
+      (a pickle can reference one dict from many places; expanded, a few
+      kilobytes of shared references would name 2^30 arrays).
+  """
   out: dict[str, np.ndarray] = {}
-  if depth > 32:
-    return out
-  if isinstance(obj, np.ndarray):
-    out[prefix.rstrip(".")] = obj
-  elif isinstance(obj, Mapping):
-    for k, v in obj.items():
-      out.update(flatten(v, f"{prefix}{k}.", depth + 1))
+  visited = 0
+  stack = [(obj, prefix, depth)]
+  while stack:
+    node, path, level = stack.pop()
+    if level > 32:
+      continue
+    if isinstance(node, np.ndarray):
+      out[path.rstrip(".")] = node
+    elif isinstance(node, Mapping):
+      visited += len(node)
+      if visited > _MAX_ENTRIES:
+        raise ConversionError(f"checkpoint has more than {_MAX_ENTRIES} nested "
+                              "entries (shared references expanded); refused")
+      # Reversed so that keys come out in the mapping's order.
+      stack.extend((v, f"{path}{k}.", level + 1)
+                   for k, v in reversed(list(node.items())))
   return out
 
 

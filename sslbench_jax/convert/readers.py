@@ -264,6 +264,20 @@ def _codecs_encode(text, encoding="latin1"):
   return text.encode("latin1")
 
 
+def _bytes(*args):
+  # Protocol-2 pickles spell ``b""`` as ``bytes()``; ``bytes(n)`` would allocate
+  # ``n`` bytes, so only the empty call and a copy of bytes are honoured.
+  if not args:
+    return b""
+  if len(args) == 1 and isinstance(args[0], (bytes, bytearray)):
+    return bytes(args[0])
+  raise ConversionError("pickle calls bytes() with arguments")
+
+
+def _bytearray(*args):
+  return bytearray(_bytes(*args))
+
+
 class _NDArrayToken(_Inert):
   """What ``numpy.ndarray`` resolves to: an argument, never callable."""
 
@@ -373,6 +387,8 @@ _PLAIN_ALLOWED = {
     ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
     ("__builtin__", "set"): set, ("__builtin__", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
+    ("builtins", "bytes"): _bytes, ("__builtin__", "bytes"): _bytes,
+    ("builtins", "bytearray"): _bytearray, ("__builtin__", "bytearray"): _bytearray,
     ("_codecs", "encode"): _codecs_encode,
     **_NUMPY_ALLOWED,
 }
@@ -397,8 +413,20 @@ class _StorageType(_Inert):
 _STORAGE_TYPES = {name: _StorageType(name) for name in _STORAGE_DTYPES}
 
 
-class _Unpickler(pickle.Unpickler):
+def _refuse_extension(unused_self):
+  raise ConversionError("pickle uses an extension-registry opcode (EXT1/2/4); "
+                        "refused")
+
+
+class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
   """The one restricted unpickler: allow-listed globals, checked storages.
+
+  Built on the pure-Python unpickler so that its opcode table can be changed:
+  the EXT opcodes resolve globals through ``copyreg``'s process-wide
+  extension cache, which the C unpickler consults *before* ``find_class`` (a
+  global any code in the process once loaded by code would come back as the
+  real object), so they are refused outright. PyTorch's pickles hold no tensor
+  data (storages are separate), so the slower unpickler costs little.
 
   Args:
     file: binary file positioned at a pickle.
@@ -406,6 +434,11 @@ class _Unpickler(pickle.Unpickler):
       ``None`` where the format has no storages (any persistent id fails).
     torch: whether PyTorch's rebuild functions and storage types resolve.
   """
+
+  dispatch = dict(pickle._Unpickler.dispatch)  # pylint: disable=protected-access
+  for _op in (pickle.EXT1, pickle.EXT2, pickle.EXT4):
+    dispatch[_op[0]] = _refuse_extension
+  del _op
 
   def __init__(self, file: BinaryIO, storage_fn=None, torch: bool = True):
     super().__init__(file, encoding="latin1")
@@ -533,7 +566,8 @@ def load_pickle(source: str | os.PathLike | bytes | BinaryIO) -> Any:
       size = len(f.getbuffer()) if isinstance(f, io.BytesIO) else 0
   try:
     return _guarded(name, "pickle",
-                    lambda: _materialize(_load(f, "pickle", torch=False), _Budget(size)))
+                    lambda: _materialize(_Unpickler(f, None, torch=False).load(),
+                                         _Budget(size)))
   finally:
     if close:
       f.close()
