@@ -160,7 +160,8 @@ def partial_table(table: ResultsTable, n_boot: int = 2000, n_perm: int = 2000,
 
   Both columns are residualised on a ViT/ResNet indicator (with intercept);
   ``method`` is ``"pearson_partial_backbone"``. Skipped when only one
-  backbone family is present.
+  backbone family is present, and for a protocol where it is undefined (fewer
+  than 4 models of known backbone with both numbers).
   """
   models = table.models
   z = backbone_indicator(table, models)
@@ -173,6 +174,8 @@ def partial_table(table: ResultsTable, n_boot: int = 2000, n_perm: int = 2000,
     x, y = f"{p}/{names.IN_DOMAIN}", f"{p}/{MEAN_OOD}"
     res = stats.partial_correlation(column(table, x), column(table, y), z,
                                     n_boot, n_perm, seed)
+    if not np.isfinite(res.r):
+      continue  # too few models of known backbone (or constant residuals)
     rows.append({"x": x, "y": y, "method": "pearson_partial_backbone",
                  "r": res.r, "ci_low": res.ci_low, "ci_high": res.ci_high,
                  "p_value": res.p_value, "n_models": res.n})

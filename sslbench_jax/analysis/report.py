@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import math
 import os
 
 import numpy as np
 
 from sslbench_jax import atomic
 
+from sslbench_jax.analysis import _narrative
 from sslbench_jax.analysis import aggregates
 from sslbench_jax.analysis import correlations
 from sslbench_jax.analysis import names
 from sslbench_jax.analysis import plots
+from sslbench_jax.analysis import stats
 from sslbench_jax.analysis import table as table_lib
 from sslbench_jax.analysis.summary import Analysis
 
@@ -34,18 +35,8 @@ class Section:
   level: int = 2
 
 
-def fmt(v, digits: int = 2) -> str:
-  """Formats a number for the report ("–" for NaN)."""
-  if isinstance(v, (bool, np.bool_)):
-    return "yes" if v else "no"
-  if isinstance(v, (int, np.integer)):
-    return str(int(v))
-  v = float(v)
-  return "–" if math.isnan(v) else f"{v:.{digits}f}"
-
-
-def _ci(r) -> str:
-  return f"[{fmt(r['ci_low'], 3)}, {fmt(r['ci_high'], 3)}]"
+fmt = _narrative.fmt
+_ci = _narrative.ci
 
 
 def _corr_rows(rows):
@@ -56,20 +47,56 @@ def _corr_rows(rows):
 _CORR_HEADER = ["x", "y", "method", "r", "95% CI", "p (perm.)", "n models"]
 
 
+# ------------------------------------------------- what each plot needs
+
+
+def _ood_points(t, protocol: str) -> int:
+  x = correlations.column(t, f"{protocol}/{names.IN_DOMAIN}")
+  y = correlations.column(t, f"{protocol}/{correlations.MEAN_OOD}")
+  return int(np.sum(np.isfinite(x) & np.isfinite(y)))
+
+
+def scatter_protocols(t) -> list[str]:
+  """Protocols with enough models for an in-domain vs OOD panel (a fitted line)."""
+  if names.IN_DOMAIN not in t.benchmark_datasets or not t.ood_datasets:
+    return []
+  return [p for p in t.protocols
+          if _ood_points(t, p) >= _narrative.MIN_CORRELATION_MODELS]
+
+
+def _has_heatmap(a: Analysis) -> bool:
+  """A correlation matrix with at least one defined off-diagonal entry."""
+  m = a.matrix
+  if len(a.matrix_columns) < 2:
+    return False
+  off = ~np.eye(len(m), dtype=bool)
+  return bool(np.any(np.isfinite(m[off])))
+
+
+def _lottery_models(a: Analysis, protocol: str) -> list[str]:
+  return sorted({r["model"] for r in a.rank_changes if r["protocol"] == protocol})
+
+
 def make_plots(a: Analysis, out_dir: str) -> dict[str, str]:
-  """Draws every plot into ``out_dir/plots``; returns {name: path}."""
+  """Draws every plot that has data into ``out_dir/plots``; returns {name: path}.
+
+  A plot that would be empty or degenerate (a heatmap with no defined
+  correlation, a scatter panel without 3 models, a bump chart of one model)
+  is not drawn; the report says why in one line instead.
+  """
   pdir = os.path.join(out_dir, "plots")
   t = a.table
   out = {}
-  if a.matrix_columns:
+  if _has_heatmap(a):
     out["heatmap"] = plots.correlation_heatmap(
         a.matrix_columns, a.matrix, os.path.join(pdir, "correlation_heatmap.png"),
         a.matrix_method)
-  if names.IN_DOMAIN in t.benchmark_datasets and t.ood_datasets:
+  protos = scatter_protocols(t)
+  if protos:
     out["scatter"] = plots.indomain_vs_ood_scatter(
-        t, t.protocols, os.path.join(pdir, "indomain_vs_ood.png"))
+        t, protos, os.path.join(pdir, "indomain_vs_ood.png"))
   for p in t.protocols:
-    if any(r["protocol"] == p for r in a.rank_changes):
+    if len(_lottery_models(a, p)) >= _narrative.MIN_RANKING_MODELS:
       out[f"bump/{p}"] = plots.bump_chart(
           a.rank_changes, p, os.path.join(pdir, f"rank_changes_{plots.safe_name(p)}.png"))
     if any((m, p, names.IN_DOMAIN) in t.values for m in t.models):
@@ -78,17 +105,136 @@ def make_plots(a: Analysis, out_dir: str) -> dict[str, str]:
   return out
 
 
+# ------------------------------------------------------------- sections
+
+
+def lottery_table(a: Analysis, protocol: str) -> tuple[list[str], list[dict]]:
+  """Models x (ImageNet val + variants) under one protocol, with ranks.
+
+  Returns:
+    (test sets, rows): rows hold ``model``, ``values`` / ``ranks`` (per test
+    set; ranks among the models with that number, 1 = best), the
+    ``imagenet_variants`` suite's ``weighted_mean`` / ``geometric_mean`` /
+    ``mean_rank`` / ``n_datasets`` and the ranks of the two means
+    (``wmean_rank``, ``gmean_rank``) and of val (``val_rank``); sorted by val
+    rank.
+  """
+  t = a.table
+  sets = aggregates.suite_datasets(t, aggregates.IMAGENET_VARIANTS)
+  models = _lottery_models(a, protocol)
+  if not sets or not models:
+    return sets, []
+  v, _ = t.matrix(protocol, sets, models)
+  ranks = stats.average_ranks(v.T, descending=True).T
+  agg = {r["model"]: r for r in a.aggregates
+         if r["suite"] == aggregates.IMAGENET_VARIANTS and r["protocol"] == protocol}
+  wm = np.array([agg[m]["weighted_mean"] for m in models])
+  gm = np.array([agg[m]["geometric_mean"] for m in models])
+  wr = stats.average_ranks(wm, descending=True)
+  gr = stats.average_ranks(gm, descending=True)
+  val = sets.index(names.IN_DOMAIN) if names.IN_DOMAIN in sets else None
+  rows = []
+  for i, m in enumerate(models):
+    rows.append({"model": m, "values": v[i], "ranks": ranks[i],
+                 "val_rank": float(ranks[i, val]) if val is not None else float("nan"),
+                 "weighted_mean": wm[i], "geometric_mean": gm[i],
+                 "wmean_rank": float(wr[i]), "gmean_rank": float(gr[i]),
+                 "mean_rank": agg[m]["mean_rank"], "n_datasets": agg[m]["n_datasets"]})
+  rows.sort(key=lambda r: (np.nan_to_num(r["val_rank"], nan=1e9), r["model"]))
+  return sets, rows
+
+
+def _lottery_sections(a: Analysis, plot_paths, rel) -> list[Section]:
+  t = a.table
+  variants = correlations.variants_present(t)
+  intro = ("Does an ImageNet-val gain carry over to ReaL, v2, R, Sketch and A? "
+           "Per protocol: every model's accuracy and rank (1 = best, ties averaged, "
+           "among the models with that number) on val and each variant, the ranking "
+           "by the size-weighted mean (weights: test-set sizes, the rows' "
+           "n_examples) and by the geometric mean over val + variants "
+           "(aggregates.csv, suite imagenet_variants), rank correlations with the "
+           "val ranking and rank changes.")
+  head = Section("Benchmark lottery: ImageNet val vs its variants", text=[intro])
+  if not variants or names.IN_DOMAIN not in t.datasets:
+    head.text = [_narrative.too_few(
+        "The benchmark lottery", "ImageNet val and at least one ImageNet variant "
+        "(ReaL, v2, R, Sketch, A)",
+        "test sets " + (", ".join(t.datasets) or "none"))]
+    return [head]
+  secs = [head]
+  shown_any = False
+  for p in t.protocols:
+    sets, rows = lottery_table(a, p)
+    if len(rows) < _narrative.MIN_RANKING_MODELS:
+      continue
+    shown_any = True
+    corr = [r for r in a.correlations if r["x"] == f"{p}/{names.IN_DOMAIN}"
+            and r["y"].rpartition("/")[2] in variants +
+            [correlations.VARIANTS_WMEAN, correlations.VARIANTS_GMEAN]]
+    spear = [r for r in corr if r["method"] == "spearman"]
+    cell = lambda v, r: f"{fmt(v)} ({r:g})" if np.isfinite(r) else fmt(v)  # noqa: E731
+    secs.append(Section(
+        f"Lottery table: {p}", level=3,
+        text=[_narrative.lottery_text(p, spear, rows),
+              "Cells: accuracy (rank). A model missing a test set is aggregated over "
+              "the ones it has (n)."],
+        header=(["model"] + [names.dataset_display(d) for d in sets] +
+                ["weighted mean (rank)", "geometric mean (rank)", "mean rank", "n"]),
+        rows=[[r["model"]] + [cell(r["values"][j], r["ranks"][j]) for j in range(len(sets))]
+              + [cell(r["weighted_mean"], r["wmean_rank"]),
+                 cell(r["geometric_mean"], r["gmean_rank"]),
+                 fmt(r["mean_rank"]), fmt(r["n_datasets"])] for r in rows]))
+    kendall = {r["y"]: r for r in corr if r["method"] == "kendall"}
+    secs.append(Section(
+        f"Rank agreement with ImageNet val: {p}", level=3,
+        text=["Rank correlation across models of the val ranking with each variant's "
+              "ranking and with the rankings by the two means (models with both "
+              "numbers; the means only for models with every test set)."],
+        header=["ranking", "Spearman ρ", "95% CI", "p (perm.)", "Kendall τ", "95% CI",
+                "n models"],
+        rows=[[_narrative.shown(r["y"].rpartition("/")[2]), fmt(r["r"], 3), _ci(r),
+               fmt(r["p_value"], 4), fmt(kendall[r["y"]]["r"], 3), _ci(kendall[r["y"]]),
+               fmt(r["n_models"])] for r in spear]))
+    rc = [r for r in a.rank_changes if r["protocol"] == p]
+    vs = [v for v in names.VARIANTS if any(r["variant"] == v for r in rc)]
+    by_model: dict[str, dict] = {}
+    for r in rc:
+      by_model.setdefault(r["model"], {"rank": r["rank_imagenet"]})[r["variant"]] = r["rank_change"]
+    order = sorted(by_model, key=lambda m: (by_model[m]["rank"], m))
+    key = f"bump/{p}"
+    secs.append(Section(
+        f"Rank changes from ImageNet val: {p}", level=3,
+        text=[_narrative.rank_change_text(rc),
+              "Rank change = rank on the variant - rank on ImageNet val "
+              "(positive: falls behind); ranks among the models with both numbers."],
+        header=["model", "ImageNet rank"] + [f"Δ {names.dataset_display(v)}" for v in vs],
+        rows=[[m, fmt(by_model[m]["rank"])] +
+              [fmt(by_model[m].get(v, float("nan"))) for v in vs] for m in order],
+        images=[(rel(plot_paths[key]), f"rank changes {p}")] if key in plot_paths else []))
+  if not shown_any:
+    n = max((len(_lottery_models(a, p)) for p in t.protocols), default=0)
+    head.text = [_narrative.too_few(
+        "The benchmark lottery", f"{_narrative.MIN_RANKING_MODELS} models with ImageNet "
+        "val and a variant under one protocol", f"{n}")]
+  return secs
+
+
 def build_sections(a: Analysis, plot_paths: dict[str, str], out_dir: str,
                    source: str = "") -> list[Section]:
-  """The report's content as sections (tables formatted as strings)."""
+  """The report's content as sections (tables formatted as strings).
+
+  Each section opens with a generated paragraph saying what its numbers show
+  (``_narrative``); a section the results cannot fill says so in one line.
+  """
   t = a.table
   rel = lambda p: os.path.relpath(p, out_dir)  # noqa: E731
+  n_models = len(t.models)
   secs = [Section("sslbench_jax analysis report", level=1, text=[
       f"Source: `{source}`; metric: `{t.metric}` (percent)." +
       (" Primary = each test set's main metric: real_top1 on ImageNet ReaL, "
        "subset_top1 on ImageNet-R / -A, top1 elsewhere." if t.metric == table_lib.PRIMARY
        else ""),
-      f"{len(t.models)} models, protocols: {', '.join(t.protocols)}; "
+      f"{n_models} models, protocols: {', '.join(t.protocols)}; "
       f"benchmark datasets ({len(t.benchmark_datasets)}): "
       f"{', '.join(t.benchmark_datasets)}; ImageNet variants: "
       f"{', '.join(d for d in t.datasets if d in names.VARIANTS) or 'none'}.",
@@ -97,104 +243,132 @@ def build_sections(a: Analysis, plot_paths: dict[str, str], out_dir: str,
       "permutations, (count+1)/(n+1)). Mean OOD = mean over the out-of-domain "
       "datasets (models missing one are left out of comparisons using it)."])]
 
-  # Aggregates.
+  # Aggregates (benchmark suite; the variants suite is in the lottery section).
+  n_bench = len(t.benchmark_datasets)
   for p in t.protocols:
     rows = sorted((r for r in a.aggregates
                    if r["protocol"] == p and r["suite"] == aggregates.BENCHMARK),
                   key=lambda r: (r["mean_rank"], r["model"]))
+    if not rows:
+      continue
     secs.append(Section(
         f"Aggregates: {p}", level=3,
-        text=["Over the benchmark datasets present; weighted mean uses n_examples; "
-              "ranks per dataset (1 = best, ties averaged)."],
+        text=[_narrative.aggregates_text(rows, max(r["n_datasets"] for r in rows)),
+              "Over the benchmark datasets present (ImageNet val and transfer "
+              f"datasets, {n_bench}); weighted mean uses n_examples; ranks per dataset "
+              "(1 = best, ties averaged)."],
         header=["model", "backbone", "method family", "datasets", "mean",
                 "weighted mean", "geometric mean", "mean rank"],
         rows=[[r["model"], r["backbone"], r["method_family"], fmt(r["n_datasets"]),
                fmt(r["mean"]), fmt(r["weighted_mean"]), fmt(r["geometric_mean"]),
                fmt(r["mean_rank"])] for r in rows]))
 
+  secs += _lottery_sections(a, plot_paths, rel)
+
   # In-domain vs out-of-domain.
+  title = "In-domain (ImageNet) vs mean out-of-domain accuracy"
   ind = f"/{names.IN_DOMAIN}"
   ood_rows = [r for r in a.correlations
               if r["x"].endswith(ind) and r["y"].endswith("/" + correlations.MEAN_OOD)]
-  if ood_rows:
+  n_ood = max((r["n_models"] for r in ood_rows), default=0)
+  if names.IN_DOMAIN not in t.benchmark_datasets or not t.ood_datasets:
+    secs.append(Section(title, text=[_narrative.too_few(
+        "This comparison", "ImageNet val and an out-of-domain dataset under one protocol",
+        "datasets " + (", ".join(t.benchmark_datasets) or "none"))]))
+  elif n_ood < _narrative.MIN_CORRELATION_MODELS:
+    secs.append(Section(title, text=[_narrative.too_few(
+        "This comparison", f"{_narrative.MIN_CORRELATION_MODELS} models with ImageNet and "
+        "every out-of-domain dataset under one protocol", f"{n_ood}")]))
+  else:
     secs.append(Section(
-        "In-domain (ImageNet) vs mean out-of-domain accuracy",
-        text=["Across models; `pearson_partial_backbone` residualises both sides "
+        title,
+        text=[_narrative.ood_text(ood_rows),
+              "Across models; `pearson_partial_backbone` residualises both sides "
               "on a ViT/ResNet indicator."],
         header=_CORR_HEADER, rows=_corr_rows(ood_rows),
         images=[(rel(plot_paths["scatter"]), "in-domain vs out-of-domain")]
         if "scatter" in plot_paths else []))
-  if a.predictors:
-    secs.append(Section(
-        "Which in-domain protocol best predicts mean out-of-domain accuracy",
-        text=["Leave-one-model-out error of a linear fit target ~ a + b * predictor "
-              "(accuracy points)."],
-        header=["target", "predictor", "LOO RMSE", "LOO MAE", "n models", "best"],
-        rows=[[r["target"], r["predictor"], fmt(r["loo_rmse"]), fmt(r["loo_mae"]),
-               fmt(r["n_models"]), fmt(r["best"])] for r in a.predictors]))
+    if any(np.isfinite(r["loo_rmse"]) for r in a.predictors):
+      secs.append(Section(
+          "Which in-domain protocol best predicts mean out-of-domain accuracy",
+          text=[_narrative.predictors_text(a.predictors),
+                "Leave-one-model-out error of a linear fit target ~ a + b * predictor "
+                "(accuracy points)."],
+          header=["target", "predictor", "LOO RMSE", "LOO MAE", "n models", "best"],
+          rows=[[r["target"], r["predictor"], fmt(r["loo_rmse"]), fmt(r["loo_mae"]),
+                 fmt(r["n_models"]), fmt(r["best"])] for r in a.predictors]))
 
-  # Protocol agreement (ImageNet and mean OOD here; all datasets in the CSV).
-  agree = [r for r in a.correlations
-           if r["method"] != "pearson_partial_backbone"
-           and r["x"].rpartition("/")[2] == r["y"].rpartition("/")[2]
-           and r["x"].rpartition("/")[2] in (names.IN_DOMAIN, correlations.MEAN_OOD)]
-  if agree or "heatmap" in plot_paths:
+  # Protocol agreement (ImageNet and mean OOD in the table when ImageNet is
+  # present, else every dataset; all of them in correlations.csv).
+  title = "Agreement between protocols"
+  same = [r for r in a.correlations
+          if r["method"] != "pearson_partial_backbone"
+          and r["x"].rpartition("/")[0] != r["y"].rpartition("/")[0]
+          and r["x"].rpartition("/")[2] == r["y"].rpartition("/")[2]]
+  shown_sets = ((names.IN_DOMAIN, correlations.MEAN_OOD)
+                if names.IN_DOMAIN in t.benchmark_datasets else t.benchmark_datasets)
+  agree = [r for r in same if r["x"].rpartition("/")[2] in shown_sets]
+  n_agree = max((r["n_models"] for r in agree), default=0)
+  if len(t.protocols) < 2 or not agree:
+    secs.append(Section(title, text=[_narrative.too_few(
+        "Protocol agreement", "2 protocols on one dataset",
+        f"protocols {', '.join(t.protocols)}")]))
+  elif n_agree < _narrative.MIN_CORRELATION_MODELS:
+    secs.append(Section(title, text=[_narrative.too_few(
+        "Protocol agreement (correlations across models, heatmap)",
+        f"{_narrative.MIN_CORRELATION_MODELS} models with both protocols on one dataset",
+        f"{n_agree}")]))
+  else:
     secs.append(Section(
-        "Agreement between protocols",
-        text=["On ImageNet and on mean OOD (every dataset: correlations.csv). "
-              f"Heatmap: {a.matrix_method} correlation between all protocol/dataset "
-              "columns (correlation_matrix_<method>.csv)."],
-        header=_CORR_HEADER if agree else None, rows=_corr_rows(agree),
+        title,
+        text=[_narrative.agreement_text(agree),
+              "Every protocol pair on every dataset: correlations.csv. "
+              + (f"Heatmap: {a.matrix_method} correlation between all protocol/dataset "
+                 "columns (correlation_matrix_<method>.csv)." if "heatmap" in plot_paths
+                 else "No heatmap: no pair of protocol/dataset columns has a defined "
+                      "correlation.")],
+        header=_CORR_HEADER, rows=_corr_rows(agree),
         images=[(rel(plot_paths["heatmap"]), "correlation heatmap")]
         if "heatmap" in plot_paths else []))
   if a.grouped:
     secs.append(Section(
         "By backbone and method family",
-        text=["In-domain vs mean OOD within each group."],
+        text=[_narrative.grouped_text(a.grouped), "In-domain vs mean OOD within each group."],
         header=["group by", "group"] + _CORR_HEADER,
         rows=[[r["group_by"], r["group"]] + _corr_rows([r])[0] for r in a.grouped]))
+  title = "Effect of BatchNorm before the head"
   if a.bn_effect:
     secs.append(Section(
-        "Effect of BatchNorm before the head",
-        text=["Paired difference (with BN minus without) across models, accuracy "
+        title,
+        text=[_narrative.bn_text(a.bn_effect),
+              "Paired difference (with BN minus without) across models, accuracy "
               "points; sign-flip permutation p-value."],
         header=["protocol", "dataset", "group", "mean diff", "95% CI", "p (perm.)",
                 "n models", "improved"],
         rows=[[r["protocol"], r["dataset"], r["group"], fmt(r["mean_diff"]),
                _ci(r), fmt(r["p_value"], 4),
                fmt(r["n_models"]), fmt(r["n_improved"])] for r in a.bn_effect]))
-
-  # Rank changes.
-  for p in t.protocols:
-    rows = [r for r in a.rank_changes if r["protocol"] == p]
-    if not rows:
-      continue
-    variants = [v for v in names.VARIANTS if any(r["variant"] == v for r in rows)]
-    by_model: dict[str, dict] = {}
-    for r in rows:
-      by_model.setdefault(r["model"], {"rank": r["rank_imagenet"]})[r["variant"]] = r["rank_change"]
-    order = sorted(by_model, key=lambda m: (by_model[m]["rank"], m))
-    key = f"bump/{p}"
-    secs.append(Section(
-        f"Rank changes from ImageNet val: {p}", level=3,
-        text=["Rank change = rank on the variant - rank on ImageNet val "
-              "(positive: falls behind)."],
-        header=["model", "ImageNet rank"] + [f"Δ {names.dataset_display(v)}" for v in variants],
-        rows=[[m, fmt(by_model[m]["rank"])] +
-              [fmt(by_model[m].get(v, float("nan"))) for v in variants] for m in order],
-        images=[(rel(plot_paths[key]), f"rank changes {p}")] if key in plot_paths else []))
+  else:
+    secs.append(Section(title, text=[_narrative.too_few(
+        "The BatchNorm effect", "a protocol run with and without BatchNorm before the "
+        "head (p and p+bn) for the same models", f"protocols {', '.join(t.protocols)}")]))
 
   # Published baselines.
   if a.comparison:
     secs.append(Section(
         "Comparison with published PyTorch numbers",
-        text=["ImageNet top-1; delta = ours - published. Rows marked unverified come "
+        text=[_narrative.comparison_text(a.comparison),
+              "ImageNet top-1; delta = ours - published. Rows marked unverified come "
               "from memory in the source table."],
         header=["model", "protocol", "ours", "published", "delta", "published as",
                 "verified", "note"],
         rows=[[r["model"], r["protocol"], fmt(r["ours"]), fmt(r["published"]),
                fmt(r["delta"]), r["published_method"], fmt(r["verified"]), r["note"]]
               for r in a.comparison]))
+  else:
+    secs.append(Section("Comparison with published PyTorch numbers", text=[
+        "No model name matches a published baseline (frameworks known: "
+        "analysis/names.py; published numbers: published_baselines.csv)."]))
   bars = [(rel(v), k) for k, v in plot_paths.items() if k.startswith("bars/")]
   if bars:
     secs.append(Section("ImageNet accuracy per protocol",
