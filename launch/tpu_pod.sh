@@ -4,10 +4,11 @@
 # host extracts its shard of each dataset, process 0 writes the results.
 #   TPU=my-v4-32 ZONE=us-central2-b WORKDIR=/mnt/shared/runs/x \
 #     bash launch/tpu_pod.sh configs/demo.py
-# WORKDIR must be a file system every host mounts (NFS/Filestore).
+# WORKDIR must be a file system every host mounts (NFS/Filestore). Each host
+# sets up its own .venv with jax's TPU build (launch/setup.sh --accelerator tpu).
 set -euo pipefail
 CONFIG=${1:?config file}
 : "${TPU:?set TPU}" "${ZONE:?set ZONE}" "${WORKDIR:?set WORKDIR (shared by all hosts)}"
 gcloud compute tpus tpu-vm ssh "$TPU" --zone "$ZONE" --worker=all --command \
-  "cd ~/sslbench_jax && bash launch/setup.sh && .venv/bin/pip install -q 'jax[tpu]==0.10.2' && \
+  "cd ~/sslbench_jax && bash launch/setup.sh --accelerator tpu && \
    .venv/bin/sslbench-jax evaluate --config $CONFIG --workdir $WORKDIR"
