@@ -100,6 +100,9 @@ _PRESETS: dict[str, PresetConfig] = {
     "efficientnet_lite": PresetConfig(mean=LITE_MEAN, std=LITE_STD),
     # Not a study preset: 32x32 inputs so `tiny=True` smoke configs run in seconds.
     "smoke_32": PresetConfig(resize=32, crop=32),
+    # Not a study preset: the demo's digits (8x8 scans) at 64x64, normalised
+    # for EfficientNet-Lite (the demo's real network).
+    "lite_64": PresetConfig(resize=64, crop=64, mean=LITE_MEAN, std=LITE_STD),
 }
 
 PRESETS: tuple[str, ...] = tuple(_PRESETS)
