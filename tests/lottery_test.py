@@ -2,6 +2,8 @@
 val-vs-variant correlations and rank agreement, checked against NumPy/SciPy
 on a hand-made table."""
 
+import os
+
 import numpy as np
 import pytest
 from scipy import stats as sps
@@ -157,3 +159,48 @@ def test_rank_correlation_of_val_ranking_with_each_variant_ranking(table):
         sps.spearmanr(a, b)[0], abs=1e-12)
     assert corr[("linear/imagenet", f"linear/{variant}", "kendall")] == pytest.approx(
         sps.kendalltau(a, b)[0], abs=1e-12)
+
+
+def test_lottery_report_section(table, tmp_path):
+  from sslbench_jax.analysis import report
+  from sslbench_jax.analysis import summary
+  a = summary.analyze(table, n_boot=100, n_perm=100, seed=0)
+  files = report.write_report(a, str(tmp_path), html_too=False)
+  md = open(files["report.md"]).read().splitlines()
+  start = md.index("### Lottery table: linear")
+  lines = [ln for ln in md[start + 1:md.index("### Rank agreement with ImageNet val: linear")]
+           if ln.startswith("| ") and not ln.startswith("| model")]
+  cells = {ln.split(" | ")[0][2:]: [c.strip() for c in ln.strip("| ").split(" | ")]
+           for ln in lines}
+  assert sorted(cells) == MODELS
+  v = _matrix("linear", SETS[:-1])
+  w = np.array([SIZES[s] for s in SETS[:-1]], float)
+  ranks = np.full(v.shape, np.nan)
+  for j in range(v.shape[1]):
+    ok = ~np.isnan(v[:, j])
+    ranks[ok, j] = sps.rankdata(-v[ok, j])
+  wmean = np.array([np.average(v[i, ~np.isnan(v[i])], weights=w[~np.isnan(v[i])])
+                    for i in range(len(MODELS))])
+  with np.errstate(divide="ignore"):
+    gmean = np.array([sps.gmean(v[i, ~np.isnan(v[i])]) for i in range(len(MODELS))])
+  wrank, grank = sps.rankdata(-wmean), sps.rankdata(-gmean)
+  for i, m in enumerate(MODELS):
+    row = cells[m]
+    for j in range(v.shape[1]):
+      want = "–" if np.isnan(v[i, j]) else f"{v[i, j]:.2f} ({ranks[i, j]:g})"
+      assert row[1 + j] == want, (m, SETS[j])
+    assert row[1 + v.shape[1]] == f"{wmean[i]:.2f} ({wrank[i]:g})"
+    assert row[2 + v.shape[1]] == f"{gmean[i]:.2f} ({grank[i]:g})"
+  # Rows in val order: ties (dino, swav at 75.3) share rank 1.5.
+  assert [ln.split(" | ")[0][2:] for ln in lines][:2] == ["dino_rn50", "swav_rn50"]
+  text = md[start + 2]
+  assert "Best on val: dino_rn50, swav_rn50" in text
+  # Rank agreement table: one row per variant + the two means, Spearman vs SciPy.
+  start = md.index("### Rank agreement with ImageNet val: linear")
+  rows = [ln for ln in md[start + 1:md.index("### Rank changes from ImageNet val: linear")]
+          if ln.startswith("| ") and not ln.startswith("| ranking")]
+  assert len(rows) == 7 + 2
+  real = next(ln for ln in rows if ln.startswith("| ImageNet ReaL |"))
+  rho = sps.spearmanr(v[:, 0], v[:, 1])[0]
+  assert real.split(" | ")[1] == f"{rho:.3f}"
+  assert "rank_changes_linear.png" in os.listdir(tmp_path / "plots")
