@@ -7,7 +7,10 @@ shapes, and from the source layout where a family has ``source_options``;
 the caller's ``options`` override both), map the
 tensors (family ``to_flax``), then verify the result against
 ``jax.eval_shape(model.init)``: every leaf filled with the right shape, no
-extra leaf, every non-head tensor used. Only then is anything written.
+extra leaf, every non-head tensor used, every float tensor used finite
+(NaN/Inf refused unless ``allow_nonfinite``). Only then is anything written,
+as one unit (``weights.save_variables``); an unwritable output is an
+``OutputError``.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from sslbench_jax.backbones import registry
 from sslbench_jax.backbones import weights
 from sslbench_jax.convert import _family
 from sslbench_jax.convert import detect
+from sslbench_jax.convert import hf_keys
 from sslbench_jax.convert import readers
 from sslbench_jax.convert.errors import ConversionError
+from sslbench_jax.convert.errors import OutputError
 
 _FAMILIES = ("resnet", "vit", "efficientnet")
 _COUNTER_SUFFIXES = ("num_batches_tracked",)
@@ -125,6 +130,28 @@ def _finalize(variables: Any, expected: dict[str, Any], model, example) -> Any:
       for name, value in flat.items()})
 
 
+def _nonfinite_tensors(tracked: _family.SourceState, state: dict[str, Any],
+                       raw: dict[str, Any], root: str) -> list[str]:
+  """Checkpoint names of the float tensors the conversion read that hold NaN/Inf."""
+  # Canonical names may differ from the file's; most families keep the arrays.
+  by_id = {id(v): root + k for k, v in raw.items()}
+  bad = []
+  for key in tracked.read:
+    value = state[key]
+    if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating) \
+        and not np.isfinite(value).all():
+      bad.append(by_id.get(id(value), root + key))
+  return sorted(bad)
+
+
+def _write_output(out: str, variables: Any, meta: dict[str, Any]) -> None:
+  try:
+    weights.save_variables(out, variables, meta)
+  except OSError as e:
+    reason = os.strerror(e.errno) if e.errno else str(e).splitlines()[0]
+    raise OutputError(f"cannot write {out}: {reason}") from None
+
+
 def convert_checkpoint(
     path: str,
     arch: str,
@@ -133,6 +160,7 @@ def convert_checkpoint(
     select: str | None = None,
     allow_missing: str | None = None,
     options: dict[str, Any] | None = None,
+    allow_nonfinite: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
   """Converts a PyTorch/safetensors/npz checkpoint into Flax variables.
 
@@ -149,16 +177,21 @@ def convert_checkpoint(
       ``{"num_classes": None}`` to drop a classifier, or
       ``{"pos_interp_offset": 0.0, "pos_interp_antialias": True}`` for timm's
       position-embedding resize).
+    allow_nonfinite: convert even if tensors the model uses hold NaN or Inf
+      (they are listed in ``meta["nonfinite_tensors"]`` and logged); by
+      default that is a ``ConversionError`` naming them.
 
   Returns:
     ``(variables, meta)``: NumPy float32 variables for
     ``registry.create_model(arch, **meta["arch_options"])`` and the provenance
     (arch, arch_options, source_format, source, prefix, checkpoint_sha256,
-    counts, dropped_keys, missing_keys).
+    counts, dropped_keys, missing_keys, nonfinite_tensors).
 
   Raises:
     FileNotFoundError: no such checkpoint.
     ConversionError: anything else wrong with the input (one line).
+    OutputError: ``out`` cannot be written (read-only folder, disk full);
+      nothing is left behind.
   """
   try:
     family = registry.family(arch)
@@ -171,8 +204,15 @@ def convert_checkpoint(
     except re.error as e:
       raise ConversionError(f"allow_missing is not a valid regex: {e}") from None
 
+  if out:
+    try:  # before minutes of work: a read-only folder fails at once
+      weights.check_writable(out)
+    except OSError as e:
+      raise OutputError(f"cannot write {out}: "
+                        f"{os.strerror(e.errno) if e.errno else e}") from None
   obj, source_format = readers.read_checkpoint(path)
-  flat = detect.flatten(obj)
+  # Hugging Face transformers encoders -> timm/torchvision names (hf_keys).
+  flat = hf_keys.translate(detect.flatten(obj))
   root, source = _locate_backbone(flat, module, family, path, select)
   outside = [k for k in flat if not k.startswith(root)]
   raw = {k[len(root):]: v for k, v in flat.items() if k.startswith(root)}
@@ -218,6 +258,16 @@ def convert_checkpoint(
         f"checkpoint has tensors under {root!r} that {arch} does not use: "
         f"{_short_list(unexpected)} (wrong arch, or pass options=...)")
 
+  nonfinite = _nonfinite_tensors(tracked, state, raw, root)
+  if nonfinite:
+    listed = _short_list(nonfinite, 5)
+    if not allow_nonfinite:
+      raise ConversionError(
+          f"{path}: {len(nonfinite)} tensor(s) hold NaN/Inf values: {listed}; "
+          "pass --allow_nonfinite (allow_nonfinite=True) to convert anyway")
+    logging.warning("%s: %d tensor(s) hold NaN/Inf values (allow_nonfinite): %s",
+                    path, len(nonfinite), listed)
+
   variables = _finalize(variables, expected, model, example)
   # BatchNorm step counters are dropped silently (counted, not listed).
   counters = {k for k in heads if k.endswith(_COUNTER_SUFFIXES)}
@@ -235,7 +285,8 @@ def convert_checkpoint(
                  "missing_allowed": len(tracked.missing)},
       "dropped_keys": dropped,
       "missing_keys": sorted(tracked.missing),
+      "nonfinite_tensors": nonfinite,
   }
   if out:
-    weights.save_variables(out, variables, meta)
+    _write_output(out, variables, meta)
   return variables, meta

@@ -43,6 +43,7 @@ import numpy as np
 
 from sslbench_jax.backbones import registry
 from sslbench_jax.backbones import vit
+from sslbench_jax.convert import hf_keys
 from sslbench_jax.convert._family import conv_kernel, dense_kernel, is_missing
 from sslbench_jax.convert.errors import ConversionError
 
@@ -294,6 +295,10 @@ def source_options(state: Mapping[str, Any], root: str, source: str,
   Returns:
     ``pos_interp_offset`` and ``pos_interp_antialias`` of the source's rule.
   """
+  hf = hf_keys.vit_source_options(root)
+  if hf is not None:
+    logging.info("Hugging Face transformers ViT: options %s", hf)
+    return hf
   rule, reason = pos_interp_rule(state, root, source, source_format)
   logging.info("position-embedding resize rule %s %s: %s", rule,
                POS_INTERP_RULES[rule], reason)
@@ -456,8 +461,9 @@ def to_flax(state: Any, arch: str, options: Mapping[str, Any]) -> dict[str, Any]
     like = _looks_like(state)
     hint = f"{like}; convert with arch={like}" if like in registry.ARCHS else like
     raise ConversionError(
-        f"checkpoint does not fit {arch} (it looks like {hint}): "
-        + " | ".join(parts))
+        f"checkpoint does not fit {arch} (it looks like {hint}; layout guessed: "
+        f"{hf_keys.guess_vit_layout(state.keys())}; supported: "
+        f"{hf_keys.SUPPORTED_VIT_LAYOUTS}): " + " | ".join(parts))
   if model.rel_pos_bias:
     _check_rel_pos_index(state, model)
   return variables
