@@ -342,3 +342,71 @@ def test_fewshot_knn_rows_store_the_k_used(clean):
         for r in rows}
   # 1 shot x 10 classes = 10 examples: k = 10; 5 shots: 50 >= 20.
   assert ks == {"1shot": (10, 20), "5shot": (20, None)}
+
+
+# ------------------------------------------------ unwritable results stores
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+  """A directory nobody can write to: a read-only tmpfs (root), else mode 0555."""
+  d = tmp_path / "ro"
+  d.mkdir()
+  if os.geteuid() != 0:
+    d.chmod(0o555)
+    yield d
+    d.chmod(0o755)
+    return
+  r = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(d)],
+                     capture_output=True, text=True, check=False)
+  if r.returncode:
+    pytest.skip(f"cannot mount a read-only tmpfs: {r.stderr.strip()}")
+  try:
+    yield d
+  finally:
+    subprocess.run(["umount", str(d)], check=False)
+
+
+def test_results_in_a_read_only_location_fail_before_probing(clean, read_only_dir,
+                                                             capsys):
+  results = read_only_dir / "sub" / "results.jsonl"
+  command.define_flags()
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["probe", "--features_train", clean[0], "--features_test", clean[1],
+               "--protocol", "leastsquares", "--l2", "8", "--results", str(results)])
+  # The OSError reaches the CLI unchanged (not turned into "bad input")...
+  with pytest.raises(OSError) as e:
+    command.main(["probe"])
+  assert e.value.filename == str(results)
+  assert "leastsquares" not in capsys.readouterr().out  # ...before any probing
+  # ...and the CLI prints one line, exit 1, nothing written.
+  r = _cli("probe", "--features_train", clean[0], "--features_test", clean[1],
+           "--protocol", "leastsquares", "--l2", "8", "--results", str(results))
+  assert r.returncode == 1, r.stderr
+  errors = [l for l in r.stderr.splitlines() if "error" in l.lower()]
+  assert len(errors) == 1 and str(results) in errors[0], r.stderr
+  assert "Traceback" not in r.stderr
+  assert os.listdir(read_only_dir) == []
+
+
+def test_results_on_a_full_disk_exit_1_without_rows(clean):
+  # /dev/full: every write fails with ENOSPC, as on a full disk.
+  if not os.path.exists("/dev/full"):
+    pytest.skip("no /dev/full")
+  r = _cli("probe", "--features_train", clean[0], "--features_test", clean[1],
+           "--protocol", "leastsquares", "--l2", "8", "--results", "/dev/full")
+  assert r.returncode == 1, r.stderr
+  errors = [l for l in r.stderr.splitlines() if "error" in l.lower()]
+  assert len(errors) == 1 and "/dev/full" in errors[0], r.stderr
+  assert "No space left on device" in errors[0] and "Traceback" not in r.stderr
+  assert "appended" not in r.stdout
+
+
+def test_write_check_leaves_nothing(tmp_path):
+  command.check_writable(str(tmp_path / "a" / "b" / "r.jsonl"))
+  assert os.listdir(tmp_path) == []
+  existing = tmp_path / "r.jsonl"
+  existing.write_text("x\n")
+  command.check_writable(str(existing))
+  assert existing.read_text() == "x\n" and os.listdir(tmp_path) == ["r.jsonl"]
+  with pytest.raises(NotADirectoryError):
+    command.check_writable(str(existing / "r.jsonl"))

@@ -124,6 +124,10 @@ def main(argv: Sequence[str]) -> None:
   """Runs the probe described by the flags; prints and stores the results."""
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments: {' '.join(argv[1:])}")
+  if FLAGS.results:
+    # Fail before minutes of probing, not after. OSError propagates (the CLI
+    # turns it into one line, exit 1): an unwritable store is not bad input.
+    check_writable(FLAGS.results)
   try:
     rows = run(_options())
   except (ValueError, FileNotFoundError) as e:
@@ -134,6 +138,29 @@ def main(argv: Sequence[str]) -> None:
     from sslbench_jax.results import store  # pylint: disable=g-import-not-at-top
     store.append_results(FLAGS.results, rows)
     print(f"appended {len(rows)} rows to {FLAGS.results}")
+
+
+def check_writable(path: str) -> None:
+  """Raises OSError (naming ``path``) when ``path`` cannot be appended to.
+
+  Leaves nothing behind: an existing file is opened for appending without
+  writing; for a new file, a temporary file is created and removed in the
+  nearest existing parent directory (the store creates the missing ones).
+  """
+  import tempfile  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(path)
+  try:
+    if os.path.exists(path):
+      os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+      return
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+      parent = os.path.dirname(parent)
+    fd, tmp = tempfile.mkstemp(prefix=".probe-write-check-", dir=parent)
+    os.close(fd)
+    os.remove(tmp)
+  except OSError as e:
+    raise type(e)(e.errno, e.strerror, path) from None
 
 
 def _options() -> dict[str, Any]:
