@@ -83,6 +83,30 @@ def test_bad_input_exits_2_with_one_line(tmp_path, dino_checkpoint, content, arc
   assert not out_dir.exists()
 
 
+def test_nonfinite_weights_exit_2_unless_allow_nonfinite(tmp_path, vit_checkpoint):
+  state = torch.load(vit_checkpoint[0], weights_only=True)
+  state["blocks.0.attn.qkv.weight"][3, 5] = float("nan")
+  state["pos_embed"][0, 0, 1] = float("inf")
+  path = str(tmp_path / "nan.pth")
+  torch.save(state, path)
+  out_dir = tmp_path / "out"
+  depth = f"--arch_options=depth={_VIT_DEPTH}"
+  result = _run(f"--checkpoint={path}", "--arch=vit_small_patch16",
+                f"--out={out_dir}/w.npz", depth)
+  assert result.returncode == 2
+  lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+  assert ("2 tensor(s) hold NaN/Inf values: blocks.0.attn.qkv.weight, pos_embed; "
+          "pass --allow_nonfinite") in lines[0]
+  assert not out_dir.exists()
+  result = _run(f"--checkpoint={path}", "--arch=vit_small_patch16",
+                f"--out={out_dir}/w.npz", depth, "--allow_nonfinite")
+  assert result.returncode == 0, result.stderr
+  variables, meta = weights.load_variables(f"{out_dir}/w.npz")
+  assert meta["nonfinite_tensors"] == ["blocks.0.attn.qkv.weight", "pos_embed"]
+  assert np.isinf(variables["params"]["pos_embed"]).sum() == 1
+
+
 # --- --arch_options ----------------------------------------------------------
 
 _VIT_DEPTH = 1

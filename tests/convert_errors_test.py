@@ -153,3 +153,30 @@ def test_unknown_arch_and_bad_regex(tmp_path, rn18):
   _fails(tmp_path, path, "resnet19", "Unknown architecture 'resnet19'")
   _fails(tmp_path, path, "resnet18", "allow_missing is not a valid regex",
          allow_missing="(")
+
+
+def test_nonfinite_tensors_are_named_unless_allowed(tmp_path, rn18):
+  state = {k: v.clone() for k, v in rn18.state_dict().items()}
+  poisoned = ["conv1.weight", "layer1.0.bn1.running_var", "layer1.1.conv2.weight",
+              "layer2.0.bn2.bias", "layer3.0.downsample.0.weight", "layer4.1.bn1.weight",
+              "layer4.1.bn2.running_mean"]
+  for i, name in enumerate(poisoned):
+    state[name].view(-1)[i] = (float("nan"), float("inf"), -float("inf"))[i % 3]
+  path = _save(tmp_path, state)
+  # Independent count of what the file holds: torch's own reading of it.
+  loaded = torch.load(path, weights_only=True)
+  bad = sorted(k for k, v in loaded.items()
+               if v.is_floating_point() and not torch.isfinite(v).all())
+  assert bad == sorted(poisoned)
+  _fails(tmp_path, path, "resnet18",
+         r"c.pth: 7 tensor\(s\) hold NaN/Inf values: " + ", ".join(bad[:5]).replace(".", r"\.")
+         + r" \.\.\. \(\+2 more\); pass --allow_nonfinite")
+  out = str(tmp_path / "ok" / "w.npz")
+  variables, meta = convert_checkpoint(path, "resnet18", out, allow_nonfinite=True)
+  assert meta["nonfinite_tensors"] == bad
+  kernel = variables["params"]["conv1"]["kernel"]
+  assert np.isnan(kernel).sum() == 1 and np.isnan(kernel[0, 0, 0, 0])
+  assert np.isposinf(variables["batch_stats"]["layer1_0"]["bn1"]["var"][1])
+  clean, clean_meta = convert_checkpoint(_save(tmp_path, rn18.state_dict(), "ok.pth"),
+                                         "resnet18")
+  assert clean_meta["nonfinite_tensors"] == []

@@ -20,10 +20,16 @@ at other resolutions with timm's position-embedding resize:
       --out dino_vitb16.npz \\
       --arch_options=pos_interp_offset=0,pos_interp_antialias=true
 
+Tensors holding NaN/Inf are refused (named, exit 2) unless
+``--allow_nonfinite``; the names are then recorded in the sidecar's
+``nonfinite_tensors``.
+
 Prints one summary line. Bad input (including an unknown option key, listed
 against the valid ones, an item that is not ``key=value``, or a value of the
-wrong type for its key) prints one
-``error: ...`` line to stderr and exits with code 2, writing nothing.
+wrong type for its key, and an unsafe or oversized checkpoint) prints one
+``error: ...`` line to stderr and exits with code 2, writing nothing. An
+output that cannot be written (read-only folder, disk full) prints one line
+and exits with code 1, leaving nothing that reads as finished weights.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from sslbench_jax.backbones import resnet
 from sslbench_jax.backbones import vit
 from sslbench_jax.convert.converter import convert_checkpoint
 from sslbench_jax.convert.errors import ConversionError
+from sslbench_jax.convert.errors import OutputError
 
 FLAGS = flags.FLAGS
 
@@ -60,6 +67,9 @@ def define_flags() -> None:
                       "pos_interp_offset=0,pos_interp_antialias=true (values: "
                       "int, float, true/false, none, else string; each must "
                       "match the type of its field).")
+  flags.DEFINE_boolean("allow_nonfinite", False, "Convert even if tensors hold "
+                       "NaN/Inf (listed in the sidecar); by default that is an "
+                       "error naming them.")
   flags.mark_flags_as_required(["checkpoint", "arch", "out"])
 
 
@@ -242,10 +252,14 @@ def main(argv: list[str]) -> None:
     _, meta = convert_checkpoint(FLAGS.checkpoint, FLAGS.arch, FLAGS.out,
                                  select=FLAGS.select,
                                  allow_missing=FLAGS.allow_missing,
-                                 options=options)
+                                 options=options,
+                                 allow_nonfinite=FLAGS.allow_nonfinite)
   except (ConversionError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except OutputError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   counts = meta["counts"]
   print(f"{FLAGS.out}: {meta['arch']} from {meta['source']} checkpoint "
         f"({meta['source_format']}, prefix {meta['prefix']!r}); "
