@@ -234,5 +234,20 @@ def test_bn_selected_in_a_sweep_is_not_a_separate_protocol():
     ("knn_norm", {"zscore": True}, "knn_norm"),
 ])
 def test_protocol_label_drops_bn_marker(name, hparams, expected):
+  """The BN label of a fixed setting; a searched one (bn_selected, or a
+  batchnorm_grid with both settings in the row) keeps the name."""
   assert names.protocol_label(name, hparams) == expected
   assert names.protocol_label(name, hparams, bn_selected=True) == name
+
+
+def test_batchnorm_grid_in_the_row_marks_bn_as_selected():
+  assert names.protocol_label("linear", {"batchnorm": True,
+                                         "batchnorm_grid": [False, True]}) == "linear"
+  assert names.protocol_label("linear", {"batchnorm": True,
+                                         "batchnorm_grid": ["false", "true"]}) == "linear"
+  assert names.protocol_label("linear_bn", {"batchnorm": True,
+                                            "batchnorm_grid": [True]}) == "linear+bn"
+  # One model, BN selected: no cross-model evidence, but the grid says so.
+  rows = _rows({("a", "digits"): (80, 360)},
+               hparams=json.dumps({"batchnorm": True, "batchnorm_grid": [False, True]}))
+  assert table_lib.table_from_rows(rows).protocols == ["linear"]

@@ -74,9 +74,12 @@ def test_one_model_gets_one_line_statements_and_no_empty_figures(tmp_path):
   assert not any(t.startswith(("Lottery table", "Rank changes", "Rank agreement"))
                  for t in by_title)
   assert "Which in-domain protocol best predicts mean out-of-domain accuracy" not in by_title
-  agg = by_title["Aggregates: linear"]
+  # One aggregates table (protocol x means), no per-protocol tables of rank 1.
+  agg = by_title["Aggregates"]
   assert agg.text[0] == ("Not shown: a ranking needs 2 models; the results hold 1 model. "
                          "Its means are listed.")
+  assert "mean rank" not in agg.header and [r[0] for r in agg.rows] == list(PROTOCOLS)
+  assert not any(t.startswith("Aggregates: ") for t in by_title)
   # No heatmap, scatter or bump chart was drawn; what was drawn (one bar per
   # protocol with the model's ImageNet number) is in the report.
   pngs = _pngs(str(tmp_path))
@@ -84,7 +87,8 @@ def test_one_model_gets_one_line_statements_and_no_empty_figures(tmp_path):
   md = open(files["report.md"]).read()
   for p in pngs:
     assert f"(plots/{p})" in md
-  assert md.count("Not shown: ") == 4 + len(PROTOCOLS)
+  assert md.count("Not shown: ") == 5
+  assert "1 model, protocols: knn, linear, logreg;" in md
 
 
 def test_two_models_rank_but_do_not_correlate(tmp_path):

@@ -72,9 +72,10 @@ def _spearman_phrase(r: dict) -> str:
 
 def aggregates_text(rows: list[dict], n_datasets: int) -> str:
   """Who leads / trails one protocol's aggregate table (rows of one suite)."""
-  if len(rows) < MIN_RANKING_MODELS:
+  if len({r["model"] for r in rows}) < MIN_RANKING_MODELS:
     return too_few("a ranking", f"{MIN_RANKING_MODELS} models",
-                   _plural(len(rows), "model")) + " Its means are listed."
+                   _plural(len({r["model"] for r in rows}), "model")) + \
+        " Its means are listed."
   best = min(rows, key=lambda r: (r["mean_rank"], r["model"]))
   worst = max(rows, key=lambda r: (r["mean_rank"], r["model"]))
   by_mean = max(rows, key=lambda r: (r["mean"], r["model"]))

@@ -235,6 +235,10 @@ def _hparams_dict(protocol: str, hparams: str | dict | None) -> dict:
   return hparams if isinstance(hparams, dict) else {}
 
 
+def _truthy(v) -> bool:
+  return v.strip().lower() in ("true", "1", "yes") if isinstance(v, str) else bool(v)
+
+
 def uses_batchnorm(protocol: str, hparams: str | dict | None) -> bool:
   """Whether a row's hparams say BatchNorm before the head."""
   hp = _hparams_dict(protocol, hparams)
@@ -255,12 +259,16 @@ def protocol_label(protocol: str, hparams: str | dict | None = None,
     hparams: dict or JSON string of the run's hyper-parameters.
     bn_selected: BN on/off was chosen by model selection (a grid over both):
       then it is a selected hyper-parameter like the learning rate, not part
-      of the protocol, and the name is kept as it is.
+      of the protocol, and the name is kept as it is. Also assumed when the
+      hparams carry ``batchnorm_grid`` (the BN settings searched) with both.
 
   Returns:
     e.g. ``"linear"`` or ``"linear+bn"``.
   """
+  hp = _hparams_dict(protocol, hparams)
+  grid = hp.get("batchnorm_grid")
+  if isinstance(grid, (list, tuple)) and len({_truthy(g) for g in grid}) > 1:
+    bn_selected = True  # the row says BN on/off was searched
   if bn_selected or not uses_batchnorm(protocol, hparams):
-    _hparams_dict(protocol, hparams)  # still reject hparams that are not JSON
     return protocol
   return _BN_SUFFIX_RE.sub("", protocol) + BN_SUFFIX

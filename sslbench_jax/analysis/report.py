@@ -234,7 +234,8 @@ def build_sections(a: Analysis, plot_paths: dict[str, str], out_dir: str,
       (" Primary = each test set's main metric: real_top1 on ImageNet ReaL, "
        "subset_top1 on ImageNet-R / -A, top1 elsewhere." if t.metric == table_lib.PRIMARY
        else ""),
-      f"{n_models} models, protocols: {', '.join(t.protocols)}; "
+      f"{n_models} model{'' if n_models == 1 else 's'}, protocols: "
+      f"{', '.join(t.protocols)}; "
       f"benchmark datasets ({len(t.benchmark_datasets)}): "
       f"{', '.join(t.benchmark_datasets)}; ImageNet variants: "
       f"{', '.join(d for d in t.datasets if d in names.VARIANTS) or 'none'}.",
@@ -245,18 +246,27 @@ def build_sections(a: Analysis, plot_paths: dict[str, str], out_dir: str,
 
   # Aggregates (benchmark suite; the variants suite is in the lottery section).
   n_bench = len(t.benchmark_datasets)
-  for p in t.protocols:
-    rows = sorted((r for r in a.aggregates
-                   if r["protocol"] == p and r["suite"] == aggregates.BENCHMARK),
+  bench = [r for r in a.aggregates if r["suite"] == aggregates.BENCHMARK]
+  note = ("Over the benchmark datasets present (ImageNet val and transfer "
+          f"datasets, {n_bench}); weighted mean uses n_examples; ranks per dataset "
+          "(1 = best, ties averaged).")
+  if n_models < _narrative.MIN_RANKING_MODELS:
+    # One model: no ranking; its means per protocol in one table.
+    secs.append(Section(
+        "Aggregates", level=3,
+        text=[_narrative.aggregates_text(bench[:n_models], n_bench), note],
+        header=["protocol", "model", "datasets", "mean", "weighted mean",
+                "geometric mean"],
+        rows=[[r["protocol"], r["model"], fmt(r["n_datasets"]), fmt(r["mean"]),
+               fmt(r["weighted_mean"]), fmt(r["geometric_mean"])] for r in bench]))
+  for p in t.protocols if n_models >= _narrative.MIN_RANKING_MODELS else ():
+    rows = sorted((r for r in bench if r["protocol"] == p),
                   key=lambda r: (r["mean_rank"], r["model"]))
     if not rows:
       continue
     secs.append(Section(
         f"Aggregates: {p}", level=3,
-        text=[_narrative.aggregates_text(rows, max(r["n_datasets"] for r in rows)),
-              "Over the benchmark datasets present (ImageNet val and transfer "
-              f"datasets, {n_bench}); weighted mean uses n_examples; ranks per dataset "
-              "(1 = best, ties averaged)."],
+        text=[_narrative.aggregates_text(rows, max(r["n_datasets"] for r in rows)), note],
         header=["model", "backbone", "method family", "datasets", "mean",
                 "weighted mean", "geometric mean", "mean rank"],
         rows=[[r["model"], r["backbone"], r["method_family"], fmt(r["n_datasets"]),
