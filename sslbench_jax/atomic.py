@@ -9,9 +9,10 @@ permissions, and is renamed over the destination in one step.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 
 def _umask() -> int:
@@ -39,14 +40,26 @@ def atomic_open(path: str, mode: str = "wb", *, prefix: str = ".tmp-", suffix: s
     raise ValueError(f"atomic_open writes whole files: mode 'w' or 'wb', got {mode!r}")
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=suffix)
+  # A unique name per writer (mkstemp): two writers of the same file never
+  # share (and delete or rename) each other's temporary file.
   try:
-    with os.fdopen(fd, mode, **open_kwargs) as f:
-      yield f
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=suffix)
+  except OSError as e:  # read-only / full: name the destination, not a temp name
+    raise type(e)(e.errno, e.strerror, path) from None
+  try:
+    try:
+      with os.fdopen(fd, mode, **open_kwargs) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+      os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files
+      os.replace(tmp, path)
+    except OSError as e:
+      # Writes through a file object (ENOSPC, EDQUOT) name no file: name the
+      # destination, which is what the user can act on.
+      if e.filename is None or e.filename == tmp:
+        raise type(e)(e.errno, e.strerror, path) from None
+      raise
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
@@ -63,3 +76,10 @@ def write_text(path: str, text: str, encoding: str = "utf-8") -> None:
   """Writes ``text`` to ``path`` atomically."""
   with atomic_open(path, "w", encoding=encoding) as f:
     f.write(text)
+
+
+def write_json(path: str, obj: Any, **kwargs: Any) -> None:
+  """Writes ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
+  with atomic_open(path, "w", encoding="utf-8", **kwargs) as f:
+    json.dump(obj, f, indent=2, sort_keys=True, allow_nan=False)
+    f.write("\n")

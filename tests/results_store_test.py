@@ -169,3 +169,64 @@ def test_primary_export_keeps_each_test_sets_own_metric(tmp_path):
   assert {r["metric"] for r in got} == {store.PRIMARY}
   assert sorted((r["dataset"], r["split"], float(r["value"])) for r in got) == [
       (d, s, v) for d, s, _, v in kept]
+
+
+def _remover(args):
+  path, rounds = args
+  removed = 0
+  for _ in range(rounds):
+    removed += len(store.remove_rows(path, lambda r: r["model"] == "victim"))
+    store.append_results(path, [_row(0, model="victim")])
+  return removed
+
+
+def test_remove_rows_never_loses_a_concurrent_append(tmp_path):
+  """Rows are removed by rewriting the file; appenders waiting meanwhile re-lock the new one."""
+  path = str(tmp_path / "r.jsonl")
+  store.append_results(path, [_row(0, model="victim")] * 3)
+  procs, n = 3, 40
+  ctx = multiprocessing.get_context("spawn")
+  with ctx.Pool(procs + 1) as pool:
+    removing = pool.map_async(_remover, [(path, 30)])
+    assert sorted(pool.map(_writer, [(path, p, n) for p in range(procs)])) == list(range(procs))
+    assert removing.get(timeout=600) == [3 + 29]  # every victim but the last one added
+  rec = store.read_results(path, deduplicate=False)
+  assert list(rec.model).count("victim") == 1
+  expected = procs * sum(1 + j % 3 for j in range(n))
+  assert len(rec) - 1 == expected
+  for p in range(procs):
+    seeds = sorted(set(int(s) for s, m in zip(rec.seed, rec.model) if m.startswith(f"p{p}")))
+    assert seeds == [p * 1000 + j for j in range(n)]
+  assert os.listdir(tmp_path) == ["r.jsonl"]  # no temporary file left
+
+
+def test_remove_rows_keeps_unparsable_lines_and_other_writers_rows(tmp_path):
+  path = str(tmp_path / "r.jsonl")
+  store.append_results(path, [_row(1, step="m/p/d", run_id="run1"), _row(2)])
+  with open(path, "ab") as f:
+    f.write(b"not json\n")
+  store.append_results(path, [_row(3, step="m/p/d", run_id="run2")])
+  dropped = store.remove_rows(path, lambda r: r["step"] == "m/p/d" and r["run_id"] == "run1")
+  assert [(r["seed"], r["run_id"]) for r in dropped] == [(1, "run1")]
+  with open(path, "rb") as f:
+    assert b"not json\n" in f.read()
+  with pytest.warns(store.ResultsStoreWarning, match="corrupt line skipped"):
+    rec = store.read_results(path)
+  assert [(int(s), str(st), str(r)) for s, st, r in zip(rec.seed, rec.step, rec.run_id)] == [
+      (2, "", ""), (3, "m/p/d", "run2")]
+  mtime = os.stat(path).st_mtime_ns
+  assert store.remove_rows(path, lambda r: False) == []
+  assert os.stat(path).st_mtime_ns == mtime  # nothing to drop: not rewritten
+
+
+def test_full_disk_on_append_names_the_store(tmp_path, monkeypatch):
+  path = str(tmp_path / "r.jsonl")
+  store.append_results(path, [_row(1)])
+
+  def full(fd, data):
+    raise OSError(28, os.strerror(28))  # what os.write raises: no file name
+
+  monkeypatch.setattr(os, "write", full)
+  with pytest.raises(OSError) as e:
+    store.append_results(path, [_row(2)])
+  assert e.value.errno == 28 and e.value.filename == path

@@ -14,6 +14,14 @@ fresh line so later rows stay intact).
 
 Re-running a measurement appends a new row; ``read_results`` keeps the latest
 row per key (``DEDUP_KEY``) unless ``deduplicate=False``.
+
+Rows written by ``sslbench-jax evaluate`` also carry ``step`` (the
+``model/protocol/dataset`` step of its workdir) and ``run_id`` (the run that
+computed them, ``DIR/configs/<run_id>.json``); ``remove_rows`` lets it drop
+the rows of a step that is recomputed or was not marked finished (see
+``evaluate``), rewriting the file atomically under the same lock appenders
+take, so no appended row is lost. Rows without a step (``probe --results``)
+are never removed by it.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import json
 import math
 import os
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import logging
 import numpy as np
@@ -41,11 +49,13 @@ DEFAULTS: dict[str, Any] = {
     "hparams": {},
     "seed": -1,           # -1: not applicable / unknown
     "device_count": -1,   # -1: unknown
+    "step": "",           # evaluate's step key; "" for rows of other writers
+    "run_id": "",         # the evaluate run that wrote the row
 }
 AUTO = ("versions", "timestamp")
 COLUMNS = ("model", "checkpoint_sha256", "dataset", "split", "protocol",
            "hparams", "metric", "value", "n_examples", "seed", "device_count",
-           "versions", "timestamp")
+           "versions", "timestamp", "step", "run_id")
 # Two rows with equal key are the same measurement (a re-run).
 DEDUP_KEY = ("model", "checkpoint_sha256", "dataset", "split", "protocol",
              "hparams", "metric", "seed")
@@ -59,7 +69,7 @@ PRIMARY_METRICS = ("real_top1", "subset_top1", "top1")
 PRIMARY = "primary"
 
 _STR = ("model", "checkpoint_sha256", "dataset", "split", "protocol", "metric",
-        "hparams", "versions", "timestamp")
+        "hparams", "versions", "timestamp", "step", "run_id")
 _INT = ("n_examples", "seed", "device_count")
 
 
@@ -138,7 +148,7 @@ def normalize_row(row: dict[str, Any], index: int = 0) -> dict[str, Any]:
     out["timestamp"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
         timespec="microseconds")
   for k in ("model", "checkpoint_sha256", "dataset", "split", "protocol",
-            "metric", "timestamp"):
+            "metric", "timestamp", "step", "run_id"):
     out[k] = str(out[k])
     if "\n" in out[k]:
       raise ValueError(f"{where}: {k} contains a newline")
@@ -168,29 +178,99 @@ def append_results(path: str, rows: list[dict[str, Any]]) -> None:
   if not lines:
     return
   data = ("\n".join(lines) + "\n").encode("utf-8")
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
   try:
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    try:
+    with _locked(path, os.O_RDWR | os.O_APPEND | os.O_CREAT) as fd:
       # A writer killed earlier may have left a line without its newline:
       # start on a fresh line so that our rows stay parseable.
       size = os.fstat(fd).st_size
-      if size:
-        with open(path, "rb") as f:
-          f.seek(size - 1)
-          if f.read(1) != b"\n":
-            data = b"\n" + data
+      if size and os.pread(fd, 1, size - 1) != b"\n":
+        data = b"\n" + data
       view = memoryview(data)
       while view:
         written = os.write(fd, view)
         view = view[written:]
       os.fsync(fd)
-    finally:
-      fcntl.flock(fd, fcntl.LOCK_UN)
-  finally:
-    os.close(fd)
+  except OSError as e:
+    raise _with_path(e, path) from None
+
+
+def _with_path(e: OSError, path: str) -> OSError:
+  """``e`` naming ``path`` (``os.write`` errors such as ENOSPC name no file)."""
+  if e.filename is not None:
+    return e
+  return type(e)(e.errno, e.strerror, path)
+
+
+class _locked:  # pylint: disable=invalid-name
+  """``with _locked(path, flags) as fd``: ``path`` opened and exclusively flock-ed.
+
+  ``remove_rows`` replaces the file by a new one (a new inode) while holding
+  the lock on the old one, so a writer that waited on the old inode's lock
+  re-opens the path and locks again until it holds the current file.
+  """
+
+  def __init__(self, path: str, flags: int):
+    self.path, self.flags, self.fd = path, flags, -1
+
+  def __enter__(self) -> int:
+    directory = os.path.dirname(os.path.abspath(self.path))
+    os.makedirs(directory, exist_ok=True)
+    while True:
+      fd = os.open(self.path, self.flags, 0o644)
+      fcntl.flock(fd, fcntl.LOCK_EX)
+      try:
+        current = os.stat(self.path).st_ino
+      except FileNotFoundError:
+        current = None
+      if current == os.fstat(fd).st_ino:
+        self.fd = fd
+        return fd
+      os.close(fd)  # replaced while we waited: lock the new file
+
+  def __exit__(self, *exc) -> None:
+    fcntl.flock(self.fd, fcntl.LOCK_UN)
+    os.close(self.fd)
+
+
+def remove_rows(path: str, drop: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+  """Removes the rows for which ``drop(row)`` is true; returns them.
+
+  The file is rewritten atomically (a unique temporary file renamed over it)
+  under the appenders' lock; lines that do not parse are kept as they are.
+  Nothing is written when no row is dropped or the store does not exist.
+
+  Args:
+    path: the ``.jsonl`` store.
+    drop: called with each normalised row.
+
+  Returns:
+    The dropped rows (normalised).
+  """
+  if not os.path.exists(path):
+    return []
+  try:
+    with _locked(path, os.O_RDWR) as fd:
+      raw = b""
+      while chunk := os.read(fd, 1 << 20):
+        raw += chunk
+      kept, dropped = [], []
+      for line in raw.split(b"\n"):
+        if not line.strip():
+          continue
+        try:
+          row = normalize_row(json.loads(line))
+        except (ValueError, TypeError, AttributeError):
+          kept.append(line)  # not a row: read_results reports it, we keep it
+          continue
+        if drop(row):
+          dropped.append(row)
+        else:
+          kept.append(line)
+      if dropped:
+        atomic.write_bytes(path, b"".join(l + b"\n" for l in kept), prefix=".tmp-store-")
+  except OSError as e:
+    raise _with_path(e, path) from None
+  return dropped
 
 
 def _read_rows(path: str) -> list[dict[str, Any]]:
@@ -277,7 +357,7 @@ def find_duplicates(records: np.ndarray) -> list[tuple[str, ...]]:
 
 EXPORT_COLUMNS = ("model", "dataset", "split", "protocol", "metric", "value",
                   "n_examples", "checkpoint_sha256", "hparams", "seed",
-                  "device_count", "timestamp", "versions")
+                  "device_count", "timestamp", "versions", "step", "run_id")
 
 
 def export_csv(path: str, out_csv: str, deduplicate: bool = True) -> int:
