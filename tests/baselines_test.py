@@ -142,3 +142,14 @@ def test_supervised_baseline_compares_the_classify_protocol():
   out = baselines.compare(table_lib.table_from_rows(rows))
   assert len(out) == 1 and out[0]["protocol"] == "classify"
   assert out[0]["delta"] == pytest.approx(76.0 - 76.156)
+
+
+def test_released_head_is_compared_with_the_published_linear_number():
+  rows = [{"model": "dino_rn50", "dataset": "imagenet", "split": "validation",
+           "protocol": p, "metric": "top1", "value": v, "n_examples": "50000"}
+          for p, v in (("linear", "74.0"), ("released_head", "75.2"))]
+  out = {r["protocol"]: r for r in baselines.compare(table_lib.table_from_rows(rows))}
+  assert set(out) == {"linear", "released_head", "knn"}
+  assert out["released_head"]["published"] == 75.3
+  assert out["released_head"]["delta"] == pytest.approx(75.2 - 75.3)
+  assert out["linear"]["delta"] == pytest.approx(74.0 - 75.3)

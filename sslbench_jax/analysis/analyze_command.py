@@ -1,6 +1,8 @@
 """``sslbench-jax analyze --results FILE.csv --out DIR``.
 
-Writes ``aggregates.csv``, ``correlations.csv``, ``correlations_grouped.csv``,
+Writes ``aggregates.csv`` (column ``suite``: ``benchmark`` = ImageNet val +
+transfer datasets, ``imagenet_variants`` = val + every ImageNet variant
+present), ``correlations.csv`` (val vs each variant included), ``correlations_grouped.csv``,
 ``correlation_matrix_{pearson,spearman,kendall}.csv``, ``predictors.csv``, ``bn_effect.csv``,
 ``rank_changes.csv``, ``published_comparison.csv``, ``plots/*.png`` and
 ``report.md`` into DIR. FILE is the CSV export or the ``.jsonl`` results store.

@@ -20,6 +20,8 @@ import numpy as np
 from sslbench_jax.analysis import names
 from sslbench_jax.analysis.table import ResultsTable
 
+# The protocol that scores a framework's released ImageNet linear classifier.
+RELEASED_HEAD = "released_head"
 COMPARISON_COLUMNS = ("model", "protocol", "ours", "published", "delta",
                       "published_method", "verified", "note", "source")
 
@@ -141,16 +143,24 @@ def compare(table: ResultsTable, baselines: list[Baseline] | None = None) -> lis
 
   Returns:
     Rows with ``COMPARISON_COLUMNS``; ``ours``/``delta`` NaN when we have no
-    number for that protocol; ``delta = ours - published``.
+    number for that protocol; ``delta = ours - published``. A model with a
+    ``released_head`` number also gets a row comparing it with the published
+    linear number.
   """
   baselines = load_baselines() if baselines is None else baselines
   rows = []
   for model in table.models:
     matched, note = baselines_for_model(model, baselines)
     for b in matched:
-      ours = table.values.get((model, b.protocol, names.IN_DOMAIN), np.nan)
-      rows.append({"model": model, "protocol": b.protocol, "ours": float(ours),
-                   "published": b.top1, "delta": float(ours - b.top1),
-                   "published_method": b.method, "verified": b.verified,
-                   "note": note, "source": b.source})
+      # A released linear head scored by us is compared with the published
+      # linear number too (same head, our evaluation).
+      protocols = [b.protocol] + (
+          [RELEASED_HEAD] if b.protocol == "linear"
+          and (model, RELEASED_HEAD, names.IN_DOMAIN) in table.values else [])
+      for protocol in protocols:
+        ours = table.values.get((model, protocol, names.IN_DOMAIN), np.nan)
+        rows.append({"model": model, "protocol": protocol, "ours": float(ours),
+                     "published": b.top1, "delta": float(ours - b.top1),
+                     "published_method": b.method, "verified": b.verified,
+                     "note": note, "source": b.source})
   return rows
