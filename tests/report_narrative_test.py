@@ -142,6 +142,9 @@ def test_six_models_give_a_finite_correlation_matrix_with_intervals(six):
   pngs = _pngs(out)
   assert {"correlation_heatmap.png", "indomain_vs_ood.png"} <= set(pngs)
   assert {f"rank_changes_{p}.png" for p in PROTOCOLS} <= set(pngs)
+  md = open(six["files"]["report.md"]).read()
+  assert all(f"(plots/{p})" in md for p in pngs) and "Not shown" not in md.split(
+      "## Effect of BatchNorm")[0]
 
 
 _SPEARMAN = (r"Spearman (-?\d+\.\d{3}) \[(-?\d+\.\d{3}), (-?\d+\.\d{3})\], "
@@ -235,3 +238,18 @@ def test_aggregates_paragraph_matches_the_csv(six):
       f"({float(best['mean_rank']):.2f}, mean {float(best['mean']):.2f}) and "
       f"{worst['model']} the worst ({float(worst['mean_rank']):.2f}, mean "
       f"{float(worst['mean']):.2f}) of 6 models."), text
+
+
+def test_one_protocol_says_so_and_every_figure_is_in_the_report(tmp_path):
+  _, sections, files = _build(tmp_path, _rows(MODELS6[:4], protocols=("linear",)))
+  s = {s.title: s for s in sections}["Agreement between protocols"]
+  assert s.text[0] == ("Not shown: Protocol agreement needs 2 protocols on one dataset; "
+                       "the results hold protocols linear.")
+  assert s.header is None
+  # The dataset-vs-dataset heatmap is still drawn, and shown there.
+  assert s.images == [("plots/correlation_heatmap.png", "correlation heatmap")]
+  md = open(files["report.md"]).read()
+  pngs = _pngs(str(tmp_path))
+  assert "indomain_vs_ood.png" in pngs
+  for p in pngs:
+    assert f"(plots/{p})" in md, p

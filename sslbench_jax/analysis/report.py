@@ -319,10 +319,16 @@ def build_sections(a: Analysis, plot_paths: dict[str, str], out_dir: str,
                 if names.IN_DOMAIN in t.benchmark_datasets else t.benchmark_datasets)
   agree = [r for r in same if r["x"].rpartition("/")[2] in shown_sets]
   n_agree = max((r["n_models"] for r in agree), default=0)
+  heatmap = ([(rel(plot_paths["heatmap"]), "correlation heatmap")]
+             if "heatmap" in plot_paths else [])
   if len(t.protocols) < 2 or not agree:
+    # The heatmap still compares the datasets (columns) across models.
     secs.append(Section(title, text=[_narrative.too_few(
         "Protocol agreement", "2 protocols on one dataset",
-        f"protocols {', '.join(t.protocols)}")]))
+        f"protocols {', '.join(t.protocols)}")] + (
+            [f"Heatmap: {a.matrix_method} correlation across models between the "
+             "protocol/dataset columns (correlation_matrix_<method>.csv)."]
+            if heatmap else []), images=heatmap))
   elif n_agree < _narrative.MIN_CORRELATION_MODELS:
     secs.append(Section(title, text=[_narrative.too_few(
         "Protocol agreement (correlations across models, heatmap)",
@@ -337,9 +343,7 @@ def build_sections(a: Analysis, plot_paths: dict[str, str], out_dir: str,
                  "columns (correlation_matrix_<method>.csv)." if "heatmap" in plot_paths
                  else "No heatmap: no pair of protocol/dataset columns has a defined "
                       "correlation.")],
-        header=_CORR_HEADER, rows=_corr_rows(agree),
-        images=[(rel(plot_paths["heatmap"]), "correlation heatmap")]
-        if "heatmap" in plot_paths else []))
+        header=_CORR_HEADER, rows=_corr_rows(agree), images=heatmap))
   if a.grouped:
     secs.append(Section(
         "By backbone and method family",
