@@ -92,16 +92,14 @@ def aggregates_text(rows: list[dict], n_datasets: int) -> str:
 # ------------------------------------------------------ benchmark lottery
 
 
-def lottery_text(protocol: str, corr_rows: list[dict], table_rows: list[dict]) -> str:
+def lottery_text(corr_rows: list[dict], table_rows: list[dict]) -> str:
   """Val ranking vs each variant's ranking and vs the aggregates' rankings.
 
   Args:
-    protocol: the protocol.
     corr_rows: its ``p/imagenet`` vs ``p/<variant or aggregate>`` Spearman rows.
     table_rows: the lottery table rows (dicts with ``model``, ``val_rank``,
       ``wmean_rank``, ``gmean_rank``).
   """
-  del protocol
   parts = []
   variants = _finite([r for r in corr_rows if _col(r["y"])[1] in names.VARIANTS])
   if variants:

@@ -159,8 +159,9 @@ def canonical_dataset(dataset: str, split: str = "") -> str:
   ImageNet val -> ``"imagenet"``; its evaluation variants -> ``VARIANTS``
   (also recognised from the split, e.g. dataset ``imagenet2012`` split
   ``real``); ImageNet-v2's three versions stay apart (``imagenet_v2``,
-  ``imagenet_v2_threshold``, ``imagenet_v2_top``); the 10 transfer datasets of the study -> ``inaturalist``, ``cub``,
-  ``pascal``, ``cifar100``, ``imagenet_d_<domain>``. Unrecognised names are
+  ``imagenet_v2_threshold``, ``imagenet_v2_top``); the 10 transfer
+  datasets of the study -> ``inaturalist``, ``cub``, ``pascal``,
+  ``cifar100``, ``imagenet_d_<domain>``. Unrecognised names are
   returned lower-cased unchanged.
 
   Args:

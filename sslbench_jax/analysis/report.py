@@ -175,7 +175,7 @@ def _lottery_sections(a: Analysis, plot_paths, rel) -> list[Section]:
     cell = lambda v, r: f"{fmt(v)} ({r:g})" if np.isfinite(r) else fmt(v)  # noqa: E731
     secs.append(Section(
         f"Lottery table: {p}", level=3,
-        text=[_narrative.lottery_text(p, spear, rows),
+        text=[_narrative.lottery_text(spear, rows),
               "Cells: accuracy (rank). A model missing a test set is aggregated over "
               "the ones it has (n)."],
         header=(["model"] + [names.dataset_display(d) for d in sets] +
