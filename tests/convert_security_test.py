@@ -405,6 +405,33 @@ def test_every_global_opcode_goes_through_the_allow_list(tmp_path, payloads, var
     assert readers.is_placeholder(value) or isinstance(value, ConversionError)
 
 
+class _Victim:
+  pass
+
+
+@pytest.mark.parametrize("target", [b"ccollections\nOrderedDict\n",
+                                    b"ctorch._utils\n_rebuild_tensor_v2\n",
+                                    b"cnumpy\ndtype\n", b"cargparse\nNamespace\n"])
+def test_pickles_cannot_set_attributes_of_the_readers_own_objects(tmp_path, target):
+  # BUILD with slot state would setattr() on the class/function itself: e.g.
+  # replace a method of the reader so that later files are read differently.
+  build = (target + b"N}X\x0c\x00\x00\x00__setstate__ctorch._utils\n_rebuild_parameter\n"
+           b"s\x86b.")
+  path = _write(tmp_path, "build.pt", _zip_bytes(None, {}, data_pkl=b"\x80\x02" + build))
+  with pytest.raises(ConversionError, match="pickle sets state on a"):
+    readers.read_checkpoint(path)
+  with pytest.raises(ConversionError, match="pickle sets state on a"):
+    readers.load_pickle(b"\x80\x02" + build)
+  # Control: a plain unpickler lets the same bytes change the named class.
+  victim = f"c{_Victim.__module__}\n_Victim\n".encode()
+  plain = pickle.loads(b"\x80\x02" + build.replace(target, victim))
+  assert plain is _Victim
+  assert _Victim.__setstate__ is torch._utils._rebuild_parameter  # pylint: disable=protected-access
+  del _Victim.__setstate__
+  # Reading still works as before.
+  test_hand_built_files_are_real_pytorch_files(tmp_path)
+
+
 def _load_pickle_quietly(data):
   try:
     return readers.load_pickle(data)

@@ -418,6 +418,19 @@ def _refuse_extension(unused_self):
                         "refused")
 
 
+def _load_build(self):
+  # ``BUILD`` sets state on the object below it: with the default behaviour
+  # a pickle could set attributes of the reader's own classes and functions
+  # (``setattr(_Budget, "take", ...)``, a function's ``__defaults__``) and so
+  # change how later files in this process are read. Only the reader's own
+  # instances, whose ``__setstate__`` checks or ignores the state, take it.
+  state = self.stack.pop()
+  inst = self.stack[-1]
+  if isinstance(inst, type) or not isinstance(inst, (_Inert, _Opaque, _OrderedDict)):
+    raise ConversionError(f"pickle sets state on a {type(inst).__name__}")
+  inst.__setstate__(state)
+
+
 class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
   """The one restricted unpickler: allow-listed globals, checked storages.
 
@@ -425,7 +438,8 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
   the EXT opcodes resolve globals through ``copyreg``'s process-wide
   extension cache, which the C unpickler consults *before* ``find_class`` (a
   global any code in the process once loaded by code would come back as the
-  real object), so they are refused outright. PyTorch's pickles hold no tensor
+  real object), so they are refused outright; ``BUILD`` is limited to the
+  reader's own instances (``_load_build``). PyTorch's pickles hold no tensor
   data (storages are separate), so the slower unpickler costs little.
 
   Args:
@@ -439,6 +453,7 @@ class _Unpickler(pickle._Unpickler):  # pylint: disable=protected-access
   for _op in (pickle.EXT1, pickle.EXT2, pickle.EXT4):
     dispatch[_op[0]] = _refuse_extension
   del _op
+  dispatch[pickle.BUILD[0]] = _load_build
 
   def __init__(self, file: BinaryIO, storage_fn=None, torch: bool = True):
     super().__init__(file, encoding="latin1")
