@@ -142,9 +142,14 @@ def test_six_models_give_a_finite_correlation_matrix_with_intervals(six):
   pngs = _pngs(out)
   assert {"correlation_heatmap.png", "indomain_vs_ood.png"} <= set(pngs)
   assert {f"rank_changes_{p}.png" for p in PROTOCOLS} <= set(pngs)
+  # Only 2 models have a known backbone (one ResNet, one ViT): one line, no table.
+  grouped = six["sections"]["By backbone and method family"]
+  assert grouped.text == ["Not shown: A within-group correlation needs 3 models of one "
+                          "known backbone or method family; the results hold at most 1 "
+                          "per group."] and grouped.header is None
   md = open(six["files"]["report.md"]).read()
   assert all(f"(plots/{p})" in md for p in pngs) and "Not shown" not in md.split(
-      "## Effect of BatchNorm")[0]
+      "## By backbone")[0]
 
 
 _SPEARMAN = (r"Spearman (-?\d+\.\d{3}) \[(-?\d+\.\d{3}), (-?\d+\.\d{3})\], "

@@ -344,12 +344,17 @@ def build_sections(a: Analysis, plot_paths: dict[str, str], out_dir: str,
                  else "No heatmap: no pair of protocol/dataset columns has a defined "
                       "correlation.")],
         header=_CORR_HEADER, rows=_corr_rows(agree), images=heatmap))
-  if a.grouped:
+  if any(np.isfinite(r["r"]) for r in a.grouped):
     secs.append(Section(
         "By backbone and method family",
         text=[_narrative.grouped_text(a.grouped), "In-domain vs mean OOD within each group."],
         header=["group by", "group"] + _CORR_HEADER,
         rows=[[r["group_by"], r["group"]] + _corr_rows([r])[0] for r in a.grouped]))
+  elif a.grouped:
+    n = max(r["n_models"] for r in a.grouped)
+    secs.append(Section("By backbone and method family", text=[_narrative.too_few(
+        "A within-group correlation", f"{_narrative.MIN_CORRELATION_MODELS} models of "
+        "one known backbone or method family", f"at most {n} per group")]))
   title = "Effect of BatchNorm before the head"
   if a.bn_effect:
     secs.append(Section(
