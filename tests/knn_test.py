@@ -243,6 +243,63 @@ def test_automatic_screening_falls_back_when_it_does_not_pay(monkeypatch, caplog
     assert np.all((idx == order[:, :20]) | (gap < 1e-6))
 
 
+@pytest.mark.parametrize("screen", [None, True])
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_similarity_blocks_stay_within_the_budget_on_every_path(
+    monkeypatch, caplog, screen, metric):
+  # Issue 10: with a large query_chunk, the float32 search that answers the
+  # queries the screen could not certify used the user's query chunk against
+  # the bank split for the screen's (smaller) chunk: a (chunk, shard) block
+  # far over the budget (2.8 GB peak vs 1.06 GB at 50k x 768). Every jitted
+  # search call is recorded; each block must fit a small budget.
+  budget = 4 * 64 * 100                  # 100 queries x 64 rows of float32
+  monkeypatch.setattr(knn, "SIMILARITY_BUDGET_BYTES", budget)
+  monkeypatch.setattr(knn, "SCREEN_MIN_ROWS_PER_CANDIDATE", 1)
+  blocks = []
+
+  def spy(factory, shard_arg):
+    def make(*args):
+      fn, shard = factory(*args), args[shard_arg]
+      def call(*inputs):
+        blocks.append((factory.__name__, inputs[-1].shape[0], shard))
+        return fn(*inputs)
+      return call
+    return make
+
+  from sslbench_jax.probes import _knn_screen
+  monkeypatch.setattr(knn, "_search", spy(knn._search, 3))
+  monkeypatch.setattr(_knn_screen, "screened_search",
+                      spy(_knn_screen.screened_search, 3))
+  # Rows that nearly coincide: no query is certified, all go to the fallback.
+  rng = np.random.default_rng(5)
+  xtr = (rng.normal(size=16) + 1e-3 * rng.normal(size=(400, 16))).astype(np.float32)
+  xte = rng.normal(size=(300, 16)).astype(np.float32)
+  with caplog.at_level("INFO", logger="absl"):
+    _, idx = knn.neighbours(xtr, xte, 5, metric=metric, screen=screen,
+                            query_chunk=4096, screen_candidates=8, progress=False)
+  assert "_search" in {b[0] for b in blocks}, blocks  # the fallback ran
+  assert "screened_search" in {b[0] for b in blocks}, blocks
+  for name, queries, shard in blocks:
+    assert 4 * queries * shard <= budget, (name, queries, shard)
+  ref, order = _exact_neighbours(xtr, xte, metric)
+  gap = np.abs(np.take_along_axis(ref, idx, 1) - np.take_along_axis(ref, order[:, :5], 1))
+  assert np.all((idx == order[:, :5]) | (gap < 1e-6 * np.abs(ref).max()))
+
+
+def test_query_chunk_alone_is_capped_by_the_budget(monkeypatch):
+  # A budget smaller than one query chunk x one bank row: chunks shrink.
+  monkeypatch.setattr(knn, "SIMILARITY_BUDGET_BYTES", 4 * 10)
+  shapes = []
+  search = knn._search
+  monkeypatch.setattr(knn, "_search", lambda *a: (lambda bank, q: (
+      shapes.append((q.shape[0], a[3])), search(*a)(bank, q))[1]))
+  xtr, ytr, xte, classes = _random(3, n_train=40, n_test=35)
+  out = knn.classify(xtr, ytr, xte, classes, ks=(3,), screen=False, query_chunk=64)
+  assert shapes and all(4 * q * s <= 40 for q, s in shapes), shapes
+  np.testing.assert_allclose(out[3], _dino_reference(xtr, ytr, xte, 3, classes),
+                             rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("dim", [64, 2048])
 def test_screening_error_bound_holds(dim):
   # |fl32(q.x) - fl32(bf16(q).bf16(x))| <= error_bound, on random vectors and

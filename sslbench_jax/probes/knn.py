@@ -459,6 +459,9 @@ def _search_all(xtr, xte, k, metric, query_chunk, bank_shard, bank_dtype,
   if screen and bank_dtype != "float32":
     raise ValueError("screen=True needs bank_dtype='float32' (a bfloat16 bank "
                      "is already an approximate search)")
+  if bank_shard is None:
+    # A block needs at least one bank row: the query chunk alone must fit.
+    query_chunk = min(query_chunk, max(1, SIMILARITY_BUDGET_BYTES // 4))
   n_devices = len(jax.devices() if devices is None else devices)
   rows = -(-n_train // n_devices)
   m = min(screen_candidates or _knn_screen.candidates(k), rows)
@@ -466,6 +469,7 @@ def _search_all(xtr, xte, k, metric, query_chunk, bank_shard, bank_dtype,
   if screen is None:
     screen = (bank_dtype == "float32"
               and rows >= SCREEN_MIN_ROWS_PER_CANDIDATE * m)
+  exact_query_chunk = query_chunk
   exact_chunk = _chunk_size(query_chunk, metric, k, dim, len(xte))
   if not screen:
     mesh, bank, rows, shard = _place_bank(xtr, bank_shard, bank_dtype, devices,
@@ -516,8 +520,15 @@ def _search_all(xtr, xte, k, metric, query_chunk, bank_shard, bank_dtype,
                "queries; %d computed with the float32 search", m,
                n - len(redo), n, len(redo))
   if len(redo):
+    # The bank was split for the screen's (smaller) query chunk, often into
+    # one shard per device: the float32 search over it must use a query chunk
+    # that keeps (chunk, shard) within the budget too, whatever --query_chunk.
+    fallback_chunk = _chunk_size(
+        exact_query_chunk if bank_shard is not None else
+        min(exact_query_chunk, max(1, SIMILARITY_BUDGET_BYTES // (4 * shard))),
+        metric, k, dim, len(redo))
     keys[redo], idx[redo] = _run_chunks(lambda q: exact(bank, q), xte[redo],
-                                        exact_chunk, bank.dtype,
+                                        fallback_chunk, bank.dtype,
                                         desc="kNN float32 search",
                                         progress=progress)
   return keys, idx
