@@ -62,6 +62,7 @@ HEAD_PREFIXES: tuple[str, ...] = (
     "lm_head.",       # BEiT masked image modelling head
     "cls_pt_layers.",  # BEiT v2 patch-aggregation pretraining layers
     "predictor.",     # MoCo v3 predictor (when under the encoder root)
+    "norm.",          # unread only with mean pooling and no fc_norm (BEiT v2, below)
 )
 
 # (pattern, replacement) applied in order with re.sub on each key.
@@ -183,6 +184,11 @@ def infer_options(state: Mapping[str, Any], arch: str) -> dict[str, Any]:
         "after pooling); this ViT supports one of them")
   options["pool"] = "mean" if has_fc_norm else "cls"
   table = _shape(state, "blocks.0.attn.relative_position_bias_table")
+  if table is not None and not has_fc_norm:
+    # A BEiT (v2) pretraining checkpoint: the Closer-Look study's
+    # representation is BEiT's fine-tuning model with use_mean_pooling, i.e.
+    # a freshly initialised fc_norm of the mean patch token (see _mapping).
+    options["pool"] = "mean"
   options["rel_pos_bias"] = table is not None
   pos = _shape(state, "pos_embed")
   if table is not None:
@@ -385,8 +391,21 @@ def _mapping(state: Any, model: vit.VisionTransformer) -> list[tuple[tuple[str, 
     layer_norm(dst + ("norm2",), src + "norm2")
     linear(dst + ("mlp", "fc1"), src + "mlp.fc1")
     linear(dst + ("mlp", "fc2"), src + "mlp.fc2")
-  layer_norm(("fc_norm" if model.pool == "mean" else "norm",),
-             "fc_norm" if model.pool == "mean" else "norm")
+  if model.pool == "mean" and "fc_norm.weight" not in state and "norm.weight" in state:
+    # Mean pooling of a checkpoint without fc_norm (BEiT v2 pretraining): as
+    # BEiT's fine-tuning model loads it (use_mean_pooling=True), `norm` becomes
+    # Identity and fc_norm keeps its init (scale 1, bias 0); the checkpoint's
+    # norm.* (applied before pooling in pretraining) is dropped. docs/convert.md.
+    logging.warning("mean pooling without fc_norm in the checkpoint: fc_norm = "
+                    "LayerNorm(scale 1, bias 0) as BEiT's use_mean_pooling "
+                    "model; the checkpoint's norm.* is dropped")
+    out.append((("params", "fc_norm", "scale"), "fc_norm.weight (BEiT init)",
+                np.ones(model.width, np.float32)))
+    out.append((("params", "fc_norm", "bias"), "fc_norm.bias (BEiT init)",
+                np.zeros(model.width, np.float32)))
+  else:
+    layer_norm(("fc_norm" if model.pool == "mean" else "norm",),
+               "fc_norm" if model.pool == "mean" else "norm")
   if model.num_classes:
     linear(("head",), "head")
   return out
