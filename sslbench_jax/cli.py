@@ -9,7 +9,8 @@ Exit codes, the same for every subcommand (enforced here, once):
 * ``0``: success.
 * ``2``: bad input or usage -- an unknown or malformed flag or config key
   (including ``--config.key=value`` overrides and ``--config FILE:args``), a
-  missing or unreadable-as-data input file, any ``ValueError`` /
+  missing or unreadable-as-data input file, an output path that is a file
+  where a folder is needed (or the reverse), any ``ValueError`` /
   ``FileNotFoundError`` (``ConversionError``, ``CorruptImageError``, ...),
   ``zipfile.BadZipFile`` or ``EOFError`` (a truncated file).
 * ``1``: runtime failure -- the disk is full, the output is read-only or not
@@ -57,8 +58,9 @@ RESOURCE_ERRNOS = frozenset(getattr(errno, name) for name in
                             ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM")
                             if hasattr(errno, name))
 # Exceptions that mean "the input is wrong" wherever they come from.
-BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                    zipfile.BadZipFile, EOFError, app.UsageError, flags.Error)
+BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+                    IsADirectoryError, zipfile.BadZipFile, EOFError, app.UsageError,
+                    flags.Error)
 
 
 def _usage() -> str:
