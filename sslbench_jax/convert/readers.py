@@ -423,11 +423,15 @@ def _load_build(self):
   # a pickle could set attributes of the reader's own classes and functions
   # (``setattr(_Budget, "take", ...)``, a function's ``__defaults__``) and so
   # change how later files in this process are read. Only the reader's own
-  # instances, whose ``__setstate__`` checks or ignores the state, take it.
+  # instances (of this project's classes, e.g. placeholders, pending arrays,
+  # a subclass's records), whose ``__setstate__`` checks or ignores the state,
+  # take it.
   state = self.stack.pop()
   inst = self.stack[-1]
-  if isinstance(inst, type) or not isinstance(inst, (_Inert, _Opaque, _OrderedDict)):
-    raise ConversionError(f"pickle sets state on a {type(inst).__name__}")
+  cls = type(inst)
+  if isinstance(inst, type) or not cls.__module__.startswith("sslbench_jax.") or \
+      getattr(cls, "__setstate__", None) is None:
+    raise ConversionError(f"pickle sets state on a {cls.__name__}")
   inst.__setstate__(state)
 
 
