@@ -549,6 +549,24 @@ def test_load_pickle_round_trips_numpy_and_containers(tmp_path):
     np.testing.assert_array_equal(readers.load_pickle(f)["f32"], obj["f32"])
 
 
+def test_python2_numpy_pickle():
+  # How Python 2 pickled np.array([0, 1, 255], np.uint8) and np.float64(0.5):
+  # byte strings as SHORT_BINSTRING (read back as latin-1 text).
+  array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85U\x01b\x87R"
+           b"(K\x01K\x03\x85cnumpy\ndtype\nU\x02u1\x89\x88\x87R"
+           b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89U\x03\x00\x01\xfftb")
+  scalar = (b"cnumpy.core.multiarray\nscalar\ncnumpy\ndtype\nU\x02f8\x89\x88\x87R"
+            b"(K\x03U\x01<NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+            b"U\x08" + np.float64(0.5).tobytes() + b"\x86R")
+  data = b"\x80\x02}(U\x01a" + array + b"U\x01s" + scalar + b"u."
+  reference = pickle.loads(data, encoding="latin1")  # NumPy's own reading
+  got = readers.load_pickle(data)
+  np.testing.assert_array_equal(got["a"], reference["a"])
+  np.testing.assert_array_equal(got["a"], [0, 1, 255])
+  assert got["a"].dtype == reference["a"].dtype == np.uint8
+  assert got["s"] == reference["s"] == 0.5
+
+
 def test_object_and_structured_numpy_dtypes_are_refused(payloads):
   evil = np.array([_Call(payloads.args("os.system")), 1], dtype=object)
   raw = pickle.dumps(evil, protocol=2).replace(

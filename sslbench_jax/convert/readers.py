@@ -328,8 +328,15 @@ def _dtype_of(value: Any) -> np.dtype:
   raise ConversionError(f"expected a pickled NumPy dtype, got {type(value).__name__}")
 
 
+def _py2_bytes(data: Any) -> Any:
+  # Python 2 pickles hold byte strings as ``str``; read with latin-1 (as every
+  # pickle here is), they come back as text whose code points are the bytes.
+  return data.encode("latin1") if isinstance(data, str) else data
+
+
 def _array_from_bytes(data: Any, dtype: np.dtype, shape: tuple[int, ...],
                       order: str) -> np.ndarray:
+  data = _py2_bytes(data)
   if not isinstance(data, (bytes, bytearray)):
     raise ConversionError(f"NumPy array data is a {type(data).__name__}, not bytes")
   if any(n < 0 for n in shape):
@@ -365,6 +372,7 @@ def _np_reconstruct(cls, shape, typecode):
 
 def _np_scalar(dtype, data=None):
   dtype = _dtype_of(dtype)
+  data = _py2_bytes(data)
   if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
     raise ConversionError(f"malformed pickled NumPy scalar of dtype {dtype}")
   return np.frombuffer(data, dtype)[0]
