@@ -213,3 +213,48 @@ def test_pickle_without_resnet_says_so(tmp_path):
     pickle.dump({"weights": np.zeros(3)}, f, protocol=2)
   with pytest.raises(ConversionError, match="no '.../initial_conv'"):
     convert_checkpoint(path, "resnet50")
+
+
+# --- genuine dill bytes (tests/fixtures/make_byol_dill.py, dill 0.4.1) --------
+
+_DILL_FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "byol_dill_tiny.pkl")
+
+
+def test_dill_written_checkpoint_is_read_inertly():
+  """dill's _create_namedtuple / _create_array are rebuilt without dill."""
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures"))
+  import byol_dill_values  # pylint: disable=import-outside-toplevel
+  from sslbench_jax.convert import haiku_pickle  # pylint: disable=import-outside-toplevel
+  obj = haiku_pickle.load_pickle(_DILL_FIXTURE)
+  state = obj["experiment_state"]
+  assert list(state) == ["online_params", "target_params", "online_state",
+                         "target_state", "opt_state"]  # field names from dill
+  np.testing.assert_array_equal(obj["rng"], [0, 42])
+  dicts = haiku_pickle.byol_state_dicts(obj)
+  for role, offset in (("online", 0.0), ("target", 1.0)):
+    params, ema = byol_dill_values.byol_tiny_trees(offset)
+    got = dicts[role]
+    np.testing.assert_array_equal(
+        got["conv1.weight"],
+        params["res_net50/~/initial_conv"]["w"].transpose(3, 2, 0, 1))
+    np.testing.assert_array_equal(got["bn1.weight"],
+                                  params["res_net50/~/initial_batchnorm"]["scale"])
+    np.testing.assert_array_equal(
+        got["bn1.running_var"],
+        ema["res_net50/~/initial_batchnorm/~/var_ema"]["average"].reshape(-1))
+    np.testing.assert_array_equal(got["projector.linear.w"],
+                                  params["projector/~/linear"]["w"])
+  assert "bn1.mean_ema" not in " ".join(dicts["online"])  # hidden/counter left out
+
+
+def test_dill_array_built_by_another_callable_is_refused(tmp_path):
+  """A `_create_array` record whose builder is not NumPy's is not called."""
+  raw = open(_DILL_FIXTURE, "rb").read()
+  evil = raw.replace(b"cnumpy._core.multiarray\n_reconstruct\n",
+                     b"cposix\nsystem\n", 1)
+  assert evil != raw
+  path = str(tmp_path / "evil_dill.pkl")
+  with open(path, "wb") as f:
+    f.write(evil)
+  with pytest.raises(ConversionError, match="other than NumPy's _reconstruct"):
+    convert_checkpoint(path, "resnet50")

@@ -57,6 +57,9 @@ _BN_STATS = {"mean_ema": "running_mean", "var_ema": "running_var"}
 class _Record:
   """Inert stand-in for a pickled global: keeps what it was built with."""
 
+  _name = ""
+  _module = ""
+
   def __new__(cls, *args, **kwargs):
     obj = super().__new__(cls)
     obj.args, obj.kwargs, obj.state, obj.items = args, kwargs, None, {}
@@ -80,7 +83,47 @@ class _Record:
 
 
 def _record_global(module: str, name: str) -> type:
-  return type(f"Record[{module}.{name}]", (_Record,), {"_name": name})
+  return type(f"Record[{module}.{name}]", (_Record,),
+              {"_name": name, "_module": module})
+
+
+def _namedtuple_record(name: Any, fields: Any, module: Any = "", *unused) -> type:
+  """dill's ``_create_namedtuple(name, fields, module)``: an inert record class."""
+  if not (isinstance(fields, tuple) and all(isinstance(f, str) for f in fields)):
+    raise ConversionError("malformed dill namedtuple in the pickle")
+  return type(f"Record[{str(module)[:100]}.{str(name)[:100]}]", (_Record,),
+              {"_name": str(name), "_module": str(module), "_fields": fields})
+
+
+_DILL_NAMEDTUPLE = {("dill._dill", "_create_namedtuple"),
+                    ("dill.dill", "_create_namedtuple")}
+
+# dill pickles every ndarray as ``dill._dill._create_array(f, args, state,
+# npdict)`` with ``f, args, state = array.__reduce__()`` (numpy's
+# ``_reconstruct``); ``dill.dill`` is its pre-0.3 module name.
+_DILL_ARRAY = {("dill._dill", "_create_array"), ("dill.dill", "_create_array")}
+
+
+def _allowed_reconstructors() -> list[Any]:
+  """The readers' allow-listed ``numpy ... _reconstruct`` builders."""
+  table = getattr(readers, "_PLAIN_ALLOWED", None) or getattr(readers, "_ALLOWED", {})
+  return [v for (_, name), v in table.items() if name == "_reconstruct"]
+
+
+def _dill_array(record: "_Record") -> np.ndarray:
+  """Rebuilds a dill-pickled array through the readers' own NumPy builder."""
+  if len(record.args) != 4 or not isinstance(record.args[1], tuple):
+    raise ConversionError("malformed dill array in the pickle")
+  f, f_args, state, _ = record.args
+  if not any(f is g for g in _allowed_reconstructors()):
+    raise ConversionError("dill array built by something other than NumPy's "
+                          "_reconstruct; refused")
+  pending = f(*f_args)
+  pending.__setstate__(state)
+  array = getattr(pending, "array", pending)  # the readers' deferred array
+  if not isinstance(array, np.ndarray):
+    raise ConversionError("malformed dill array in the pickle")
+  return array
 
 
 class _Unpickler(readers._Unpickler):  # pylint: disable=protected-access
@@ -94,6 +137,8 @@ class _Unpickler(readers._Unpickler):  # pylint: disable=protected-access
 
   def find_class(self, module: str, name: str) -> Any:
     found = super().find_class(module, name)
+    if (module, name) in _DILL_NAMEDTUPLE:
+      return _namedtuple_record
     if isinstance(found, type) and issubclass(found, readers._Opaque):  # pylint: disable=protected-access
       return _record_global(module, name)
     return found  # allow-listed (storages still fail in persistent_load)
@@ -124,9 +169,14 @@ def _plain(obj: Any, budget: list[int], depth: int = 0) -> Any:
     return {k: _plain(v, budget, depth + 1) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
     return tuple(_plain(v, budget, depth + 1) for v in obj)
+  if isinstance(obj, _Record) and (obj._module, obj._name) in _DILL_ARRAY:  # pylint: disable=protected-access
+    return _plain(_dill_array(obj), budget, depth + 1)
   if isinstance(obj, _Record):
     args = [_plain(a, budget, depth + 1) for a in obj.args]
-    if len(args) == len(_STATE_FIELDS) and all(
+    fields = getattr(obj, "_fields", None)
+    if fields is not None and len(fields) == len(args):
+      out = dict(zip(fields, args))  # a dill-pickled NamedTuple
+    elif len(args) == len(_STATE_FIELDS) and all(
         isinstance(a, (Mapping, tuple)) for a in args):
       out = dict(zip(_STATE_FIELDS, args))  # _ByolExperimentState
     else:
