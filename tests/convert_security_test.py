@@ -727,6 +727,26 @@ def test_zip_bomb_is_refused_before_inflating(tmp_path):
   assert "zip bomb" in error and after - before < 64
 
 
+def test_many_small_bombs_are_refused_in_total(tmp_path, monkeypatch):
+  # Entries below the per-entry floor are not ratio-checked one by one; their
+  # sum is. Scaled down: a 1 MiB floor and 1 MiB entries.
+  monkeypatch.setattr(readers, "_INFLATE_FLOOR", 1 << 20)
+  numel = (1 << 20) // 4
+  state = {f"w{i}": _TensorRef(_StorageRef(str(i), numel), (numel,), (1,)) for i in range(3)}
+  pkl = _dumps(state, legacy=False)
+  stream, crc = _zeros_deflated(1)
+  path = str(tmp_path / "bombs.pth")
+  _zip_with_raw_entries(path, [
+      ("archive/data.pkl", pkl, zipfile.ZIP_STORED, zlib.crc32(pkl), len(pkl))] + [
+      (f"archive/data/{i}", stream, zipfile.ZIP_DEFLATED, crc, 1 << 20) for i in range(3)])
+  assert os.path.getsize(path) < 8 << 10
+  with zipfile.ZipFile(path) as z:  # control: each entry is a valid 1 MiB of zeros
+    assert all(z.read(f"archive/data/{i}") == bytes(1 << 20) for i in range(3))
+  with pytest.raises(ConversionError, match=r"storages would inflate to more than 100x "
+                     r"the \d+-byte archive \(a zip bomb\?\); refused at storage 1"):
+    readers.read_checkpoint(path)
+
+
 def test_zip_entry_smaller_than_its_storage_is_refused(tmp_path):
   numel = 1 << 28
   state = {"w": _TensorRef(_StorageRef("0", numel), (numel,), (1,))}

@@ -632,6 +632,9 @@ def _read_torch_zip(path: str) -> Any:
       if byteorder not in ("little", "big"):
         raise ConversionError(f"unknown byteorder {byteorder[:16]!r}")
     storages: dict[str, _Storage] = {}
+    # Entries under _INFLATE_FLOOR skip the ratio check; together they may not
+    # inflate past this either (many small bombs).
+    inflate_left = [_INFLATE_FLOOR + _MAX_INFLATE_RATIO * file_bytes]
 
     def storage_fn(dtype, key, numel, unused_rest):
       if key not in storages:
@@ -645,6 +648,11 @@ def _read_torch_zip(path: str) -> Any:
         if nbytes > size:
           raise ConversionError(f"storage {key} declares {nbytes} bytes but its "
                                 f"entry has {size} (truncated or corrupt)")
+        inflate_left[0] -= nbytes
+        if inflate_left[0] < 0:
+          raise ConversionError(
+              f"storages would inflate to more than {_MAX_INFLATE_RATIO}x the "
+              f"{file_bytes}-byte archive (a zip bomb?); refused at storage {key}")
         with archive.open(entry) as f:
           raw = f.read(nbytes)  # never more than declared and checked
         if len(raw) < nbytes:
