@@ -258,3 +258,39 @@ def test_dill_array_built_by_another_callable_is_refused(tmp_path):
     f.write(evil)
   with pytest.raises(ConversionError, match="other than NumPy's _reconstruct"):
     convert_checkpoint(path, "resnet50")
+
+
+def test_haiku_flatmapping_wrappers_are_walked(tmp_path):
+  """Haiku 0.0.x kept params in FlatMapping, pickled as FlatMapping(dict)."""
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures"))
+  import byol_dill_values  # pylint: disable=import-outside-toplevel
+  from sslbench_jax.convert import haiku_pickle  # pylint: disable=import-outside-toplevel
+
+  class FlatMapping(dict):
+    def __reduce__(self):
+      return (FlatMapping, (dict(self),))
+
+  FlatMapping.__module__ = "haiku._src.data_structures"
+  FlatMapping.__qualname__ = "FlatMapping"
+  module = types.ModuleType("haiku._src.data_structures")
+  module.FlatMapping = FlatMapping
+  saved = {k: sys.modules.get(k) for k in ("haiku", "haiku._src", module.__name__)}
+  sys.modules.update({"haiku": types.ModuleType("haiku"),
+                      "haiku._src": types.ModuleType("haiku._src"),
+                      module.__name__: module})
+  try:
+    params, state = byol_dill_values.byol_tiny_trees(0.5)
+    wrapped = FlatMapping({k: FlatMapping(v) for k, v in {**params, **state}.items()})
+    path = str(tmp_path / "flat.pkl")
+    with open(path, "wb") as f:
+      pickle.dump({"online_params": wrapped}, f, protocol=2)
+  finally:
+    for k, v in saved.items():
+      if v is None:
+        sys.modules.pop(k, None)
+      else:
+        sys.modules[k] = v
+  got = haiku_pickle.read_byol_pickle(path)["online"]
+  np.testing.assert_array_equal(
+      got["conv1.weight"], params["res_net50/~/initial_conv"]["w"].transpose(3, 2, 0, 1))
+  np.testing.assert_array_equal(got["bn1.bias"], params["res_net50/~/initial_batchnorm"]["offset"])

@@ -174,6 +174,9 @@ def _plain(obj: Any, budget: list[int], depth: int = 0) -> Any:
   if isinstance(obj, _Record):
     args = [_plain(a, budget, depth + 1) for a in obj.args]
     fields = getattr(obj, "_fields", None)
+    if (fields is None and len(args) == 1 and isinstance(args[0], Mapping)
+        and not (obj.kwargs or obj.items or obj.state)):
+      return args[0]  # a mapping wrapper, e.g. Haiku's FlatMapping(dict)
     if fields is not None and len(fields) == len(args):
       out = dict(zip(fields, args))  # a dill-pickled NamedTuple
     elif len(args) == len(_STATE_FIELDS) and all(
