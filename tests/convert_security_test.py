@@ -690,19 +690,19 @@ def _zip_with_raw_entries(path, entries):
                         len(central), len(central), f.tell() - start, start, 0))
 
 
-def _zeros_deflated(n_mib: int) -> tuple[bytes, int]:
-  """A raw deflate stream of ``n_mib`` MiB of zeros and its CRC, made cheaply.
+def _zeros_deflated(n_mib: int, prefix: bytes = b"") -> tuple[bytes, int]:
+  """A raw deflate stream of ``prefix`` + ``n_mib`` MiB of zeros and its CRC, cheaply.
 
   After a full flush the compressor's output for 1 MiB of zeros repeats
   exactly, so one block is compressed and repeated.
   """
   z = zlib.compressobj(9, zlib.DEFLATED, -15)
   zeros = bytes(1 << 20)
-  first = z.compress(zeros) + z.flush(zlib.Z_FULL_FLUSH)
+  first = z.compress(prefix) + z.compress(zeros) + z.flush(zlib.Z_FULL_FLUSH)
   block = z.compress(zeros) + z.flush(zlib.Z_FULL_FLUSH)
   assert z.compress(zeros) + z.flush(zlib.Z_FULL_FLUSH) == block
   stream = first + block * (n_mib - 1) + z.flush()
-  crc = 0
+  crc = zlib.crc32(prefix)
   for _ in range(n_mib):
     crc = zlib.crc32(zeros, crc)
   return stream, crc
@@ -745,6 +745,46 @@ def test_many_small_bombs_are_refused_in_total(tmp_path, monkeypatch):
   with pytest.raises(ConversionError, match=r"storages would inflate to more than 100x "
                      r"the \d+-byte archive \(a zip bomb\?\); refused at storage 1"):
     readers.read_checkpoint(path)
+
+
+def _npy_header(shape, dtype="<f4"):
+  buf = io.BytesIO()
+  np.lib.format.write_array_header_1_0(
+      buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+  return buf.getvalue()
+
+
+def test_npz_sizes_are_checked_before_numpy_allocates(tmp_path):
+  # A member whose header declares 2^40 float32 (NumPy would allocate 4 TiB).
+  huge = _npy_header((1 << 40,)) + bytes(24)
+  path = str(tmp_path / "huge.npz")
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("conv1.weight.npy", huge)
+  with pytest.raises(ConversionError, match="member conv1.weight.npy declares "
+                     "4398046511104 bytes but holds"):
+    readers.read_checkpoint(path)
+  before, after, error = _peak_rss_mb_reading(path)
+  assert error.startswith("ConversionError") and after - before < 64
+  # A member inflating to 1 GiB from ~1 MB; converted weights files too.
+  header = _npy_header(((1 << 30) // 4,))
+  stream, crc = _zeros_deflated(1024, prefix=header)
+  bomb = str(tmp_path / "bomb.npz")
+  _zip_with_raw_entries(bomb, [("w.npy", stream, zipfile.ZIP_DEFLATED, crc,
+                                len(header) + (1 << 30))])
+  with zipfile.ZipFile(bomb) as z, z.open("w.npy") as e:  # control: a real bomb
+    assert e.read(len(header)) == header and e.read(1 << 20) == bytes(1 << 20)
+  with pytest.raises(ConversionError, match="would inflate from .* a zip bomb"):
+    readers.read_checkpoint(bomb)
+  with open(bomb + ".json", "w") as f:
+    json.dump({"arch": "resnet18", "arch_options": {}}, f)
+  with pytest.raises(ValueError, match="a zip bomb"):
+    weights.load_variables(bomb)
+  # An object-dtype member.
+  obj = str(tmp_path / "obj.npz")
+  with zipfile.ZipFile(obj, "w") as z:
+    z.writestr("a.npy", _npy_header((1,), "|O") + pickle.dumps([1]))
+  with pytest.raises(ConversionError, match="member a.npy holds Python objects"):
+    readers.read_checkpoint(obj)
 
 
 def test_zip_entry_smaller_than_its_storage_is_refused(tmp_path):

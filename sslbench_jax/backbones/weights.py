@@ -28,6 +28,7 @@ import re
 import signal
 import socket
 import tempfile
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -200,6 +201,15 @@ def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     raise ValueError(f"{path} is not the file its sidecar {side} describes "
                      "(weights_sha256 differs: an interrupted or mixed conversion); "
                      "re-run convert")
+  # A weights file is an input too: its sizes are checked before NumPy
+  # allocates them (lazy import: the convert package imports this module).
+  from sslbench_jax.convert import readers  # pylint: disable=g-import-not-at-top
+  try:
+    readers.check_npz(path)
+  except zipfile.BadZipFile as e:
+    raise ValueError(f"{path} is not an .npz ({e}); re-run convert") from None
+  except ValueError as e:  # ConversionError
+    raise ValueError(f"{path}: {e}") from None
   with np.load(path, allow_pickle=False) as z:
     flat = {tuple(k.split("/")): z[k] for k in z.files}
   return traverse_util.unflatten_dict(flat), meta

@@ -803,7 +803,46 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     return out
 
 
+def check_npz(path: str) -> None:
+  """Checks an ``.npz``'s declared sizes before NumPy reads it.
+
+  NumPy allocates each member's declared shape up front and inflates whole
+  members, so this is checked first: no zip bomb (the entry ratios and totals
+  of ``_read_torch_zip``), each ``.npy`` header's shape x itemsize within the
+  member's size, no object dtype.
+
+  Raises:
+    ConversionError: one line naming the member.
+  """
+  file_bytes = os.path.getsize(path)
+  left = _INFLATE_FLOOR + _MAX_INFLATE_RATIO * file_bytes
+  with zipfile.ZipFile(path) as archive:
+    for info in archive.infolist():
+      _entry_checked(archive, info.filename, file_bytes)
+      with archive.open(info) as f:
+        try:
+          version = np.lib.format.read_magic(f)
+          header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+          shape, _, dtype = header(f)
+        except ValueError as e:
+          raise ConversionError(f"member {info.filename}: not an .npy array "
+                                f"({str(e).splitlines()[0][:80]})") from None
+      if dtype.hasobject:
+        raise ConversionError(f"member {info.filename} holds Python objects")
+      nbytes = math.prod(shape) * dtype.itemsize
+      if nbytes > info.file_size:
+        raise ConversionError(f"member {info.filename} declares {nbytes} bytes but "
+                              f"holds {info.file_size} (truncated or corrupt)")
+      left -= nbytes
+      if left < 0:
+        raise ConversionError(f"members would inflate to more than "
+                              f"{_MAX_INFLATE_RATIO}x the {file_bytes}-byte archive "
+                              f"(a zip bomb?); refused at {info.filename}")
+
+
 def _read_npz(path: str) -> dict[str, np.ndarray]:
+  check_npz(path)
   with np.load(path, allow_pickle=False) as z:
     return {k: _widen_array(z[k]) for k in z.files}
 
