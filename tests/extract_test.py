@@ -272,6 +272,59 @@ def test_registry_dataset_with_skipped_corrupt_image(tmp_path):
   np.testing.assert_allclose(fs.features, ref, atol=1e-5, rtol=0)
 
 
+def test_corrupt_image_leaves_a_resumable_entry_that_says_so(tmp_path, caplog):
+  # Issue 10: a corrupt image stopped `features` cleanly but left a manifest
+  # claiming "running". Now the manifest says "interrupted" and why, the
+  # shards written before the bad image are kept (checksummed), and the run
+  # after the image is fixed resumes from them, says so, and gives the
+  # features of a clean run.
+  from sslbench_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.data import registry as data_registry  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "data" / "train"
+  for cls in ("cat", "dog"):
+    write_images(str(root / cls), n=4, seed=len(cls) + ord(cls[0]))
+  bad = root / "dog" / "img_02.jpg"
+  good_bytes = bad.read_bytes()
+  bad.write_bytes(good_bytes[:40])  # truncated JPEG
+  cache = str(tmp_path / "cache")
+  key = cache_lib.CacheKey("tinynet", {}, "0" * 64, "folder", "train",
+                           "imagenet_bilinear", "pre_logits", "float32")
+
+  def run():
+    ds = data_registry.open_dataset("folder", "train", data_dir=str(tmp_path / "data"),
+                                    preprocessing=tiny_preset())
+    return extract_lib.extract(TinyNet(), tiny_variables(), ds, None,
+                               batch_size_per_device=1, steps_per_shard=1,
+                               num_threads=1, prefetch=1, cache_root=cache, key=key,
+                               progress=False)
+
+  with pytest.raises(images_lib.CorruptImageError, match="img_02.jpg"):
+    run()
+  entry = cache_lib.entry_dir(cache, key)
+  manifest = cache_lib.read_manifest(entry)
+  assert manifest["status"] == "interrupted", manifest["status"]
+  assert "CorruptImageError" in manifest["error"] and "img_02.jpg" in manifest["error"]
+  on_disk = [n for n in os.listdir(entry) if n.endswith(".npz")]
+  assert on_disk  # the shards before the bad image
+  with pytest.raises(ValueError, match="incomplete"):
+    cache_lib.load_entry(entry)  # never mistaken for a finished entry
+
+  bad.write_bytes(good_bytes)
+  caplog.clear()
+  with caplog.at_level("INFO", logger="absl"):
+    result = run()
+  assert "resuming an interrupted extraction; it stopped on: CorruptImageError" in (
+      caplog.text)
+  assert result.stats.shards_reused == len(on_disk) > 0
+  assert result.stats.shards_computed == result.stats.num_shards - len(on_disk)
+  assert cache_lib.read_manifest(entry)["status"] == "complete"
+  ref = np.concatenate([reference_features(str(root / c)) for c in ("cat", "dog")])
+  np.testing.assert_allclose(result.features.features, ref, atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(result.features.labels, [0] * 4 + [1] * 4)
+  np.testing.assert_array_equal(cache_lib.load_entry(entry).features,
+                                result.features.features)
+
+
 class _NoDtypeNet(nn.Module):
   """No ``dtype`` field: bfloat16 extraction casts the variables instead."""
 

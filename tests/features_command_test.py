@@ -149,3 +149,46 @@ def test_missing_weights_is_one_line(setup):
   assert proc.returncode != 0
   assert "does not exist; create it with `sslbench-jax convert`" in proc.stderr
   assert "Traceback" not in proc.stderr
+
+
+def test_corrupt_image_then_fixed_leaves_no_stale_cache_state(setup, tmp_path):
+  # Issue 10: a corrupt image made `features` fail cleanly but left a cache
+  # entry whose manifest said "running". Now the failed run's manifest says
+  # "interrupted" (and why); fixing the image changes the folder's
+  # fingerprint, so the next run removes that dead entry (and says so) and
+  # leaves exactly one complete entry, equal to a clean run's output.
+  images = tmp_path / "images"
+  images.mkdir()
+  rng = np.random.RandomState(5)
+  for i in range(6):
+    Image.fromarray(rng.randint(0, 256, (40 + i, 48, 3)).astype(np.uint8)).save(
+        images / f"p{i}.jpg", quality=90)
+  good = (images / "p4.jpg").read_bytes()
+  (images / "p4.jpg").write_bytes(good[:50])
+  cache, out = tmp_path / "cache", tmp_path / "f.npz"
+  args = ["--weights", setup["weights"], "--images", str(images), "--cache", str(cache),
+          "--out", str(out), "--preprocessing", "smoke_32",
+          "--batch_size_per_device", "1", "--steps_per_shard", "1", "--num_threads", "1"]
+  proc = _cli(*args, check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [l for l in proc.stderr.splitlines() if "error" in l]
+  assert len(errors) == 1 and "p4.jpg" in errors[0] and "Traceback" not in proc.stderr
+  assert not out.exists()
+  entries = os.listdir(cache)
+  assert len(entries) == 1
+  with open(cache / entries[0] / "manifest.json") as f:
+    manifest = json.load(f)
+  assert manifest["status"] == "interrupted" and "p4.jpg" in manifest["error"]
+
+  (images / "p4.jpg").write_bytes(good)
+  proc = _cli(*args)
+  assert "removed " + str(cache / entries[0]) in proc.stderr
+  assert "an interrupted extraction of an earlier state of" in proc.stderr
+  (entry,) = os.listdir(cache)
+  with open(cache / entry / "manifest.json") as f:
+    assert json.load(f)["status"] == "complete"
+  fresh = tmp_path / "fresh.npz"
+  _cli("--weights", setup["weights"], "--images", str(images), "--out", str(fresh),
+       "--preprocessing", "smoke_32", "--batch_size_per_device", "1")  # clean, uncached
+  np.testing.assert_array_equal(features_io.load(str(out)).features,
+                                features_io.load(str(fresh)).features)

@@ -291,6 +291,48 @@ def load_entry(directory: str) -> features_io.FeatureSet:
   return fs
 
 
+def remove_superseded(cache_root: str, key: CacheKey, dataset_prefix: str) -> list[str]:
+  """Deletes interrupted entries of an earlier version of ``key``'s data.
+
+  An image folder's key holds a fingerprint of its files, so fixing the
+  corrupt image that stopped a run gives a new key: the old, interrupted
+  entry could never be resumed or read. Entries whose manifest says
+  ``interrupted`` (a run that failed; a ``running`` one may be alive) and
+  whose key equals ``key`` but for a ``dataset`` starting with
+  ``dataset_prefix`` are removed.
+
+  Args:
+    cache_root: the cache directory.
+    key: the key about to be extracted (its own entry is kept).
+    dataset_prefix: what the superseded keys' ``dataset`` starts with.
+
+  Returns:
+    The removed entry directories.
+  """
+  removed = []
+  if not os.path.isdir(cache_root):
+    return removed
+  mine = key.as_dict()
+  for name in sorted(os.listdir(cache_root)):
+    directory = os.path.join(cache_root, name)
+    manifest = read_manifest(directory) if os.path.isdir(directory) else None
+    other = (manifest or {}).get("key")
+    if (not isinstance(other, dict) or manifest.get("status") != "interrupted"
+        or other == mine or not str(other.get("dataset", "")).startswith(dataset_prefix)
+        or {k: v for k, v in other.items() if k != "dataset"}
+        != {k: v for k, v in mine.items() if k != "dataset"}):
+      continue
+    for entry_file in os.listdir(directory):
+      if _SHARD_RE.match(entry_file) or entry_file == MANIFEST or entry_file.startswith(".tmp-"):
+        _remove(os.path.join(directory, entry_file))
+    try:
+      os.rmdir(directory)
+    except OSError:
+      pass  # something else lives there: leave it
+    removed.append(directory)
+  return removed
+
+
 def load(cache_root: str, key: CacheKey) -> features_io.FeatureSet:
   """Loads the complete entry of ``key`` under ``cache_root``."""
   return load_entry(entry_dir(cache_root, key))

@@ -136,6 +136,13 @@ def run(opts: dict[str, Any]) -> dict[str, Any] | None:
       weights_sha256=meta.get("weights_sha256") or weights.sha256_file(opts["weights"]),
       dataset=dataset, split=split, preprocessing=preset_name,
       representation=opts["representation"], dtype=opts["dtype"])
+  if opts["images"] and opts["cache"] and jax.process_index() == 0:
+    # Fixing the image that stopped an earlier run changed the folder's
+    # fingerprint (a new key): that run's interrupted entry is dead weight.
+    for stale in cache_lib.remove_superseded(opts["cache"], key,
+                                             f"folder:{source.directory}:"):
+      logging.warning("feature cache: removed %s, an interrupted extraction of "
+                      "an earlier state of %s", stale, source.directory)
   result = extract_lib.extract(
       model, variables, source, preset, representation=opts["representation"],
       dtype=opts["dtype"], batch_size_per_device=opts["batch_size_per_device"],

@@ -171,12 +171,32 @@ def extract(model: Any, variables: Any, source: Any,
 
   hits: dict[int, tuple[str, str, dict[str, np.ndarray]]] = {}
   if directory is not None:
+    previous = cache_lib.read_manifest(directory)
     hits = cache_lib.scan_shards(directory, tag, process)
+    if previous is not None and previous.get("status") != "complete":
+      _log_resume(directory, previous, len(hits), layout.num_shards, process)
   own_missing = np.array([k not in hits for k in range(layout.num_shards)])
   to_compute = [int(k) for k in np.flatnonzero(multihost.allgather(own_missing).any(0))]
   if directory is not None and process == 0:
     cache_lib.write_manifest(directory, _manifest(key, layout, run_meta,
                                                   forward.feature_dim, None))
+  try:
+    return _compute(t0, layout, key, run_meta, directory, forward, tag, hits,
+                    to_compute, load, first, label_template, steps_per_shard,
+                    num_threads, prefetch, progress, on_shard_written)
+  except BaseException as e:
+    # The entry stays resumable (its shards are checksummed), and its manifest
+    # says why it stopped instead of claiming a run is still going.
+    if directory is not None and process == 0:
+      _mark_interrupted(directory, key, layout, run_meta, forward.feature_dim, e)
+    raise
+
+
+def _compute(t0, layout, key, run_meta, directory, forward, tag, hits, to_compute,
+             load, first, label_template, steps_per_shard, num_threads, prefetch,
+             progress, on_shard_written) -> ExtractResult:
+  """``extract`` from the shards to compute on: decode, forward, write, gather."""
+  process, num_processes = jax.process_index(), jax.process_count()
 
   parts = {k: arrays for k, (_, _, arrays) in hits.items()}
   written = {k: (name, digest) for k, (name, digest, _) in hits.items()}
@@ -227,7 +247,8 @@ def extract(model: Any, variables: Any, source: Any,
   seconds = time.time() - t0
   if steps:
     logging.info("features: process %d put %d images through %s in %.1fs: "
-                 "%.1f images/s", process, my_images, representation, seconds,
+                 "%.1f images/s", process, my_images, run_meta["representation"],
+                 seconds,
                  my_images / seconds)
   stats = ExtractStats(layout.num_shards, len(hits), len(to_compute),
                        len(written) - len(hits), False, seconds)
@@ -388,13 +409,37 @@ def _finalize(directory, key, layout, run_meta, dim, written) -> None:
                          None if jax.process_index() == 0 else jax.process_index())
 
 
-def _manifest(key, layout, run_meta, dim, shards) -> dict[str, Any]:
-  return dict(format=cache_lib.CACHE_FORMAT_VERSION, key=key.as_dict(),
-              key_digest=key.digest(),
-              layout=dict(dataclasses.asdict(layout), tag=layout.tag()),
-              meta=run_meta, num_examples=layout.num_examples, feature_dim=dim,
-              status="running" if shards is None else "complete",
-              shards=shards or [])
+def _manifest(key, layout, run_meta, dim, shards, error=None) -> dict[str, Any]:
+  out = dict(format=cache_lib.CACHE_FORMAT_VERSION, key=key.as_dict(),
+             key_digest=key.digest(),
+             layout=dict(dataclasses.asdict(layout), tag=layout.tag()),
+             meta=run_meta, num_examples=layout.num_examples, feature_dim=dim,
+             status="running" if shards is None else "complete",
+             shards=shards or [])
+  if error is not None:
+    out.update(status="interrupted", error=error)
+  return out
+
+
+def _mark_interrupted(directory, key, layout, run_meta, dim, e) -> None:
+  """Process 0: the manifest of a failed run says ``interrupted`` and why."""
+  msg = str(e).strip()
+  error = f"{type(e).__name__}: {msg.splitlines()[0] if msg else ''}".rstrip(": ")
+  try:
+    cache_lib.write_manifest(directory, _manifest(key, layout, run_meta, dim, None,
+                                                  error))
+  except OSError as write_error:  # e.g. the disk that made the run fail is full
+    logging.warning("feature cache %s: could not record the interruption: %s",
+                    directory, write_error)
+
+
+def _log_resume(directory, previous, reused, num_shards, process) -> None:
+  """Says that an earlier run of this entry did not finish, and what is reused."""
+  why = (f"; it stopped on: {previous['error']}" if previous.get("error")
+         else " (killed, or still running elsewhere)")
+  logging.warning("feature cache %s: resuming an interrupted extraction%s; %d of "
+                  "%d shards of process %d reused", directory, why, reused,
+                  num_shards, process)
 
 
 def _load_complete(directory, key) -> tuple[features_io.FeatureSet | None, int]:
