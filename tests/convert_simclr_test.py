@@ -308,3 +308,17 @@ def test_not_simclr_names_what_it_found(tmp_path):
   index = write_bundle(str(tmp_path / "other"), {"dense/kernel": np.zeros((2, 2), np.float32)})
   with pytest.raises(ConversionError, match="without SimCLR's base_model/ .*dense/kernel"):
     convert_checkpoint(index, "resnet50")
+
+
+def test_skip_leaves_tensors_unread(tmp_path):
+  tensors = {"a/kernel": np.ones((2, 2), np.float32),
+             "a/kernel/Momentum": np.zeros((2, 2), np.float32)}
+  index = write_bundle(str(tmp_path / "s"), tensors)
+  data = tmp_path / "s.data-00000-of-00001"
+  raw = bytearray(data.read_bytes())
+  raw[-1] ^= 0xFF  # corrupt the (sorted last) Momentum slot
+  data.write_bytes(bytes(raw))
+  got = tf_bundle.read_bundle(index, skip=lambda n: n.endswith("/Momentum"))
+  assert list(got) == ["a/kernel"]
+  with pytest.raises(ConversionError, match="'a/kernel/Momentum' fails its checksum"):
+    tf_bundle.read_bundle(index)

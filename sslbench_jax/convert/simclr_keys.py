@@ -229,4 +229,9 @@ def simclr_state_dict(tensors: dict[str, np.ndarray]) -> dict[str, dict | np.nda
 
 def read_simclr(index_path: str) -> dict[str, dict | np.ndarray]:
   """Reads a SimCLR TensorFlow checkpoint (its ``.index`` file) without TF."""
-  return simclr_state_dict(tf_bundle.read_bundle(index_path))
+  # Optimizer slots (as large as the model, twice) are not even read.
+  return simclr_state_dict(tf_bundle.read_bundle(index_path, skip=_is_slot))
+
+
+def _is_slot(name: str) -> bool:
+  return ".OPTIMIZER_SLOT" in name or bool(_TF1_SLOT.search(name))

@@ -23,6 +23,7 @@ import glob
 import os
 import re
 import struct
+from typing import Callable
 
 from absl import logging
 import ml_dtypes
@@ -292,12 +293,15 @@ def _entry(key: str, value: memoryview, what: str) -> dict:
   return entry
 
 
-def read_bundle(index_path: str, *, verify: bool = True) -> dict[str, np.ndarray]:
+def read_bundle(index_path: str, *, verify: bool = True,
+                skip: Callable[[str], bool] | None = None) -> dict[str, np.ndarray]:
   """Reads every numeric tensor of a TensorFlow checkpoint.
 
   Args:
     index_path: the checkpoint's ``.index`` file (see ``find_index``).
     verify: check each tensor's CRC-32C (and always each index block's).
+    skip: names for which it returns True are neither read nor returned
+      (e.g. optimizer slots); their index entries are still checked.
 
   Returns:
     ``{variable name: array}`` (bfloat16/float16 widened to float32). String
@@ -346,6 +350,8 @@ def read_bundle(index_path: str, *, verify: bool = True) -> dict[str, np.ndarray
                             "(sliced) variable, which is not supported")
     if entry["dtype"] == _DT_STRING:
       skipped.append(key)
+      continue
+    if skip is not None and skip(key):
       continue
     if entry["dtype"] not in _DTYPES:
       raise ConversionError(f"{name}: tensor {key!r} has unsupported "
