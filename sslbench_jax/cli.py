@@ -50,6 +50,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "Markdown/HTML report with plots from a results CSV"),
     "evaluate": ("sslbench_jax.evaluate",
                  "the main job: a whole evaluation from a config file"),
+    "finetune": ("sslbench_jax.finetune.command", "linear_aug / full / few-shot fine-tuning"),
 }
 
 EXIT_OK, EXIT_RUNTIME, EXIT_BAD_INPUT = 0, 1, 2

@@ -1,0 +1,157 @@
+"""The jitted, data-parallel train and eval steps.
+
+Arrays are laid out on a 1-D ``Mesh`` over every device of every process
+(axis ``"data"``): the state (float32 parameters, optimizer state, BatchNorm
+statistics) is replicated and the global batch sharded over ``"data"``. Under
+``jax.jit`` the model sees the *global* batch, so BatchNorm's batch mean and
+variance are global-batch statistics (cross-replica / SyncBN) and the
+gradient is the global-batch gradient: results do not depend on the device
+count. Images cross to the device as uint8 and are normalised there; the
+backbone computes in ``dtype`` (bfloat16 optional), the head's logits and the
+loss in float32.
+
+Gradient accumulation (``recipe.accum_steps = A``) splits the global batch
+into A micro-batches (rows ``a, a + A, a + 2A, ...``, so each spans all
+devices), averages their gradients and threads BatchNorm statistics through
+them in order, as a PyTorch loop that calls ``backward`` A times would.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sslbench_jax.finetune import model as model_lib
+from sslbench_jax.finetune.recipes import Recipe
+
+State = dict[str, Any]
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D ``("data",)`` mesh over ``devices`` (default: all, every process)."""
+  devs = np.asarray(jax.devices() if devices is None else devices)
+  return Mesh(devs.reshape(-1), ("data",))
+
+
+def split_trainable(recipe: Recipe, params: dict[str, Any]) -> tuple[dict, dict]:
+  """(trainable, frozen) parameter trees of the protocol."""
+  if recipe.trains_backbone:
+    return dict(params), {}
+  return ({k: v for k, v in params.items() if k != "backbone"},
+          {"backbone": params["backbone"]})
+
+
+def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array,
+                           smoothing: float) -> jax.Array:
+  """Mean float32 CE against ``(1 - s) onehot + s / C`` (torch's label_smoothing)."""
+  logits = logits.astype(jnp.float32)
+  c = logits.shape[-1]
+  target = optax.smooth_labels(jax.nn.one_hot(labels, c, dtype=jnp.float32), smoothing)
+  return jnp.mean(optax.softmax_cross_entropy(logits, target))
+
+
+class Steps:
+  """The jitted steps of one (model, recipe, optimizer, mesh).
+
+  Attributes:
+    train: ``(state, images_u8, labels) -> (state, loss)``.
+    evaluate: ``(state, images_u8, labels, mask) -> (n_top1, n_top5, n)``.
+  """
+
+  def __init__(self, model: model_lib.Classifier, recipe: Recipe,
+               tx: optax.GradientTransformation, mesh: Mesh,
+               mean: tuple[float, ...], std: tuple[float, ...],
+               compute_dtype: Any = jnp.float32):
+    self.model, self.recipe, self.tx, self.mesh = model, recipe, tx, mesh
+    self.mean = np.asarray(mean, np.float32)
+    self.std = np.asarray(std, np.float32)
+    self.dtype = compute_dtype
+    self.replicated = NamedSharding(mesh, P())
+    self.data = NamedSharding(mesh, P("data"))
+    self.train = jax.jit(self._train, in_shardings=(self.replicated, self.data, self.data),
+                         out_shardings=(self.replicated, self.replicated),
+                         donate_argnums=(0,))
+    self.evaluate = jax.jit(self._eval, in_shardings=(self.replicated,) + (self.data,) * 3,
+                            out_shardings=self.replicated)
+
+  # -- state -----------------------------------------------------------------
+
+  def init_state(self, variables: dict[str, Any]) -> State:
+    """The replicated train state from float32 ``variables``."""
+    trainable, frozen = split_trainable(self.recipe, variables["params"])
+    state = {"step": jnp.zeros([], jnp.int32), "params": trainable, "frozen": frozen,
+             "batch_stats": variables.get("batch_stats", {}),
+             "opt_state": self.tx.init(trainable)}
+    return jax.device_put(state, self.replicated)
+
+  @staticmethod
+  def variables(state: State) -> dict[str, Any]:
+    out = {"params": {**state["frozen"], **state["params"]}}
+    if state["batch_stats"]:
+      out["batch_stats"] = state["batch_stats"]
+    return out
+
+  def _normalize(self, images: jax.Array) -> jax.Array:
+    x = (images.astype(jnp.float32) / jnp.float32(255.0) - self.mean) / self.std
+    return x.astype(self.dtype)
+
+  # -- train -----------------------------------------------------------------
+
+  def _loss(self, trainable, frozen, batch_stats, images, labels, rng):
+    r = self.recipe
+    variables = {"params": {**frozen, **trainable}}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+    backbone_train = r.trains_backbone or r.frozen_bn == "update"
+    logits, new = self.model.apply(
+        variables, self._normalize(images), train=True,
+        backbone_train=backbone_train, freeze_backbone=not r.trains_backbone,
+        rngs={"dropout": rng}, mutable=["batch_stats"] if batch_stats else [])
+    loss = smoothed_cross_entropy(logits, labels, r.label_smoothing)
+    return loss, new.get("batch_stats", batch_stats)
+
+  def _train(self, state: State, images: jax.Array, labels: jax.Array):
+    r = self.recipe
+    rng = jax.random.fold_in(jax.random.PRNGKey(r.seed), state["step"])
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    if r.accum_steps == 1:
+      (loss, stats), grads = grad_fn(state["params"], state["frozen"],
+                                     state["batch_stats"], images, labels, rng)
+    else:
+      a = r.accum_steps
+      def micro(x):
+        x = x.reshape((x.shape[0] // a, a) + x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(
+            x, NamedSharding(self.mesh, P(None, "data")))
+      def body(carry, inputs):
+        stats, gsum, lsum = carry
+        i, x, y = inputs
+        (l, stats), g = grad_fn(state["params"], state["frozen"], stats, x, y,
+                                jax.random.fold_in(rng, i))
+        return (stats, jax.tree.map(jnp.add, gsum, g), lsum + l), None
+      zeros = jax.tree.map(jnp.zeros_like, state["params"])
+      (stats, gsum, lsum), _ = jax.lax.scan(
+          body, (state["batch_stats"], zeros, jnp.zeros([], jnp.float32)),
+          (jnp.arange(a), micro(images), micro(labels)))
+      grads = jax.tree.map(lambda g: g / a, gsum)
+      loss = lsum / a
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return ({"step": state["step"] + 1, "params": params, "frozen": state["frozen"],
+             "batch_stats": stats, "opt_state": opt_state}, loss)
+
+  # -- eval ------------------------------------------------------------------
+
+  def _eval(self, state: State, images, labels, mask):
+    logits = self.model.apply(self.variables(state), self._normalize(images),
+                              train=False).astype(jnp.float32)
+    k = min(5, logits.shape[-1])
+    top = jax.lax.top_k(logits, k)[1]
+    hit = top == labels[:, None]
+    m = mask.astype(jnp.int32)
+    return (jnp.sum(hit[:, 0] * m), jnp.sum(jnp.any(hit, axis=1) * m), jnp.sum(m))
