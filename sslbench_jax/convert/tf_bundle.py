@@ -19,6 +19,7 @@ skipped, partitioned (sliced) variables refused.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
@@ -68,34 +69,47 @@ def _register(data: bytes | memoryview, reg: int) -> int:
   return reg
 
 
-def _zeros_operator(n: int) -> list[int]:
+def _apply(cols: tuple[int, ...], v: int) -> int:
+  """GF(2) matrix (given by its columns) times the bit vector ``v``."""
+  out, i = 0, 0
+  while v:
+    if v & 1:
+      out ^= cols[i]
+    v >>= 1
+    i += 1
+  return out
+
+
+def _square(cols: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(_apply(cols, c) for c in cols)
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_power(k: int) -> tuple[int, ...]:
+  """The operator advancing a register over 2**k zero bytes."""
+  if k == 0:
+    one_bit = tuple((_POLY if i == 0 else 0) ^ ((1 << i) >> 1) for i in range(32))
+    op = one_bit
+    for _ in range(3):  # 8 zero bits
+      op = _square(op)
+    return op
+  return _square(_byte_power(k - 1))
+
+
+def _zeros_operator(n: int) -> tuple[int, ...]:
   """Columns of the GF(2) 32x32 matrix advancing a register over n zero bytes."""
-  def apply(cols, v):
-    out = 0
-    i = 0
-    while v:
-      if v & 1:
-        out ^= cols[i]
-      v >>= 1
-      i += 1
-    return out
-
-  def square(cols):
-    return [apply(cols, c) for c in cols]
-
-  one_bit = [(_POLY if (1 << i) & 1 else 0) ^ ((1 << i) >> 1) for i in range(32)]
-  result = [1 << i for i in range(32)]
-  power = one_bit  # advances one zero *bit*
-  bits = n * 8
-  while bits:
-    if bits & 1:
-      result = [apply(power, c) for c in result]
-    power = square(power)
-    bits >>= 1
+  result = tuple(1 << i for i in range(32))
+  k = 0
+  while n:
+    if n & 1:
+      power = _byte_power(k)
+      result = tuple(_apply(power, c) for c in result)
+    n >>= 1
+    k += 1
   return result
 
 
-def _advance(cols: list[int], v: np.ndarray) -> np.ndarray:
+def _advance(cols: tuple[int, ...], v: np.ndarray) -> np.ndarray:
   """Applies a ``_zeros_operator`` to every register in ``v``."""
   out = np.zeros_like(v)
   for i, col in enumerate(cols):
@@ -126,11 +140,11 @@ def crc32c(data: bytes | memoryview) -> int:
     index &= np.uint32(0xFF)
     reg >>= np.uint32(8)
     reg ^= _TABLE[index]
-  length = chunk
-  while reg.size > 1:  # merge neighbouring lanes
-    reg = _advance(_zeros_operator(length), reg[0::2]) ^ reg[1::2]
-    length *= 2
-  init = _advance(_zeros_operator(length), np.array([0xFFFFFFFF], np.uint32))
+  op = _zeros_operator(chunk)
+  while reg.size > 1:  # merge neighbouring lanes; their length doubles
+    reg = _advance(op, reg[0::2]) ^ reg[1::2]
+    op = _square(op)
+  init = _advance(op, np.array([0xFFFFFFFF], np.uint32))
   state = int(init[0] ^ reg[0])
   state = _register(buf[chunk * lanes:].tobytes(), state)
   return state ^ 0xFFFFFFFF
