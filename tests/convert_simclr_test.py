@@ -322,3 +322,21 @@ def test_skip_leaves_tensors_unread(tmp_path):
   assert list(got) == ["a/kernel"]
   with pytest.raises(ConversionError, match="'a/kernel/Momentum' fails its checksum"):
     tf_bundle.read_bundle(index)
+
+
+def _crc32c_bitwise(data: bytes) -> int:
+  """Textbook reflected CRC-32C, one bit at a time (independent reference)."""
+  crc = 0xFFFFFFFF
+  for byte in data:
+    crc ^= byte
+    for _ in range(8):
+      crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+  return crc ^ 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("size", [0, 9, 4095, 4096 * 64 // 8 + 3, 70001])
+def test_crc32c_against_bitwise_reference(size):
+  data = b"123456789" if size == 9 else np.random.RandomState(size).bytes(size)
+  assert tf_bundle.crc32c(data) == _crc32c_bitwise(data)
+  if size == 9:
+    assert tf_bundle.crc32c(data) == 0xE3069283  # the CRC-32C check value
