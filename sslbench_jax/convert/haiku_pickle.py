@@ -106,8 +106,8 @@ _DILL_ARRAY = {("dill._dill", "_create_array"), ("dill.dill", "_create_array")}
 
 def _allowed_reconstructors() -> list[Any]:
   """The readers' allow-listed ``numpy ... _reconstruct`` builders."""
-  table = getattr(readers, "_PLAIN_ALLOWED", None) or getattr(readers, "_ALLOWED", {})
-  return [v for (_, name), v in table.items() if name == "_reconstruct"]
+  return [v for (_, name), v in readers._PLAIN_ALLOWED.items()  # pylint: disable=protected-access
+          if name == "_reconstruct"]
 
 
 def _dill_array(record: "_Record") -> np.ndarray:
@@ -130,10 +130,7 @@ class _Unpickler(readers._Unpickler):  # pylint: disable=protected-access
   """The readers' allow-list, but unknown globals keep their arguments."""
 
   def __init__(self, file):
-    try:
-      super().__init__(file, None, torch=False)
-    except TypeError:  # the readers' earlier signature
-      super().__init__(file, _no_storage)
+    super().__init__(file, None, torch=False)
 
   def find_class(self, module: str, name: str) -> Any:
     found = super().find_class(module, name)
@@ -145,10 +142,6 @@ class _Unpickler(readers._Unpickler):  # pylint: disable=protected-access
 
   def persistent_load(self, pid: Any) -> Any:
     raise ConversionError("pickle uses persistent ids (not a Haiku checkpoint)")
-
-
-def _no_storage(*unused):
-  raise ConversionError("pickle references a storage (not a Haiku checkpoint)")
 
 
 def _plain(obj: Any, budget: list[int], depth: int = 0) -> Any:
