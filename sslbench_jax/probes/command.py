@@ -281,8 +281,8 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
                 bank_dtype=opts["bank_dtype"])
       if requested != [k_used]:
         msg = (f"--knn_k {', '.join(map(str, requested))} > the {len(xtr)} training "
-               f"examples of {path_tr0}: used k={k_used}")
-        logging.warning("%s", msg)
+               f"examples: used k={k_used}")
+        logging.warning("%s (%s)", msg, path_tr0)
         hp.update(k_requested=requested, warnings=[msg])
       if opts["knn_metric"] == "cosine":
         hp["temperature"] = opts["knn_temperature"]
@@ -397,11 +397,12 @@ def _unseen_test_classes(ytr, space, path_tr) -> list[str]:
     classes = np.unique(space.labels[hopeless])
   if not len(classes):
     return []
-  msg = (f"{space.path}: {int(hopeless.sum())} of {len(space.labels)} test "
-         f"examples belong to {len(classes)} classes absent from the training "
-         f"classes of {path_tr} (e.g. {classes[:5].tolist()}); the probe can "
-         "never predict them")
-  logging.warning("%s", msg)
+  # The row's text names no file: rows of the same measurement made from
+  # files elsewhere must stay equal (hparams are part of the store's key).
+  msg = (f"{int(hopeless.sum())} of {len(space.labels)} test examples belong to "
+         f"{len(classes)} classes absent from the training classes (e.g. "
+         f"{classes[:5].tolist()}); the probe can never predict them")
+  logging.warning("%s (test %s, train %s)", msg, space.path, path_tr)
   return [msg]
 
 
