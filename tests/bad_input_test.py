@@ -410,3 +410,14 @@ def test_write_check_leaves_nothing(tmp_path):
   assert existing.read_text() == "x\n" and os.listdir(tmp_path) == ["r.jsonl"]
   with pytest.raises(NotADirectoryError):
     command.check_writable(str(existing / "r.jsonl"))
+
+
+def test_missing_or_unreadable_paths_keep_their_os_error(tmp_path, clean, capsys):
+  # About the path, not the bytes: the CLI maps these by type (missing -> 2).
+  with pytest.raises(FileNotFoundError):
+    io.load(str(tmp_path / "nope.npz"))
+  with pytest.raises(IsADirectoryError):
+    io.load(str(tmp_path))
+  code, _, err = _probe(["--features_train", str(tmp_path / "nope.npz"),
+                         "--features_test", clean[1]], capsys)
+  assert code == 2 and "no such file" in err and str(tmp_path / "nope.npz") in err

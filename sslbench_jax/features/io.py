@@ -9,6 +9,7 @@ dataset, split, preprocessing, representation, dtype, device count, versions).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 from typing import Any
 import zipfile
@@ -59,7 +60,8 @@ def load(path: str, *, allow_nonfinite: bool = False) -> FeatureSet:
     The ``FeatureSet``.
 
   Raises:
-    ValueError: one line naming ``path``: unreadable, truncated or not an
+    OSError: ``path`` is missing, a directory, or not readable (permission).
+    ValueError: one line naming ``path``: truncated, corrupt or not an
       ``.npz`` (e.g. a JPEG renamed), missing arrays, wrong dtypes or shapes,
       lengths that differ, a ``meta`` that is not a JSON object, or rows with
       NaN/inf features.
@@ -80,7 +82,12 @@ def load(path: str, *, allow_nonfinite: bool = False) -> FeatureSet:
       arrays = {k: z[k] for k in _KEYS}
   except _NotFeatureFile as e:
     raise ValueError(str(e)) from None
-  except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile,
+  except OSError as e:
+    if e.errno in _PASS_THROUGH_ERRNOS:
+      raise  # no such file, no permission: about the path, keeps its type
+    raise ValueError(f"cannot read feature file {path}: "
+                     f"{_one_line(e)}") from None
+  except (EOFError, ValueError, KeyError, zipfile.BadZipFile,
           zlib.error, NotImplementedError) as e:
     raise ValueError(f"cannot read feature file {path}: "
                      f"{_one_line(e)}") from None
@@ -88,6 +95,11 @@ def load(path: str, *, allow_nonfinite: bool = False) -> FeatureSet:
 
 
 _KEYS = ("features", "labels", "ids", "meta")
+# OSErrors about the path rather than the bytes (the CLI maps them to exit
+# codes by type); any other (e.g. EINVAL from a corrupt zip directory's seek)
+# means a bad file.
+_PASS_THROUGH_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM,
+                                  errno.EISDIR, errno.ENOTDIR})
 # An .npz is a zip archive: a local file header, or an empty archive's end record.
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 # Rows checked for NaN/inf at a time (bounds the temporary boolean array).
