@@ -20,7 +20,10 @@ budget allows (one (chunk, shard) similarity block of at most
 ``SIMILARITY_BUDGET_BYTES``). Every shard gives its own exact top-k (one matmul,
 one ``lax.top_k``); the shards' lists are concatenated and cut to k once, and
 the per-device lists are merged into the global top-k. The full
-``N_test x N_train`` matrix never exists (unless it fits the budget).
+``N_test x N_train`` matrix never exists (unless it fits the budget). With
+``bank_shard=None`` the budget holds on every path, whatever ``query_chunk``:
+the query chunk is cut to fit it, including for the float32 search that
+answers the queries a bfloat16 screen could not certify.
 
 Search over a float32 bank can screen (``screen``; by default when the bank
 is large): candidates come from a bfloat16 matmul (3-4x faster than
