@@ -12,6 +12,7 @@ BatchNorm statistics keep their initial values (mean 0, variance 1).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import jax
@@ -40,7 +41,9 @@ def parse_seed(spec: str) -> int | None:
 
 def provenance(arch: str, seed: int, options: dict[str, Any] | None = None) -> dict[str, Any]:
   """The sidecar metadata of ``write(arch, seed, ...)`` (without the weights hash)."""
-  return {"arch": arch, "arch_options": dict(options or {}),
+  # As the JSON sidecar holds them (tuples become lists), so is_current compares like with like.
+  options = json.loads(json.dumps(dict(options or {})))
+  return {"arch": arch, "arch_options": options,
           "source_format": "random_init", "source": f"random_init seed={seed}",
           "checkpoint": f"{PREFIX}{seed}", "seed": int(seed)}
 
