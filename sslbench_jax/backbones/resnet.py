@@ -36,6 +36,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from sslbench_jax.backbones import _precision
+
 # torchvision's kaiming_normal_(mode="fan_out", nonlinearity="relu").
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 _BLOCKS = ("basic", "bottleneck")
@@ -85,7 +87,8 @@ class ResNet(nn.Module):
     num_classes: size of the ``fc`` classifier producing ``"logits"``; None
       for a headless backbone.
     dtype: computation dtype (parameters and BatchNorm statistics stay
-      float32; outputs are float32).
+      float32; outputs are float32). bfloat16/float16 convolutions
+      accumulate in float32 and round each result once (``_precision``).
   """
   stage_sizes: Sequence[int]
   block: str = "bottleneck"
@@ -104,8 +107,11 @@ class ResNet(nn.Module):
     """
     if self.block not in _BLOCKS:
       raise ValueError(f"block must be one of {_BLOCKS}, got {self.block!r}")
+    # bf16/f16: float32 accumulation, 1x1 convs as dots (faster on CPU, see
+    # _precision); float32 keeps flax's defaults.
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             param_dtype=jnp.float32, kernel_init=_conv_init)
+                             param_dtype=jnp.float32, kernel_init=_conv_init,
+                             **_precision.conv_kwargs(self.dtype))
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=0.9, epsilon=1e-5, dtype=self.dtype,
                              param_dtype=jnp.float32)

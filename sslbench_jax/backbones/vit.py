@@ -64,6 +64,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sslbench_jax.backbones import _precision
+
 _POOLS = ("cls", "mean")
 
 
@@ -192,10 +194,19 @@ class Attention(nn.Module):
   def __call__(self, x: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
     b, t, d = x.shape
     hd = d // self.num_heads
-    qkv = nn.Dense(3 * d, use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
+    # bf16/f16: float32 accumulation (faster on CPU, see _precision); float32
+    # keeps flax's defaults.
+    reduced = _precision.is_reduced(self.dtype)
+    dense = functools.partial(nn.Dense, dtype=self.dtype,
+                              **_precision.dense_kwargs(self.dtype))
+    qkv = dense(3 * d, use_bias=self.qkv_bias, name="qkv")(x)
     q, k, v = jnp.moveaxis(qkv.reshape(b, t, 3, self.num_heads, hd), 2, 0)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q * (hd ** -0.5), k)
-    logits = logits.astype(jnp.float32)
+    if reduced:
+      logits = _precision.einsum("bqhd,bkhd->bhqk", q * (hd ** -0.5), k,
+                                 out_dtype=jnp.float32)
+    else:
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q * (hd ** -0.5), k)
+      logits = logits.astype(jnp.float32)
     if self.rel_pos_grid is not None:
       gh, gw = self.rel_pos_grid
       size = (2 * gh - 1) * (2 * gw - 1) + 3
@@ -209,8 +220,9 @@ class Attention(nn.Module):
       bias = table[index.reshape(-1)].reshape(index.shape + (self.num_heads,))
       logits = logits + jnp.transpose(bias, (2, 0, 1))[None]
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
-    return nn.Dense(d, dtype=self.dtype, name="proj")(out)
+    mix = _precision.einsum if reduced else jnp.einsum
+    out = mix("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
+    return dense(d, name="proj")(out)
 
 
 class Mlp(nn.Module):
@@ -221,9 +233,11 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     d = x.shape[-1]
-    x = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
+    dense = functools.partial(nn.Dense, dtype=self.dtype,
+                              **_precision.dense_kwargs(self.dtype))
+    x = dense(self.hidden, name="fc1")(x)
     x = nn.gelu(x, approximate=False)
-    return nn.Dense(d, dtype=self.dtype, name="fc2")(x)
+    return dense(d, name="fc2")(x)
 
 
 class LayerScale(nn.Module):
@@ -296,7 +310,9 @@ class VisionTransformer(nn.Module):
     ln_eps: LayerNorm epsilon (timm 1e-6; some sources use 1e-5).
     num_classes: adds a linear ``head`` on ``pre_logits`` when > 0 (None
       or 0: no classifier).
-    dtype: compute dtype (parameters stay float32).
+    dtype: compute dtype (parameters stay float32). bfloat16/float16
+      compute accumulates every dot, attention einsum and the patch
+      embedding in float32 and rounds each result once (``_precision``).
   """
   patch_size: int
   width: int
@@ -328,8 +344,10 @@ class VisionTransformer(nn.Module):
       raise ValueError(f"input {images.shape[1:3]} is smaller than one "
                        f"{p}x{p} patch")
     pre_grid = self.img_size // p
+    # In bf16 the patch embedding runs as patchify + one dot (_precision).
     x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                name="patch_embed")(images.astype(self.dtype))
+                name="patch_embed", **_precision.conv_kwargs(self.dtype)
+                )(images.astype(self.dtype))
     b = x.shape[0]
     x = x.reshape(b, -1, d)
     init = nn.initializers.truncated_normal(0.02)
@@ -375,6 +393,6 @@ class VisionTransformer(nn.Module):
     out = {"pre_logits": pre_logits, "cls": cls_out, "patch_mean": patch_mean,
            "last4_cls": jnp.concatenate(last, axis=-1)}
     if self.num_classes:  # None or 0: no classifier
-      out["logits"] = nn.Dense(self.num_classes, dtype=self.dtype,
-                               name="head")(pre_logits)
+      out["logits"] = nn.Dense(self.num_classes, dtype=self.dtype, name="head",
+                               **_precision.dense_kwargs(self.dtype))(pre_logits)
     return out
