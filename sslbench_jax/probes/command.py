@@ -307,6 +307,8 @@ def run(opts: dict[str, Any]) -> list[dict[str, Any]]:
                    select_on_test=opts["select_on_test"],
                    progress=bool(opts["progress"]))
     hp = dict(r.selected.hparams(), epochs=tc.epochs, batch_size=bs,
+              # The analysis tells a searched BN (a hyper-parameter) from a fixed one.
+              batchnorm_grid=[_bool(v, "batchnorm") for v in opts["batchnorm"]],
               warmup_epochs=tc.warmup_epochs, clip_norm=tc.clip_norm,
               grid_size=len(configs), selection=r.selection,
               holdout=opts["holdout"])
