@@ -65,6 +65,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("threads", 4, "host decode / augmentation threads")
   flags.DEFINE_string("results", None, "results store .jsonl to append top1/top5 rows to")
   flags.DEFINE_string("workdir", None, "run folder")
+  flags.DEFINE_integer("train_limit", None, "smoke runs: first N training examples only")
+  flags.DEFINE_integer("test_limit", None, "smoke runs: first N test examples only")
   flags.DEFINE_bool("progress", True, "show a progress bar (process 0)")
   flags.DEFINE_string("coordinator_address", None,
                       "multi-host: host:port of process 0's coordinator")
@@ -92,6 +94,7 @@ def _option_names() -> set[str]:
       "weights", "dataset", "data_dir", "protocol", "label_fraction", "fewshot_setup",
       "optimizer", "preprocessing", "image_size", "dtype", "checkpoint_every_steps",
       "eval_batch_size", "threads", "results", "workdir", "progress",
+      "train_limit", "test_limit",
       "coordinator_address", "num_processes", "process_id"}
 
 
@@ -120,5 +123,6 @@ def run(opts: dict[str, Any]) -> dict[str, Any]:
       checkpoint_every_steps=opts.get("checkpoint_every_steps") or 500,
       eval_batch_size=opts.get("eval_batch_size") or 256,
       threads=opts.get("threads") or 4, results=opts.get("results"),
-      progress=opts.get("progress", True))
+      progress=opts.get("progress", True), train_limit=opts.get("train_limit"),
+      test_limit=opts.get("test_limit"))
   return train.run(cfg)

@@ -202,8 +202,10 @@ def recipe(protocol: str, family: str = "resnet", *, optimizer: str = "sgd",
              label_fraction=label_fraction, fewshot_setup=setup)
   elif label_fraction is not None:
     raise ValueError(f"label_fraction is only for the fewshot protocol, not {protocol}")
+  default_epochs = d["epochs"]
   d.update(overrides)
   if "epochs" in overrides and "warmup_epochs" not in overrides and d["warmup_epochs"]:
-    # Keep the warm-up inside a shortened run (5 of 100 epochs -> 5 %).
-    d["warmup_epochs"] = min(d["warmup_epochs"], max(0, d["epochs"] - 1))
+    # A shortened run keeps the warm-up's share (5 of 100 epochs), >= 1 epoch.
+    share = round(d["warmup_epochs"] * d["epochs"] / default_epochs)
+    d["warmup_epochs"] = min(max(1, share), d["epochs"] - 1)
   return Recipe(**d)

@@ -87,7 +87,9 @@ class Steps:
     state = {"step": jnp.zeros([], jnp.int32), "params": trainable, "frozen": frozen,
              "batch_stats": variables.get("batch_stats", {}),
              "opt_state": self.tx.init(trainable)}
-    return jax.device_put(state, self.replicated)
+    # Through the host: the train step donates the state, which must never
+    # alias the caller's arrays.
+    return jax.device_put(jax.device_get(state), self.replicated)
 
   @staticmethod
   def variables(state: State) -> dict[str, Any]:

@@ -78,6 +78,9 @@ class RunConfig:
     threads: host threads decoding and augmenting.
     results: optional results store (``.jsonl``) to append top-1/top-5 rows to.
     progress: show a progress bar (process 0).
+    train_limit: train on the first N examples only (smoke runs; after the
+      few-shot subset).
+    test_limit: evaluate on the first N test examples only (smoke runs).
   """
   weights: str
   dataset: str
@@ -92,6 +95,8 @@ class RunConfig:
   threads: int = 4
   results: str | None = None
   progress: bool = True
+  train_limit: int | None = None
+  test_limit: int | None = None
 
   def key(self) -> dict[str, Any]:
     """What determines the run's results (compared on re-runs)."""
@@ -99,6 +104,7 @@ class RunConfig:
             "dataset": self.dataset, "recipe": self.recipe.to_json(),
             "preprocessing": self.preprocessing, "image_size": self.image_size,
             "dtype": self.dtype, "eval_batch_size": self.eval_batch_size,
+            "train_limit": self.train_limit, "test_limit": self.test_limit,
             "device_count": jax.device_count()}
 
 
@@ -155,6 +161,42 @@ def _merge_backbone(fresh: dict[str, Any], loaded: dict[str, Any], path: str) ->
           jax.tree_util.tree_structure(tree["backbone"]), leaves)
     out[col] = tree
   return out
+
+
+def train_indices(labels: np.ndarray, num_classes: int, recipe: Recipe) -> np.ndarray:
+  """The training examples of a protocol: all, or the few-shot subset.
+
+  The few-shot subset is the cached few-shot probe's
+  (``probes.fewshot.sample_subset`` with ``fraction=recipe.label_fraction``,
+  ``seed=recipe.subset_seed``, ``trial=0``): ``int(f * N / C)`` examples of
+  every class, without replacement, so both protocols train on one subset.
+  """
+  if recipe.protocol != "fewshot":
+    return np.arange(len(labels))
+  return fewshot.sample_subset(labels, num_classes, fraction=recipe.label_fraction,
+                               seed=recipe.subset_seed, trial=0)
+
+
+def _first(ds: Any, n: int) -> Any:
+  """The first ``n`` examples of ``ds`` (a smoke-run test set)."""
+  from sslbench_jax.data import dataset as dataset_lib  # pylint: disable=import-outside-toplevel
+  src = dataset_lib.SubsetSource(ds.source, list(range(min(n, len(ds)))))
+  return dataset_lib.Dataset(src, ds.label_space, name=ds.name, split=ds.split,
+                             preprocessing=ds.preprocessing)
+
+
+def restore_state(workdir: str, step: int | None = None) -> dict[str, Any]:
+  """The checkpointed train state of ``workdir`` (latest step by default), NumPy."""
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")))
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"{workdir} has no checkpoint")
+    out = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(), book=ocp.args.JsonRestore()))
+    return {"step": step, "state": jax.device_get(out["state"]), "book": out["book"]}
+  finally:
+    manager.close()
 
 
 def _versions() -> dict[str, str]:
@@ -230,10 +272,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
   num_classes = train_ds.label_space.num_classes
   train_labels = input_lib.read_labels(train_ds)
   test_labels = input_lib.read_labels(test_ds)
-  indices = np.arange(len(train_ds))
-  if r.protocol == "fewshot":
-    indices = fewshot.sample_subset(train_labels, num_classes,
-                                    fraction=r.label_fraction, seed=r.subset_seed)
+  indices = train_indices(train_labels, num_classes, r)
+  if cfg.train_limit is not None:
+    indices = indices[:cfg.train_limit]
+  if cfg.test_limit is not None:
+    test_ds = _first(test_ds, cfg.test_limit)
+    test_labels = test_labels[:len(test_ds)]
   mesh = step_lib.make_mesh()
   ndev = mesh.devices.size
   unit = ndev * r.accum_steps
