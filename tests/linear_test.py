@@ -60,19 +60,21 @@ def _torch_train(x, y, classes, w0, b0, cfg, tc):
           bn.running_mean.numpy(), bn.running_var.numpy())
 
 
+@pytest.mark.parametrize("budget", [None, 3 * 32 * 16 * 4])  # resident / streamed
 @pytest.mark.parametrize("cfg", [
     linear.HeadConfig("x", lr=0.4, weight_decay=1e-3),
     linear.HeadConfig("x", lr=0.2, weight_decay=1e-2, batchnorm=True),
     linear.HeadConfig("x", lr=0.01, weight_decay=0.05, optimizer="adamw"),
 ])
-def test_one_head_matches_pytorch(cfg):
+def test_one_head_matches_pytorch(cfg, budget):
   x, y = _data(0)
   tc = linear.TrainConfig(epochs=4, batch_size=32, warmup_epochs=1,
                           clip_norm=0.5, seed=3)
   rng = np.random.default_rng(1)
   w0 = (0.01 * rng.normal(size=(16, 5))).astype(np.float32)
   b0 = np.zeros(5, np.float32)
-  heads = linear.train({"x": x}, y, 5, [cfg], tc, init=[(w0, b0)])
+  heads = linear.train({"x": x}, y, 5, [cfg], tc, init=[(w0, b0)],
+                       device_budget_bytes=budget)
   w, b, rm, rv = _torch_train(x, y, 5, w0, b0, cfg, tc)
   assert np.abs(heads.weights[0] - w0).max() > 1e-2  # it did train
   np.testing.assert_allclose(heads.weights[0], w, atol=1e-4)

@@ -9,10 +9,12 @@ group is one (B, D) x (D, H*C) matmul (plus one for the weight gradient) and a
 so they are computed once per source and shared by that source's BN heads.
 
 Training is data-parallel over a ``Mesh`` of all devices (axis "data"): the
-rows of every mini-batch are sharded over the devices (the batch is padded
-with masked rows to a multiple of the device count), while the features, the
-heads and the optimizer state are replicated. The loss and the BatchNorm
-statistics are means over the real rows of the whole batch, so XLA reduces the
+training features are sharded over the devices (each holds 1/N of the rows,
+plus padding), or, when a ``device_budget_bytes`` cannot hold that share,
+streamed from the host in chunks of steps (``_data_layout``); the rows of
+every mini-batch are processed by the devices that hold them, while the heads
+and the optimizer state are replicated. The loss and the BatchNorm statistics
+are means over the real rows of the whole batch, so XLA reduces the
 per-device partial sums and every step computes the same numbers as on one
 device (up to float summation order, ~1e-6).
 
@@ -32,6 +34,7 @@ labelled "max over test" for comparing with papers that report it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import itertools
@@ -47,6 +50,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import tqdm
 
+from sslbench_jax.probes import _data_layout
 from sslbench_jax.probes._selection import check_finite, stratified_split
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -193,7 +197,8 @@ def train(features: Mapping[str, np.ndarray],
           train_config: TrainConfig = TrainConfig(),
           init: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
           devices: Sequence[jax.Device] | None = None,
-          progress: bool = True) -> Heads:
+          progress: bool = True,
+          device_budget_bytes: int | None = None) -> Heads:
   """Trains all ``configs`` together on the same mini-batches.
 
   Args:
@@ -204,10 +209,18 @@ def train(features: Mapping[str, np.ndarray],
     train_config: epochs, batch size, schedule, clipping, seed.
     init: optional per-head (W (D, C), b (C,)) initial values; default
       W ~ N(0, init_std), b = 0, drawn per head from the seed.
-    devices: devices over which batch rows are sharded (default: all).
+    devices: devices over which the data and the batch rows are sharded
+      (default: all).
     progress: show a tqdm bar (examples/s, updated once per epoch) on
       process 0. It waits for each epoch to finish before dispatching the
       next, which costs one dispatch latency per epoch and changes no number.
+    device_budget_bytes: bytes per device the training features may occupy.
+      None or a budget that holds each device's 1/N share of the features:
+      the features live on the devices, sharded ("resident"). Otherwise they
+      stay on the host and every epoch streams the mini-batches to the devices
+      in chunks of steps of at most half the budget ("streamed"). Both modes
+      train on the same mini-batches (same numbers up to float summation
+      order).
 
   Returns:
     The trained ``Heads``.
@@ -220,6 +233,8 @@ def train(features: Mapping[str, np.ndarray],
   if tc.epochs < 1 or tc.batch_size < 1:
     raise ValueError(f"epochs and batch_size must be >= 1, got {tc.epochs}, "
                      f"{tc.batch_size}")
+  if device_budget_bytes is not None and device_budget_bytes <= 0:
+    raise ValueError(f"device_budget_bytes must be > 0, got {device_budget_bytes}")
   groups = _groups(configs)
   dims = {s: features[s].shape[1] for s in {c.source for c in configs}}
 
@@ -250,12 +265,13 @@ def train(features: Mapping[str, np.ndarray],
   mesh = Mesh(np.asarray(jax.devices() if devices is None else devices),
               ("data",))
   replicated = NamedSharding(mesh, P())
-  data = jax.device_put({s: np.asarray(features[s], np.float32) for s in sources},
-                        replicated)
-  y = jax.device_put(labels.astype(np.int32), replicated)
   steps = -(-n // tc.batch_size)
-  epoch_fn = _epoch_fn(spec, sources, n, steps, tc.batch_size, tc.epochs,
-                       tc.warmup_epochs, tc.clip_norm, tc.momentum, mesh)
+  layout = _data_layout.plan(n, steps, tc.batch_size, mesh.devices.size,
+                             sum(dims.values()) * 4, device_budget_bytes)
+  logging.info("linear probe: training features %s (%.1f MB per device)",
+               layout.mode, layout.device_bytes / 2**20)
+  step_args = (spec, sources, tc.clip_norm, tc.momentum, tc.epochs,
+               tc.warmup_epochs, mesh)
   init_fn = _init_fn(spec, tc.momentum)
   params, lrs, wds = jax.device_put((tuple(params), lrs, wds), replicated)
   opt_state = init_fn(params, wds)
@@ -263,16 +279,43 @@ def train(features: Mapping[str, np.ndarray],
                            np.ones((dims[s],), np.float32)) for s in sources},
                       replicated)
   state = (params, opt_state, bn)
-  key = jax.random.PRNGKey(tc.seed)
-  # One epoch is one jitted scan, so its end is the finest point the host can
-  # observe without splitting the scan; the bar waits there (only when shown)
-  # so that its rate is compute, not asynchronous dispatch, throughput.
+  host = {s: features[s] for s in sources}
+  if layout.mode == "resident":
+    data = {s: _data_layout.put_rows(host[s], layout.rows_per_device, mesh)
+            for s in sources}
+  # One epoch is one jitted scan (or one per streamed chunk), so its end is the
+  # finest point the host can observe without splitting the scan; the bar waits
+  # there (only when shown) so that its rate is compute, not asynchronous
+  # dispatch, throughput.
   bar = tqdm.tqdm(total=tc.epochs * n, unit="ex", unit_scale=True,
                   smoothing=0.1, desc=f"linear ({len(configs)} heads)",
                   disable=not progress or jax.process_index() != 0)
+  # Dispatch is asynchronous: waiting for the call before the previous one
+  # keeps at most two epochs' tables (or two streamed chunks) on the devices.
+  tokens = collections.deque()
+
+  def dispatch(fn, *args):
+    nonlocal state
+    state, token = fn(state, *args)
+    tokens.append(token)
+    if len(tokens) > 1:
+      tokens.popleft().block_until_ready()
+
   with bar:
     for epoch in range(tc.epochs):
-      state = epoch_fn(state, data, y, lrs, wds, key, jnp.int32(epoch))
+      order = epoch_order(tc.seed, epoch, n)
+      e = jnp.int32(epoch)
+      if layout.mode == "resident":
+        idx, y, mask = _data_layout.local_tables(order, labels, layout, mesh)
+        dispatch(_resident_epoch_fn(*step_args), data, idx, y, mask, lrs, wds, e)
+        del idx, y, mask
+      else:
+        for start in range(0, steps, layout.chunk_steps):
+          stop = min(start + layout.chunk_steps, steps)
+          xs, y, mask = _data_layout.stream_chunk(host, labels, order, start,
+                                                  stop, layout, mesh)
+          dispatch(_streamed_chunk_fn(*step_args), xs, y, mask, lrs, wds, e)
+          del xs, y, mask
       if not bar.disable:
         jax.block_until_ready(state)
         bar.update(n)
@@ -351,7 +394,9 @@ def run(train_features: Mapping[str, np.ndarray],
         train_config: TrainConfig = TrainConfig(),
         holdout: float = 0.1,
         select_on_test: bool = False,
-        progress: bool = True) -> ProbeResult:
+        progress: bool = True,
+        device_budget_bytes: int | None = None,
+        devices: Sequence[jax.Device] | None = None) -> ProbeResult:
   """Selects a head on held-out train, retrains it on all train, tests once.
 
   Args:
@@ -368,6 +413,9 @@ def run(train_features: Mapping[str, np.ndarray],
       and report the best test accuracy (NOT a fair protocol; for comparing
       with papers that did this; needs ``test_labels``).
     progress: show a bar per training pass (see ``train``).
+    device_budget_bytes: per-device bytes for the training features of each
+      training pass (see ``train``: sharded on the devices, or streamed).
+    devices: the training mesh's devices (default: all).
 
   Returns:
     A ``ProbeResult``.
@@ -386,7 +434,9 @@ def run(train_features: Mapping[str, np.ndarray],
       raise ValueError("linear probe: select_on_test ranks the heads by top-1 on "
                        "test and needs single-label (N,) test labels")
     heads = train(train_features, train_labels, num_classes, configs,
-                  train_config, progress=progress)
+                  train_config, progress=progress,
+                  device_budget_bytes=device_budget_bytes,
+                  devices=devices)
     acc = evaluate(heads, test_features, test_labels, (1, 5))
     best = int(np.argmax(acc[:, 0]))
     return ProbeResult(configs[best], "max over test", acc[:, 0].tolist(),
@@ -400,7 +450,8 @@ def run(train_features: Mapping[str, np.ndarray],
   if len(configs) > 1:
     heads = train({s: v[fit] for s, v in train_features.items()},
                   train_labels[fit], num_classes, configs, train_config,
-                  progress=progress)
+                  progress=progress, device_budget_bytes=device_budget_bytes,
+                  devices=devices)
     acc = evaluate(heads, {s: v[held] for s, v in train_features.items()},
                    train_labels[held])[:, 0]
   else:
@@ -409,7 +460,9 @@ def run(train_features: Mapping[str, np.ndarray],
   logging.info("linear probe: selected %s (held-out top-1 %.2f)", configs[best],
                acc[best])
   final = train(train_features, train_labels, num_classes, [configs[best]],
-                train_config, progress=progress)
+                train_config, progress=progress,
+                device_budget_bytes=device_budget_bytes,
+                devices=devices)
   test = (evaluate(final, test_features, test_labels, (1, 5))[0]
           if test_labels is not None else (math.nan, math.nan))
   return ProbeResult(configs[best], "holdout", acc.tolist(), float(test[0]),
@@ -467,17 +520,12 @@ def _init_fn(spec, momentum):
   return init
 
 
-@functools.lru_cache(maxsize=16)
-def _epoch_fn(spec, sources, n, steps, batch_size, epochs, warmup, clip_norm,
-              momentum, mesh):
-  """Jitted: one epoch over all groups of heads (cached per static layout).
+def _step_fn(spec, sources, clip_norm, momentum, mesh):
+  """One training step of every group: (carry, xs, y, mask, lrs, wds, factor) -> carry.
 
-  Every step's batch is ``batch_size`` rows padded with masked rows to a
-  multiple of the mesh size and sharded over its "data" axis.
+  ``xs``: source -> (B', D) batch rows sharded over "data"; masked rows count
+  in no sum. Traced inside the epoch / chunk scans below.
   """
-  n_dev = mesh.devices.size
-  padded_batch = -(-batch_size // n_dev) * n_dev
-  rows = NamedSharding(mesh, P("data"))
   replicated = NamedSharding(mesh, P())
   clip = (optax.clip_by_global_norm(clip_norm) if clip_norm is not None
           else optax.identity())
@@ -501,56 +549,84 @@ def _epoch_fn(spec, sources, n, steps, batch_size, epochs, warmup, clip_norm,
     d, state = _direction(opt, wd, momentum).update(g, state, p)
     return jax.tree.map(lambda a, b: a - lr * b, p, d), state
 
-  def epoch(state, data, y_all, lrs, wds, key, epoch_index):
-    order = jax.random.permutation(jax.random.fold_in(key, epoch_index), n)
-    pad = steps * batch_size - n
-    order = jnp.concatenate([order, jnp.zeros((pad,), order.dtype)])
-    valid = jnp.arange(steps * batch_size) < n
-    order = order.reshape(steps, batch_size)
-    valid = valid.reshape(steps, batch_size)
-    if padded_batch > batch_size:  # masked rows so every device gets a slice
-      extra = ((0, 0), (0, padded_batch - batch_size))
-      order = jnp.pad(order, extra)
-      valid = jnp.pad(valid, extra)
+  def step(carry, xs, y, mask, lrs, wds, factor):
+    params, opt_state, bn = carry
+    maskf = mask.astype(jnp.float32)
+    xs_bn, new_bn = {}, dict(bn)
+    for s in sources:
+      x = xs[s]
+      if any(b and src == s for src, b, _ in spec):
+        # BatchNorm1d in train mode over the valid rows of the batch.
+        count = jnp.sum(maskf)
+        mean = jnp.sum(x * maskf[:, None], 0) / count
+        var = jnp.sum(jnp.square(x - mean) * maskf[:, None], 0) / count
+        xs_bn[s] = (x - mean) / jnp.sqrt(var + BN_EPS)
+        unbiased = var * count / jnp.maximum(count - 1, 1)
+        rm, rv = bn[s]
+        new_bn[s] = ((1 - BN_MOMENTUM) * rm + BN_MOMENTUM * mean,
+                     (1 - BN_MOMENTUM) * rv + BN_MOMENTUM * unbiased)
+    new_params, new_states = [], []
+    for (s, use_bn, opt), p, o, lr, wd in zip(spec, params, opt_state, lrs, wds):
+      x = xs_bn[s] if use_bn else xs[s]
+      grads = jax.grad(group_loss)(p, x, y, maskf)
+      p, o = jax.vmap(
+          lambda g_, p_, o_, lr_, wd_, opt=opt: head_update(
+              g_, p_, o_, lr_ * factor, wd_, opt))(grads, p, o, lr, wd)
+      new_params.append(p)
+      new_states.append(o)
+    carry = (tuple(new_params), tuple(new_states), new_bn)
+    return jax.lax.with_sharding_constraint(carry, replicated)
+
+  return step
+
+
+@functools.lru_cache(maxsize=16)
+def _resident_epoch_fn(spec, sources, clip_norm, momentum, epochs, warmup, mesh):
+  """Jitted: one epoch over features sharded on the devices (``_data_layout``).
+
+  (state, data, idx, y, mask, lrs, wds, epoch) -> (state, token). ``data``:
+  source -> row blocks over "data"; ``idx``/``y``/``mask``: (steps, devices *
+  cap) local tables. Every device gathers its own rows of each batch
+  (shard_map), so no device ever reads another's block.
+  """
+  step = _step_fn(spec, sources, clip_norm, momentum, mesh)
+  rows = NamedSharding(mesh, P("data"))
+  replicated = NamedSharding(mesh, P())
+  gather = jax.shard_map(lambda d, i: {s: v[i] for s, v in d.items()}, mesh=mesh,
+                         in_specs=(P("data"), P("data")), out_specs=P("data"))
+
+  def epoch(state, data, idx, y, mask, lrs, wds, epoch_index):
     factor = lr_factor(epoch_index, epochs, warmup)
 
-    def step(carry, batch):
-      params, opt_state, bn = carry
-      idx, mask = batch
-      # Shard the batch rows before gathering them: each device gathers and
-      # processes its slice; sums over the batch become cross-device reductions.
-      idx = jax.lax.with_sharding_constraint(idx, rows)
-      mask = jax.lax.with_sharding_constraint(mask, rows)
-      maskf = mask.astype(jnp.float32)
-      y = y_all[idx]
-      xs, xs_bn, new_bn = {}, {}, dict(bn)
-      for s in sources:
-        x = data[s][idx]
-        x = jax.lax.with_sharding_constraint(x, rows)
-        xs[s] = x
-        if any(b and src == s for src, b, _ in spec):
-          # BatchNorm1d in train mode over the valid rows of the batch.
-          count = jnp.sum(maskf)
-          mean = jnp.sum(x * maskf[:, None], 0) / count
-          var = jnp.sum(jnp.square(x - mean) * maskf[:, None], 0) / count
-          xs_bn[s] = (x - mean) / jnp.sqrt(var + BN_EPS)
-          unbiased = var * count / jnp.maximum(count - 1, 1)
-          rm, rv = bn[s]
-          new_bn[s] = ((1 - BN_MOMENTUM) * rm + BN_MOMENTUM * mean,
-                       (1 - BN_MOMENTUM) * rv + BN_MOMENTUM * unbiased)
-      new_params, new_states = [], []
-      for (s, use_bn, opt), p, o, lr, wd in zip(spec, params, opt_state, lrs, wds):
-        x = xs_bn[s] if use_bn else xs[s]
-        grads = jax.grad(group_loss)(p, x, y, maskf)
-        p, o = jax.vmap(
-            lambda g_, p_, o_, lr_, wd_, opt=opt: head_update(
-                g_, p_, o_, lr_ * factor, wd_, opt))(grads, p, o, lr, wd)
-        new_params.append(p)
-        new_states.append(o)
-      carry = (tuple(new_params), tuple(new_states), new_bn)
-      return jax.lax.with_sharding_constraint(carry, replicated), None
+    def body(carry, batch):
+      i, yb, mb = (jax.lax.with_sharding_constraint(a, rows) for a in batch)
+      return step(carry, gather(data, i), yb, mb, lrs, wds, factor), None
 
-    state, _ = jax.lax.scan(step, state, (order, valid))
-    return state
+    state, _ = jax.lax.scan(body, state, (idx, y, mask))
+    return state, jnp.sum(mask)
 
   return jax.jit(epoch, donate_argnums=(0,), out_shardings=replicated)
+
+
+@functools.lru_cache(maxsize=16)
+def _streamed_chunk_fn(spec, sources, clip_norm, momentum, epochs, warmup, mesh):
+  """Jitted: consecutive steps on host-streamed rows (``_data_layout``).
+
+  (state, xs, y, mask, lrs, wds, epoch) -> (state, token); ``xs``: source ->
+  (k, B', D) with the rows of every step sharded over "data".
+  """
+  step = _step_fn(spec, sources, clip_norm, momentum, mesh)
+  rows = NamedSharding(mesh, P("data"))
+  replicated = NamedSharding(mesh, P())
+
+  def chunk(state, xs, y, mask, lrs, wds, epoch_index):
+    factor = lr_factor(epoch_index, epochs, warmup)
+
+    def body(carry, batch):
+      x, yb, mb = jax.lax.with_sharding_constraint(batch, rows)
+      return step(carry, x, yb, mb, lrs, wds, factor), None
+
+    state, _ = jax.lax.scan(body, state, (xs, y, mask))
+    return state, jnp.sum(mask)
+
+  return jax.jit(chunk, donate_argnums=(0,), out_shardings=replicated)
