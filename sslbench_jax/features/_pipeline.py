@@ -1,21 +1,37 @@
-"""Host input pipeline for extraction: threaded decode, then a device prefetch queue.
+"""Host input pipeline for extraction: parallel decode, then a device prefetch queue.
 
-Decoding (PIL: JPEG decode, resize, crop) releases the GIL, so a thread pool
-scales with cores without the start-up and pickling cost of worker processes.
-Examples are decoded a few steps ahead; a background thread stacks each step's
-rows, hands them to JAX (``to_device``) and keeps ``depth`` ready batches in a
-queue, so host work overlaps the accelerator's forward pass.
+Examples are decoded a few steps ahead by ``num_workers`` workers; a
+background thread stacks each step's rows, hands them to JAX (``to_device``)
+and keeps ``depth`` ready batches in a queue, so host work overlaps the
+accelerator's forward pass.
+
+Two decode backends, with the same pixels in the same order:
+
+* "threads": a thread pool in this process. PIL releases the GIL while it
+  decodes and resizes, but the Python around it (opening the file, the
+  source's ``get``, conversions) holds it, which caps a process at a few
+  hundred images/s whatever the thread count.
+* "processes": forked worker processes, one example at a time each, writing
+  the pixels straight into a shared-memory ring of ``depth + 1`` steps (no
+  pickling of pixels; only the label and id come back through a pipe). Fork
+  is used so that the source and the preprocessing need not be picklable;
+  the workers run only the host decode (PIL / NumPy), never JAX.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 import concurrent.futures
 import dataclasses
+import multiprocessing
+from multiprocessing import shared_memory
 import queue
 import threading
+import time
 from typing import Any
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -44,6 +60,8 @@ class Batch:
 
 
 Loaded = tuple[np.ndarray, Any, str, bool]  # pixels, label, id, keep
+
+DECODE_BACKENDS = ("threads", "processes")
 
 
 def example_loader(source: Any, pixels_fn: Callable[[Image.Image], np.ndarray] | None
@@ -84,37 +102,58 @@ def example_loader(source: Any, pixels_fn: Callable[[Image.Image], np.ndarray] |
 def device_batches(steps: Iterable[int], positions_fn: Callable[[int], np.ndarray],
                    load: Callable[[int], Loaded], pixel_shape: tuple[int, ...],
                    pixel_dtype: np.dtype, to_device: Callable[[np.ndarray], Any],
-                   num_threads: int, depth: int = 2) -> Iterator[Batch]:
+                   num_threads: int, depth: int = 2,
+                   decode_backend: str = "threads",
+                   timer: "InputTimer | None" = None) -> Iterator[Batch]:
   """Yields ``Batch``es in step order with their images already on device.
 
   Args:
     steps: steps to produce, in order.
     positions_fn: step -> (rows,) dataset positions of this process (-1 = pad).
-    load: position -> ``(pixels, label, id, keep)``; runs in the thread pool.
+    load: position -> ``(pixels, label, id, keep)``; runs in the workers.
     pixel_shape: shape every ``pixels`` must have.
     pixel_dtype: dtype of the stacked batch.
     to_device: stacked ``(rows,) + pixel_shape`` array -> device value.
-    num_threads: decode threads.
+    num_threads: decode workers (threads or processes, see ``decode_backend``).
     depth: batches kept ready on device ahead of the consumer.
+    decode_backend: "threads" or "processes" (module docstring).
+    timer: when given, accumulates the time the consumer waited for batches.
 
   Yields:
     ``Batch`` with ``device`` set; padding and dropped rows are zeros.
   """
+  if decode_backend not in DECODE_BACKENDS:
+    raise ValueError(f"decode_backend must be one of {DECODE_BACKENDS}, got "
+                     f"{decode_backend!r}")
+  if num_threads < 1:
+    raise ValueError(f"need at least 1 decode worker, got {num_threads}")
   stop = threading.Event()
   ready: queue.Queue = queue.Queue(maxsize=depth)
   steps = list(steps)
+  pixel_shape = tuple(pixel_shape)
+  ring = None
+  if decode_backend == "processes" and steps:
+    rows = max(len(positions_fn(s)) for s in steps)
+    ring = _ProcessDecoder(load, num_threads, (depth + 1) * rows, pixel_shape,
+                           pixel_dtype)
 
-  def submit(pool, step):
+  def submit(pool, k, step):
     pos = positions_fn(step)
-    return step, pos, [pool.submit(load, int(i)) if i >= 0 else None for i in pos]
+    if ring is None:
+      return step, pos, [pool.submit(load, int(i)) if i >= 0 else None for i in pos]
+    base = (k % (depth + 1)) * len(pos)   # this step's slots in the ring
+    return step, pos, [ring.submit(int(i), base + row) if i >= 0 else None
+                       for row, i in enumerate(pos)]
 
   def produce():
-    pool = concurrent.futures.ThreadPoolExecutor(num_threads, "feature-decode")
+    pool = (concurrent.futures.ThreadPoolExecutor(num_threads, "feature-decode")
+            if ring is None else None)
     try:
       pending = collections.deque()
-      for step in steps:
-        pending.append(submit(pool, step))
+      for k, step in enumerate(steps):
+        pending.append(submit(pool, k, step))
         # Decode `depth` steps beyond the one being stacked: the pool never idles.
+        # Its slots of the ring are reused only after `_emit` copied them.
         if len(pending) > depth and not _emit(pending.popleft()):
           return
       while pending:
@@ -125,11 +164,12 @@ def device_batches(steps: Iterable[int], positions_fn: Callable[[int], np.ndarra
       _put(e)
     finally:
       # The consumer stopped early (or failed): drop decodes not yet started.
-      pool.shutdown(wait=True, cancel_futures=True)
+      if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
 
   def _emit(item) -> bool:
     step, pos, futures = item
-    images = np.zeros((len(pos),) + tuple(pixel_shape), pixel_dtype)
+    images = np.zeros((len(pos),) + pixel_shape, pixel_dtype)
     keep = np.zeros(len(pos), bool)
     labels, ids, skipped = [], [], []
     for row, fut in enumerate(futures):
@@ -139,9 +179,11 @@ def device_batches(steps: Iterable[int], positions_fn: Callable[[int], np.ndarra
       if not ok:
         skipped.append(int(pos[row]))
         continue
-      if pixels.shape != tuple(pixel_shape):
+      if ring is not None:
+        pixels = ring.pixels(pixels)   # (slot, shape) -> the slot's view
+      if pixels.shape != pixel_shape:
         raise ValueError(f"example {pos[row]} ({ex_id}) preprocesses to shape "
-                         f"{pixels.shape}, expected {tuple(pixel_shape)}: the "
+                         f"{pixels.shape}, expected {pixel_shape}: the "
                          "preprocessing must produce fixed-size images")
       images[row] = pixels
       keep[row] = True
@@ -162,7 +204,11 @@ def device_batches(steps: Iterable[int], positions_fn: Callable[[int], np.ndarra
   thread.start()
   try:
     while True:
-      item = ready.get()
+      if timer is None:
+        item = ready.get()
+      else:
+        with timer.waiting():
+          item = ready.get()
       if item is None:
         return
       if isinstance(item, BaseException):
@@ -171,3 +217,106 @@ def device_batches(steps: Iterable[int], positions_fn: Callable[[int], np.ndarra
   finally:
     stop.set()
     thread.join()
+    if ring is not None:
+      ring.close()
+
+
+class InputTimer:
+  """Wall time a consumer spent waiting for input vs everything else.
+
+  ``start()`` when the loop begins; ``device_batches`` adds its waits;
+  ``summary()`` at the end says whether the run was input-bound.
+  """
+
+  def __init__(self):
+    self.wait_seconds = 0.0
+    self._t0 = None
+    self.total_seconds = 0.0
+
+  def start(self) -> None:
+    self._t0 = time.perf_counter()
+
+  def stop(self) -> None:
+    if self._t0 is not None:
+      self.total_seconds = time.perf_counter() - self._t0
+
+  @contextlib.contextmanager
+  def waiting(self):
+    t = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.wait_seconds += time.perf_counter() - t
+
+  def summary(self) -> dict[str, Any]:
+    """{input_wait_seconds, compute_seconds, input_bound}: compute is the rest of
+    the loop (forward pass, read-back, cache writes); input-bound when the
+    consumer waited for batches longer than it computed."""
+    compute = max(self.total_seconds - self.wait_seconds, 0.0)
+    return dict(input_wait_seconds=round(self.wait_seconds, 3),
+                compute_seconds=round(compute, 3),
+                input_bound=bool(self.wait_seconds > compute))
+
+
+class _ProcessDecoder:
+  """Forked decode processes writing pixels into a shared-memory ring of slots."""
+
+  def __init__(self, load, num_workers, slots, pixel_shape, pixel_dtype):
+    self.shape, self.dtype = tuple(pixel_shape), np.dtype(pixel_dtype)
+    self.slot_bytes = max(int(np.prod(self.shape)) * self.dtype.itemsize, 1)
+    self.shm = shared_memory.SharedMemory(create=True, size=slots * self.slot_bytes)
+    try:
+      ctx = multiprocessing.get_context("fork")
+    except ValueError as e:
+      self.close()
+      raise ValueError("decode_backend 'processes' needs the fork start method "
+                       "(Linux); use 'threads'") from e
+    # Forked children inherit `load` and the mapped ring: nothing is pickled.
+    self.pool = concurrent.futures.ProcessPoolExecutor(
+        num_workers, mp_context=ctx, initializer=_worker_init,
+        initargs=(load, self.shm, self.shape, self.dtype, self.slot_bytes))
+    with warnings.catch_warnings():
+      # JAX warns on every fork; the workers never call into JAX.
+      warnings.filterwarnings("ignore", message=".*os.fork.*")
+      for f in [self.pool.submit(_worker_ready) for _ in range(num_workers)]:
+        f.result()
+
+  def submit(self, index: int, slot: int) -> concurrent.futures.Future:
+    return self.pool.submit(_worker_load, index, slot)
+
+  def pixels(self, where: tuple[int, tuple[int, ...]]) -> np.ndarray:
+    slot, shape = where
+    if shape != self.shape:   # not written; the caller reports the shape
+      return np.empty(shape, np.uint8)
+    return np.ndarray(self.shape, self.dtype, buffer=self.shm.buf,
+                      offset=slot * self.slot_bytes)
+
+  def close(self) -> None:
+    pool = getattr(self, "pool", None)
+    if pool is not None:
+      pool.shutdown(wait=True, cancel_futures=True)
+    self.shm.close()
+    self.shm.unlink()
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(load, shm, shape, dtype, slot_bytes) -> None:
+  _WORKER.update(load=load, shm=shm, shape=shape, dtype=dtype, slot_bytes=slot_bytes)
+
+
+def _worker_ready() -> bool:
+  return True
+
+
+def _worker_load(index: int, slot: int):
+  """Decodes ``index`` into ``slot``; returns ((slot, shape), label, id, keep)."""
+  w = _WORKER
+  pixels, label, ex_id, keep = w["load"](index)
+  shape = tuple(np.shape(pixels))
+  if keep and shape == w["shape"]:
+    view = np.ndarray(w["shape"], w["dtype"], buffer=w["shm"].buf,
+                      offset=slot * w["slot_bytes"])
+    view[...] = pixels
+  return (slot, shape), label, ex_id, keep

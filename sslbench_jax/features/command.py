@@ -47,7 +47,11 @@ def define_flags() -> None:
                       "preprocessing preset; default: the architecture's")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
   flags.DEFINE_integer("batch_size_per_device", 64, "images per device and step")
-  flags.DEFINE_integer("num_threads", None, "image decode threads (default: CPU count)")
+  flags.DEFINE_integer("num_threads", None,
+                       "image decode workers (default: CPU count)")
+  flags.DEFINE_enum("decode_backend", "threads", ["threads", "processes"],
+                    "decode workers: threads, or forked processes writing into "
+                    "shared memory (same pixels, same order)")
   flags.DEFINE_integer("steps_per_shard", 16, "steps per cache shard and process")
   flags.DEFINE_string("coordinator_address", None,
                       "multi-host: host:port of process 0's coordinator")
@@ -61,7 +65,10 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     sys.exit(f"features: unexpected arguments {argv[1:]}")
   try:
-    summary = run({name: FLAGS[name].value for name in default_options()})
+    opts = {name: FLAGS[name].value for name in default_options()}
+    # The command's own --out file records whether the run was input-bound;
+    # library callers (evaluate) keep timing-free, reproducible metas.
+    summary = run(dict(opts, input_stats_in_meta=True))
   except (ValueError, OSError) as e:  # bad input, unreadable / unwritable files
     msg = str(e).strip()
     sys.exit(f"features: error: {msg.splitlines()[0] if msg else type(e).__name__}")
@@ -74,7 +81,8 @@ def default_options() -> dict[str, Any]:
   return dict(weights=None, arch=None, images=None, dataset=None, split=None,
               data_dir=None, out=None, cache=None, representation="pre_logits",
               preprocessing=None, dtype="float32", batch_size_per_device=64,
-              num_threads=None, steps_per_shard=16, coordinator_address=None,
+              num_threads=None, decode_backend="threads", steps_per_shard=16,
+              coordinator_address=None,
               num_processes=None, process_id=None, progress=True)
 
 
@@ -146,7 +154,8 @@ def run(opts: dict[str, Any]) -> dict[str, Any] | None:
   result = extract_lib.extract(
       model, variables, source, preset, representation=opts["representation"],
       dtype=opts["dtype"], batch_size_per_device=opts["batch_size_per_device"],
-      num_threads=opts["num_threads"], cache_root=opts["cache"], key=key,
+      num_threads=opts["num_threads"], decode_backend=opts["decode_backend"],
+      cache_root=opts["cache"], key=key,
       steps_per_shard=opts["steps_per_shard"], progress=opts["progress"],
       meta=dict(dataset=opts["dataset"] or dataset, data_dir=opts["data_dir"],
                 # the released checkpoint the weights were converted from
@@ -158,13 +167,18 @@ def run(opts: dict[str, Any]) -> dict[str, Any] | None:
   if jax.process_index() != 0:
     return None
   if opts["out"]:
+    if result.stats.input is not None and opts.get("input_stats_in_meta"):
+      # Was this run input-bound? (not part of the cache entry's provenance)
+      fs.meta["input_pipeline"] = dict(result.stats.input,
+                                       decode_backend=opts["decode_backend"])
     features_io.save(opts["out"], fs)
     logging.info("wrote %s: %s features", opts["out"], fs.features.shape)
   return dict(out=opts["out"], cache_entry=result.entry_dir,
               num_examples=int(fs.features.shape[0]), dim=int(fs.features.shape[1]),
               shards_reused=result.stats.shards_reused,
               shards_computed=result.stats.shards_computed,
-              seconds=round(result.stats.seconds, 3))
+              seconds=round(result.stats.seconds, 3),
+              input_pipeline=result.stats.input)
 
 
 def _open_dataset(name: str, split: str, data_dir: str | None, preset_name: str,

@@ -63,6 +63,9 @@ class ExtractStats:
     shards_written: shards this process wrote (its misses).
     from_complete_entry: True when a complete entry was loaded as a whole.
     seconds: wall time.
+    input: when images were computed: ``_pipeline.InputTimer.summary()``
+      (seconds the loop waited for decoded batches, seconds it computed, and
+      whether it was input-bound); None otherwise.
   """
   num_shards: int
   shards_reused: int
@@ -70,6 +73,7 @@ class ExtractStats:
   shards_written: int
   from_complete_entry: bool
   seconds: float
+  input: dict[str, Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +97,8 @@ def extract(model: Any, variables: Any, source: Any,
             cache_root: str | None = None, key: cache_lib.CacheKey | None = None,
             steps_per_shard: int = 16, meta: dict[str, Any] | None = None,
             progress: bool = True, prefetch: int = 2,
-            on_shard_written: Callable[[int], None] | None = None) -> ExtractResult:
+            on_shard_written: Callable[[int], None] | None = None,
+            decode_backend: str = "threads") -> ExtractResult:
   """Computes ``representation`` for every example of ``source``.
 
   Args:
@@ -112,7 +117,7 @@ def extract(model: Any, variables: Any, source: Any,
       flattened to (B, D).
     dtype: compute dtype, "float32" or "bfloat16" (features are float32).
     batch_size_per_device: rows per device and step.
-    num_threads: decode threads (default: CPU count, at most 32).
+    num_threads: decode workers (default: CPU count, at most 32).
     cache_root: cache directory; None disables caching.
     key: the ``CacheKey`` of these features; required with ``cache_root``.
     steps_per_shard: steps per cache shard of each process.
@@ -122,6 +127,8 @@ def extract(model: Any, variables: Any, source: Any,
     prefetch: batches kept ready on device.
     on_shard_written: called with the shard index after each shard this
       process writes (progress hooks; tests use it to kill the run).
+    decode_backend: "threads" or "processes" (``_pipeline``): same pixels,
+      same order.
 
   Returns:
     ``ExtractResult``: the ``FeatureSet`` (dataset order, padding dropped),
@@ -133,6 +140,9 @@ def extract(model: Any, variables: Any, source: Any,
   t0 = time.time()
   if dtype not in DTYPES:
     raise ValueError(f"Unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+  if decode_backend not in _pipeline.DECODE_BACKENDS:
+    raise ValueError(f"Unknown decode_backend {decode_backend!r}; known: "
+                     f"{', '.join(_pipeline.DECODE_BACKENDS)}")
   if batch_size_per_device < 1 or steps_per_shard < 1:
     raise ValueError("batch_size_per_device and steps_per_shard must be >= 1")
   if cache_root is not None and key is None:
@@ -183,7 +193,8 @@ def extract(model: Any, variables: Any, source: Any,
   try:
     return _compute(t0, layout, key, run_meta, directory, forward, tag, hits,
                     to_compute, load, first, label_template, steps_per_shard,
-                    num_threads, prefetch, progress, on_shard_written)
+                    num_threads, prefetch, progress, on_shard_written,
+                    decode_backend)
   except BaseException as e:
     # The entry stays resumable (its shards are checksummed), and its manifest
     # says why it stopped instead of claiming a run is still going.
@@ -194,7 +205,7 @@ def extract(model: Any, variables: Any, source: Any,
 
 def _compute(t0, layout, key, run_meta, directory, forward, tag, hits, to_compute,
              load, first, label_template, steps_per_shard, num_threads, prefetch,
-             progress, on_shard_written) -> ExtractResult:
+             progress, on_shard_written, decode_backend="threads") -> ExtractResult:
   """``extract`` from the shards to compute on: decode, forward, write, gather."""
   process, num_processes = jax.process_index(), jax.process_count()
 
@@ -227,10 +238,14 @@ def _compute(t0, layout, key, run_meta, directory, forward, tag, hits, to_comput
       if on_shard_written is not None:
         on_shard_written(shard)
 
+  timer = _pipeline.InputTimer()
+  workers = num_threads or min(32, os.cpu_count() or 1)
   batches = _pipeline.device_batches(
       steps, lambda s: plan.indices[s], load, first.shape, first.dtype,
-      forward.to_device, num_threads or min(32, os.cpu_count() or 1), depth=prefetch)
+      forward.to_device, workers, depth=prefetch, decode_backend=decode_backend,
+      timer=timer)
   previous = None
+  timer.start()
   # One step in flight: dispatch step s, then read back step s - 1.
   for batch in batches:
     batch.device = forward(batch.device)
@@ -239,7 +254,15 @@ def _compute(t0, layout, key, run_meta, directory, forward, tag, hits, to_comput
     previous = batch
   if previous is not None:
     finish(previous, forward.local_rows(previous.device))
+  timer.stop()
   bar.close()
+  input_summary = timer.summary() if steps else None
+  if steps:
+    logging.info("features: process %d waited %.1fs for decoded batches (%d %s) "
+                 "and computed %.1fs (forward, read-back, writes): %s",
+                 process, input_summary["input_wait_seconds"], workers,
+                 decode_backend, input_summary["compute_seconds"],
+                 "input-bound" if input_summary["input_bound"] else "compute-bound")
 
   fs = _gather(parts, layout, forward.feature_dim, run_meta)
   if directory is not None:
@@ -251,7 +274,7 @@ def _compute(t0, layout, key, run_meta, directory, forward, tag, hits, to_comput
                  seconds,
                  my_images / seconds)
   stats = ExtractStats(layout.num_shards, len(hits), len(to_compute),
-                       len(written) - len(hits), False, seconds)
+                       len(written) - len(hits), False, seconds, input_summary)
   if directory is not None:
     _log_stats(directory, stats)
   return ExtractResult(fs, stats, directory)
