@@ -22,13 +22,24 @@ the best rate of a large square matmul of the same dtype (max over JAX and
 PyTorch) timed in the same interleaved rounds: a measured, not a datasheet,
 peak, taken under the same load as the model.
 
-On CPU it also runs JAX in subprocesses with XLA:CPU flag variants that could
-change the bfloat16 speed (oneDNN, XNNPACK, thunk runtime) and reports them.
+Before the models it times the single ops the backbones are made of
+(``--micro``): dots at ViT-S/16 shapes and convolutions at ResNet-50 shapes,
+batch 32, as float32, as bfloat16 with a bfloat16 result (``lax`` default),
+as bfloat16 with float32 accumulation (the path ``backbones/_precision.py``
+takes in bfloat16: ``preferred_element_type=float32``, 1x1 and patch convs as
+one dot), and PyTorch's float32/bfloat16 ops, all interleaved.
+
+The load average (1 min) is recorded before and after each config. In full
+mode on CPU it also runs JAX in subprocesses with XLA:CPU flag variants that
+could change the bfloat16 speed (oneDNN, XNNPACK, thunk runtime).
 
 Usage::
 
   .venv/bin/python benchmarks/forward_throughput.py            # full
   .venv/bin/python benchmarks/forward_throughput.py --quick    # a few configs
+  # float32 at batch 128 only, printed, BENCHMARKS.md untouched:
+  .venv/bin/python benchmarks/forward_throughput.py --models resnet50,vit_small_patch16 \
+      --batches 128 --dtypes float32 --micro=false --xla_sweep=false --output=
 
 Writes/updates the ``## Forward pass throughput`` section of BENCHMARKS.md
 (atomic rewrite; other sections are kept). Runs unchanged on GPU/TPU (torch
@@ -56,7 +67,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-_QUICK = flags.DEFINE_bool("quick", False, "RN50 + ViT-S/16 at batch 32 only, no torch.compile.")
+_QUICK = flags.DEFINE_bool("quick", False, "RN50 + ViT-S/16 at batch 32 only, no torch.compile, "
+                           "no XLA flag sweep; at least 5 rounds.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds per config (fewer when a call is slow).")
 _CONFIG_BUDGET = flags.DEFINE_float(
     "config_budget_s", 25.0, "Timed seconds allowed per implementation and config; "
@@ -64,8 +76,10 @@ _CONFIG_BUDGET = flags.DEFINE_float(
 _MODELS = flags.DEFINE_list("models", ["resnet50", "vit_small_patch16", "vit_base_patch16"],
                            "Architectures (full mode).")
 _BATCHES = flags.DEFINE_list("batches", ["32", "128"], "Batch sizes (full mode).")
+_DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes.")
+_MICRO = flags.DEFINE_bool("micro", True, "Time the single dots/convs first (see docstring).")
 _COMPILE = flags.DEFINE_bool("torch_compile", True, "Also time torch.compile (batch 32 only).")
-_SWEEP = flags.DEFINE_bool("xla_sweep", True, "Run the XLA:CPU flag sweep (CPU only).")
+_SWEEP = flags.DEFINE_bool("xla_sweep", True, "Run the XLA:CPU flag sweep (CPU, full mode only).")
 _OUTPUT = flags.DEFINE_string("output", os.path.join(ROOT, "BENCHMARKS.md"),
                               "Markdown file whose section is written; empty: print only.")
 _CHILD = flags.DEFINE_string("child", "", "Internal: JSON config to time in a subprocess.")
@@ -206,9 +220,12 @@ def _matmul_runs(torch, device: str, dtype_name: str) -> tuple[dict[str, Callabl
   """
   jax = _jax()
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.backbones import _precision  # pylint: disable=g-import-not-at-top
   n = 4096 if jax.devices()[0].platform != "cpu" else 2048
   a = jnp.ones((n, n), jnp.bfloat16 if dtype_name == "bfloat16" else jnp.float32)
-  f = jax.jit(lambda a: a @ a)
+  # bfloat16: float32 accumulation, as the backbones run it (_precision).
+  mm = _precision.dot_general if dtype_name == "bfloat16" else jax.lax.dot_general
+  f = jax.jit(lambda a: mm(a, a, (((1,), (0,)), ((), ()))))
   f(a).block_until_ready()
   t = torch.ones(n, n, dtype=torch.bfloat16 if dtype_name == "bfloat16" else torch.float32,
                  device=device)
@@ -219,6 +236,109 @@ def _matmul_runs(torch, device: str, dtype_name: str) -> tuple[dict[str, Callabl
 
   torch_mm()
   return {"matmul jax": lambda: f(a).block_until_ready(), "matmul torch": torch_mm}, 2.0 * n ** 3
+
+
+# --------------------------------------------------------------------------- ops
+
+# (label, kind, shape): dots "m,k,n" at ViT-S/16 batch 32 (6304 tokens), convs
+# (batch, size, cin, cout, kernel, stride) at ResNet-50 batch 32.
+MICRO_OPS = (
+    ("ViT-S qkv", "dot", (6304, 384, 1152)),
+    ("ViT-S fc1", "dot", (6304, 384, 1536)),
+    ("ViT-S fc2", "dot", (6304, 1536, 384)),
+    ("ViT-S attention q.k", "attn", (32 * 6, 197, 64)),
+    ("ViT-S patch embed 16x16/16", "conv", (32, 224, 3, 384, 16, 16)),
+    ("RN50 stem 7x7/2", "conv", (32, 224, 3, 64, 7, 2)),
+    ("RN50 layer1 1x1 256->64", "conv", (32, 56, 256, 64, 1, 1)),
+    ("RN50 layer1 3x3 64->64", "conv", (32, 56, 64, 64, 3, 1)),
+    ("RN50 layer1 1x1 64->256", "conv", (32, 56, 64, 256, 1, 1)),
+    ("RN50 layer3 1x1 1024->256", "conv", (32, 14, 1024, 256, 1, 1)),
+    ("RN50 layer3 3x3 256->256", "conv", (32, 14, 256, 256, 3, 1)),
+    ("RN50 layer4 3x3 512->512", "conv", (32, 7, 512, 512, 3, 1)),
+)
+MICRO_COLUMNS = ("JAX float32", "JAX bf16 -> bf16 (lax default)",
+                 "JAX bf16, float32 accumulation (backbones)", "torch float32", "torch bf16")
+
+
+def _micro_op(torch, kind: str, shape: tuple[int, ...]) -> tuple[dict[str, Callable], float]:
+  """Callables for each column of ``MICRO_COLUMNS`` and the op's FLOPs."""
+  jax = _jax()
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax import lax  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.backbones import _precision  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(0)
+  f32, bf16 = jnp.float32, jnp.bfloat16
+  if kind == "dot":
+    m, k, n = shape
+    a, b = rng.randn(m, k).astype(np.float32), rng.randn(k, n).astype(np.float32)
+    dims = (((1,), (0,)), ((), ()))
+    plain = lambda x, y: lax.dot_general(x, y, dims)
+    fast = lambda x, y: _precision.dot_general(x, y, dims)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    torch_op = lambda x, y: x @ y
+    flops = 2.0 * m * k * n
+  elif kind == "attn":
+    bh, t, d = shape
+    a, b = rng.randn(bh, t, d).astype(np.float32), rng.randn(bh, t, d).astype(np.float32)
+    plain = lambda x, y: jnp.einsum("bqd,bkd->bqk", x, y)
+    fast = lambda x, y: _precision.einsum("bqd,bkd->bqk", x, y)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    torch_op = lambda x, y: x @ y.transpose(1, 2)
+    flops = 2.0 * bh * t * t * d
+  else:
+    batch, size, cin, cout, k, s = shape
+    a = rng.randn(batch, size, size, cin).astype(np.float32)
+    b = (rng.randn(k, k, cin, cout) * 0.1).astype(np.float32)
+    # torch-style symmetric padding; none for patch (kernel == stride) convs.
+    pad = ((0, 0), (0, 0)) if k == s else ((k // 2, k // 2),) * 2
+    dn = lax.conv_dimension_numbers(a.shape, b.shape, ("NHWC", "HWIO", "NHWC"))
+    plain = lambda x, y: lax.conv_general_dilated(x, y, (s, s), pad, dimension_numbers=dn)
+    fast = lambda x, y: _precision.conv_general_dilated(x, y, (s, s), pad,
+                                                        dimension_numbers=dn)
+    ta = torch.from_numpy(a.transpose(0, 3, 1, 2).copy()).contiguous(
+        memory_format=torch.channels_last)
+    tb = torch.from_numpy(b.transpose(3, 2, 0, 1).copy()).contiguous(
+        memory_format=torch.channels_last)
+    tpad = pad[0][0]
+    torch_op = lambda x, y: torch.nn.functional.conv2d(x, y, stride=s, padding=tpad)
+    out = (size + 2 * pad[0][0] - k) // s + 1
+    flops = 2.0 * batch * out * out * cin * cout * k * k
+
+  def jax_run(fn, dtype):
+    f = jax.jit(fn)
+    x, y = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
+    f(x, y).block_until_ready()
+    return lambda: f(x, y).block_until_ready()
+
+  def torch_run(dtype):
+    x, y = ta.to(dtype), tb.to(dtype)
+
+    def run():
+      with torch.inference_mode():
+        torch_op(x, y)
+    run()
+    return run
+
+  runs = dict(zip(MICRO_COLUMNS, (
+      jax_run(plain, f32), jax_run(plain, bf16), jax_run(fast, bf16),
+      torch_run(torch.float32), torch_run(torch.bfloat16))))
+  return runs, flops
+
+
+def _micro(torch, rounds: int) -> list[dict[str, Any]]:
+  """GFLOP/s of each op of ``MICRO_OPS`` per column, median of interleaved rounds."""
+  rows = []
+  for label, kind, shape in MICRO_OPS:
+    runs, flops = _micro_op(torch, kind, shape)
+    load = os.getloadavg()[0]
+    seconds = _measure(runs, rounds, 20.0)
+    row = dict(op=label, shape=shape, load=load,
+               gflops={k: flops / t / 1e9 for k, t in seconds.items()})
+    print(f"  op {label} {shape}: " + ", ".join(
+        f"{k} {v:.0f}" for k, v in row["gflops"].items()) + " GFLOP/s", flush=True)
+    rows.append(row)
+  return rows
 
 
 # --------------------------------------------------------------------------- timing
@@ -290,6 +410,10 @@ def _machine() -> dict[str, str]:
     out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     found = re.search(r"^Model name:\s*(.+)$", out, re.M)
     model_name = found.group(1).strip() if found else model_name
+    found = re.search(r"^Flags:\s*(.+)$", out, re.M)
+    isa = [f for f in (found.group(1).split() if found else [])
+           if f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni")]
+    model_name += f" (lscpu; bf16-relevant flags: {' '.join(isa) or 'none'})"
   except OSError:
     pass
   return {
@@ -303,7 +427,7 @@ def _machine() -> dict[str, str]:
   }
 
 
-def _markdown(machine, results, notes, sweep, wall, quick) -> str:
+def _markdown(machine, results, notes, sweep, micro, wall, quick) -> str:
   lines = [SECTION, "",
            f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with "
            f"`benchmarks/forward_throughput.py{' --quick' if quick else ''}` "
@@ -321,12 +445,21 @@ def _markdown(machine, results, notes, sweep, wall, quick) -> str:
            "- Fraction of peak = XLA cost-analysis FLOPs per image (2 x multiply-adds) x "
            "images/s / a measured peak: the faster of a JAX and a torch 2048x2048 matmul "
            "(4096 on accelerators) of the same dtype, timed in the same interleaved rounds "
-           "as the models (column 'matmul peak'), so both see the same machine load.",
+           "as the models (column 'matmul peak'), so both see the same machine load; "
+           "the JAX bfloat16 matmul accumulates in float32, as the backbones do.",
+           "- bfloat16 in the Flax backbones (`backbones/_precision.py`): bfloat16 operands, "
+           "float32 accumulation (`preferred_element_type`) rounded once to bfloat16 for every "
+           "Dense, attention einsum and convolution; 1x1 convs and the ViT patch embedding run "
+           "as one dot; the ViT residual stream stays float32. float32 is unchanged "
+           "(bit-identical to flax's defaults).",
+           "- load = the 1-minute load average before / after the config's timing (2 cores: "
+           "a load of 2 is a fully busy machine; above it JAX and torch share the cores "
+           "with other jobs, alike because they are interleaved).",
            "",
            "| model | batch | dtype | GFLOPs/img | JAX img/s | torch eager img/s | "
            "torch channels_last img/s | torch.compile img/s | JAX / best torch | "
-           "matmul peak GFLOP/s (JAX / torch) | JAX % peak | best torch % peak |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "matmul peak GFLOP/s (JAX / torch) | JAX % peak | best torch % peak | load |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in results:
     torch_vals = {k: v for k, v in r["ips"].items() if k != "jax"}
     best = max(torch_vals.values())
@@ -338,7 +471,16 @@ def _markdown(machine, results, notes, sweep, wall, quick) -> str:
         f"{fmt('torch.compile')} | {r['ips']['jax'] / best:.2f} | "
         f"{r['peaks']['matmul jax'] / 1e9:.0f} / {r['peaks']['matmul torch'] / 1e9:.0f} | "
         f"{100 * r['flops'] * r['ips']['jax'] / peak:.0f}% | "
-        f"{100 * r['flops'] * best / peak:.0f}% |")
+        f"{100 * r['flops'] * best / peak:.0f}% | {r['load'][0]:.1f} / {r['load'][1]:.1f} |")
+  if micro:
+    lines += ["", f"Single ops (`--micro`), GFLOP/s, median of interleaved rounds, batch 32; "
+              "dots are (tokens x in) @ (in x out) at ViT-S/16 shapes, convs NHWC at "
+              "ResNet-50 shapes (torch: `channels_last`):", "",
+              "| op | shape | " + " | ".join(MICRO_COLUMNS) + " | load |",
+              "|---|---|" + "---|" * (len(MICRO_COLUMNS) + 1)]
+    for row in micro:
+      lines.append(f"| {row['op']} | {'x'.join(map(str, row['shape']))} | " + " | ".join(
+          f"{row['gflops'][k]:.0f}" for k in MICRO_COLUMNS) + f" | {row['load']:.1f} |")
   if notes:
     lines += ["", "torch.compile (inductor, batch 32 only to bound compile time): " + "; ".join(
         f"{k}: {v}" for k, v in notes.items()) + "."]
@@ -384,6 +526,11 @@ def main(argv):
   start = time.perf_counter()
   device = "cuda" if torch.cuda.is_available() else "cpu"
   quick = _QUICK.value
+  rounds = max(_ROUNDS.value, 5) if quick else _ROUNDS.value
+  budget = max(_CONFIG_BUDGET.value, 40.0) if quick else _CONFIG_BUDGET.value
+  dtypes = tuple(_DTYPES.value)
+  if set(dtypes) - {"float32", "bfloat16"}:
+    raise app.UsageError(f"--dtypes: expected float32 and/or bfloat16, got {dtypes}")
   archs = ("resnet50", "vit_small_patch16") if quick else tuple(_MODELS.value)
   batches = (32,) if quick else tuple(int(b) for b in _BATCHES.value)
   unknown = [a for a in archs if a not in MODELS]
@@ -391,35 +538,37 @@ def main(argv):
     raise app.UsageError(f"--models: unknown {unknown}; known: {', '.join(MODELS)}")
   machine = _machine()
   print(machine, flush=True)
-  print(f"configs: {archs} x batch {batches} x (float32, bfloat16)", flush=True)
+  print(f"configs: {archs} x batch {batches} x {dtypes}", flush=True)
   results, notes = [], {}
+  micro = _micro(torch, rounds) if _MICRO.value else []
   with tempfile.TemporaryDirectory() as workdir:
     for arch in archs:
       base = _torch_model(arch)
       variables, options = _convert(torch, base, arch, workdir)
       for batch in batches:
-        for dtype in ("float32", "bfloat16"):
+        for dtype in dtypes:
           with_compile = _COMPILE.value and not quick and batch == 32
           runs, config_notes = _torch_variants(torch, copy.deepcopy(base), dtype, batch,
                                                device, arch, with_compile)
           notes.update({f"{MODELS[arch]} {dtype} {k}": v for k, v in config_notes.items()})
           jax_run, flops = _jax_forward(arch, options, dtype, variables, batch)
           mm_runs, mm_flops = _matmul_runs(torch, device, dtype)
-          seconds = _measure({"jax": jax_run, **runs, **mm_runs}, _ROUNDS.value,
-                             _CONFIG_BUDGET.value)
+          load_before = os.getloadavg()[0]
+          seconds = _measure({"jax": jax_run, **runs, **mm_runs}, rounds, budget)
+          load = (load_before, os.getloadavg()[0])
           peaks = {k: mm_flops / seconds.pop(k) for k in mm_runs}
           ips = {k: batch / t for k, t in seconds.items()}
           results.append(dict(arch=arch, batch=batch, dtype=dtype, flops=flops, ips=ips,
-                              peak=max(peaks.values()), peaks=peaks))
+                              peak=max(peaks.values()), peaks=peaks, load=load))
           print(f"{MODELS[arch]} b{batch} {dtype}: " + ", ".join(
               f"{k} {v:.1f}" for k, v in ips.items()) + " img/s; " + ", ".join(
                   f"{k} {v / 1e9:.0f}" for k, v in peaks.items()) + " GFLOP/s", flush=True)
           del runs, jax_run
   sweep = []
-  if _SWEEP.value and jax.devices()[0].platform == "cpu":
-    sweep = _sweep(("resnet50",) if quick else ("resnet50", "vit_small_patch16"),
-                   SWEEP_BATCH, "bfloat16", 2, _CONFIG_BUDGET.value / 2)
-  section = _markdown(machine, results, notes, sweep,
+  if _SWEEP.value and not quick and jax.devices()[0].platform == "cpu":
+    sweep = _sweep(("resnet50", "vit_small_patch16"), SWEEP_BATCH, "bfloat16", 2,
+                   _CONFIG_BUDGET.value / 2)
+  section = _markdown(machine, results, notes, sweep, micro,
                       time.perf_counter() - start, quick)
   print(section)
   if _OUTPUT.value:
