@@ -166,3 +166,54 @@ def test_input_timer_summary():
                              input_bound=True)
   t.wait_seconds = 1.0
   assert t.summary()["input_bound"] is False
+
+
+def test_cli_processes_record_whether_input_bound(tmp_path):
+  """`features --decode_backend processes`: same features as threads; the --out
+  meta and the summary say whether the run waited for input."""
+  import json
+  import subprocess
+  import sys
+
+  import jax
+  import jax.numpy as jnp
+  from sslbench_jax.backbones import registry
+  from sslbench_jax.backbones import weights
+  from sslbench_jax.features import io as features_io
+
+  directory = str(tmp_path / "img")
+  et.write_images(directory, n=5)
+  opts = {"width": 32, "depth": 1, "num_heads": 2}
+  model = registry.create_model("vit_small_patch16", **opts)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))
+  path = str(tmp_path / "w.npz")
+  weights.save_variables(path, jax.tree.map(np.asarray, variables),
+                         {"arch": "vit_small_patch16", "arch_options": opts})
+  env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+  env["JAX_PLATFORMS"] = "cpu"
+  feats, summaries = {}, {}
+  for backend in ("threads", "processes"):
+    out = str(tmp_path / f"{backend}.npz")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sslbench_jax.cli", "features", "--noprogress",
+         "--weights", path, "--images", directory, "--out", out,
+         "--batch_size_per_device", "2", "--num_threads", "2",
+         "--decode_backend", backend], cwd=et.ROOT, env=env, capture_output=True,
+        text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "for decoded batches (2 %s)" % backend in proc.stderr
+    summaries[backend] = json.loads(proc.stdout.strip().splitlines()[-1])
+    feats[backend] = features_io.load(out)
+  np.testing.assert_array_equal(feats["processes"].features, feats["threads"].features)
+  assert list(feats["processes"].ids) == list(feats["threads"].ids)
+  for backend in ("threads", "processes"):
+    meta = feats[backend].meta["input_pipeline"]
+    assert meta["decode_backend"] == backend and isinstance(meta["input_bound"], bool)
+    assert meta["input_wait_seconds"] >= 0 and meta["compute_seconds"] > 0
+    assert summaries[backend]["input_pipeline"]["input_bound"] == meta["input_bound"]
+  bad = subprocess.run(
+      [sys.executable, "-m", "sslbench_jax.cli", "features", "--weights", path,
+       "--images", directory, "--out", str(tmp_path / "x.npz"),
+       "--decode_backend", "fibers"], cwd=et.ROOT, env=env, capture_output=True,
+      text=True, timeout=120)
+  assert bad.returncode == 2 and not os.path.exists(tmp_path / "x.npz")
