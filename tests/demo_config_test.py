@@ -212,8 +212,9 @@ def test_tiny_demo_end_to_end(tmp_path):
   models = {r["model"] for r in rows if r["metric"] == "top1"}
   assert models == set(c.models) and len(models) >= 6
   for r in rows:
-    assert r["hparams"]["representation"] == c.models[r["model"]].representation
-    assert r["hparams"]["checkpoint"] == c.models[r["model"]].checkpoint
+    hp = json.loads(r["hparams"]) if isinstance(r["hparams"], str) else r["hparams"]
+    assert hp["representation"] == c.models[r["model"]].representation
+    assert hp["checkpoint"] == c.models[r["model"]].checkpoint
   with open(os.path.join(tmp_path, "weights", "random_resnet18.npz.json")) as f:
     assert json.load(f)["source"] == "random_init seed=1"
   # Different representations, different numbers (not one model six times).
