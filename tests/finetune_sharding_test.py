@@ -49,8 +49,10 @@ SCRIPT = textwrap.dedent("""
   np.testing.assert_allclose(first["head_bn"]["var"], 0.9 + 0.1 * f.var(0), rtol=1e-4, atol=1e-6)
 
   vit = dict(patch_size=8, width=32, depth=2, num_heads=2, img_size=32)
-  _, _, whole, _ = train("vit_small_patch16", vit, optimizer="adamw", lr=0.01, layer_decay=0.7)
-  _, _, accum, _ = train("vit_small_patch16", vit, optimizer="adamw", lr=0.01, layer_decay=0.7,
+  # SGD: Adam would amplify the rounding noise of the key bias, whose gradient
+  # is exactly zero in theory (softmax is shift invariant).
+  _, _, whole, _ = train("vit_small_patch16", vit, lr=0.5, layer_decay=0.7)
+  _, _, accum, _ = train("vit_small_patch16", vit, lr=0.5, layer_decay=0.7,
                          accum_steps=2)
   for (p, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(whole),
                             jax.tree_util.tree_leaves_with_path(accum)):

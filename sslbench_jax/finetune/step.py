@@ -89,7 +89,9 @@ class Steps:
              "opt_state": self.tx.init(trainable)}
     # Through the host: the train step donates the state, which must never
     # alias the caller's arrays.
-    return jax.device_put(jax.device_get(state), self.replicated)
+    return jax.tree.map(
+        lambda v: jax.make_array_from_process_local_data(
+            self.replicated, np.asarray(v), np.shape(v)), jax.device_get(state))
 
   @staticmethod
   def variables(state: State) -> dict[str, Any]:

@@ -199,6 +199,11 @@ def restore_state(workdir: str, step: int | None = None) -> dict[str, Any]:
     manager.close()
 
 
+def _local(x: jax.Array) -> np.ndarray:
+  """A replicated array's value (also when it spans other processes' devices)."""
+  return np.asarray(x.addressable_data(0))
+
+
 def _versions() -> dict[str, str]:
   import flax, optax  # pylint: disable=import-outside-toplevel,multiple-imports
   return {"jax": jax.__version__, "flax": flax.__version__,
@@ -343,8 +348,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     for x, y, m in input_lib.eval_batches(test_ds, test_labels, eval_pre.geometry,
                                           eval_batch, cfg.threads):
       arrs = [jax.make_array_from_process_local_data(steps.data, a) for a in (x, y, m)]
-      h1, h5, cnt = steps.evaluate(state, *arrs)
-      hits1, hits5, n = hits1 + int(h1), hits5 + int(h5), n + int(cnt)
+      h1, h5, cnt = (int(_local(v)) for v in steps.evaluate(state, *arrs))
+      hits1, hits5, n = hits1 + h1, hits5 + h5, n + cnt
     if n != len(test_ds):
       raise RuntimeError(f"evaluated {n} of {len(test_ds)} test examples")
     return 100.0 * hits1 / n, 100.0 * hits5 / n
@@ -368,8 +373,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         epoch_end = done % spe == 0
         if epoch_end or done % cfg.checkpoint_every_steps == 0 or term.requested:
           # Same float order as an uninterrupted run: per step, in sequence.
-          for l in jax.device_get(losses):
-            book["loss_sum"] += float(l)
+          for l in losses:
+            book["loss_sum"] += float(_local(l))
           book["loss_count"] += len(losses)
           losses = []
         if epoch_end:
