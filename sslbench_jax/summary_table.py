@@ -34,9 +34,10 @@ def format_table(results_csv: str, metric: str = "top1") -> str:
 
   Models are numbered columns (``[1]``, ``[2]``, ...) named in a legend above
   the table, so that long model names keep it narrow; rows are (dataset,
-  protocol), grouped by dataset, in the order the results first mention them (few-shot rows show
-  the mean over tries, ``<metric>_mean``); ``-`` where a model has no number
-  (e.g. the classifier head, run for one model only).
+  protocol), grouped by dataset, in the order the results first mention
+  them (few-shot rows show the mean over tries, ``<metric>_mean``); ``-``
+  where a model has no number (e.g. the classifier head, run for one model
+  only).
 
   Args:
     results_csv: the results CSV.
