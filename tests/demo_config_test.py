@@ -224,3 +224,21 @@ def test_tiny_demo_end_to_end(tmp_path):
   table = summary_table.format_table(summary["csv"])
   assert all(f"] {m}" in table for m in c.models)
   assert "digits / knn_dino_k10" in table
+
+
+def test_summary_table_layout(tmp_path):
+  path = tmp_path / "r.csv"
+  rows = [("m_a", "ds1", "knn", "top1", 91.25), ("m_b", "ds1", "knn", "top1", 50.0),
+          ("m_a", "ds1", "knn", "top5", 99.0), ("m_a", "ds2", "fs_1shot", "top1_mean", 40.04),
+          ("m_b", "ds2", "fs_1shot", "top1_std", 3.0), ("m_a", "ds1", "classify", "top1", 7.0)]
+  with open(path, "w") as f:
+    f.write("model,dataset,split,protocol,metric,value\n")
+    f.writelines(f"{m},{d},test,{p},{k},{v}\n" for m, d, p, k, v in rows)
+  lines = summary_table.format_table(str(path)).splitlines()
+  assert lines[1:3] == ["  [1] m_a", "  [2] m_b"]
+  cells = {l.split()[0] + " " + l.split()[2]: l.split()[3:] for l in lines[5:]}
+  # Rows grouped by dataset; top5 and top1_std ignored; "-" where a model has no number.
+  assert list(cells) == ["ds1 knn", "ds1 classify", "ds2 fs_1shot"]
+  assert cells == {"ds1 knn": ["91.2", "50.0"], "ds1 classify": ["7.0", "-"],
+                   "ds2 fs_1shot": ["40.0", "-"]}
+  assert "no top3 results" in summary_table.format_table(str(path), metric="top3")

@@ -5,7 +5,10 @@ NHWC float32 images (already normalised) and returns a dict of named
 representations. ``"pre_logits"`` is always present: the representation the
 studies probe (ResNet: global average pool; ViT: CLS after the final norm, or
 fc_norm(mean patch token) for mean-pool heads; EfficientNet-Lite0: pooled head
-features). Backbones with a classifier also return ``"logits"``.
+features). Backbones with a classifier also return ``"logits"``. Intermediate
+representations for layer-wise probes: ResNet ``"layer3_avg"``,
+EfficientNet-Lite0 ``"stage1_avg"`` .. ``"stage7_avg"`` (pooled block-stage
+outputs). Random weights for any arch: ``backbones/random_init.py``.
 """
 
 from __future__ import annotations
