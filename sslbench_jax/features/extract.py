@@ -16,6 +16,10 @@ the missing ones (all processes compute the union of what any process misses,
 since the jitted step is collective, and each writes only its own). Process 0
 writes the manifest. The result is the same ``FeatureSet`` on every process.
 
+``extract_many`` runs several models that share a preprocessing in one pass:
+each batch is decoded and transferred once and fed to every model's forward
+pass; each model keeps its own cache entry and resumes from its own shards.
+
 Example:
   >>> model = registry.create_model("resnet50")
   >>> result = extract(model, variables, source, preprocess.get_preset(
@@ -31,7 +35,7 @@ import functools
 import importlib.metadata
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from absl import logging
@@ -90,6 +94,26 @@ class ExtractResult:
   entry_dir: str | None
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """One model of an ``extract_many`` pass.
+
+  Attributes:
+    model: a Flax module following the backbone contract.
+    variables: its variables (host arrays).
+    representation: key of the model output to keep.
+    dtype: compute dtype, "float32" or "bfloat16".
+    key: the ``CacheKey`` of its features (required with a cache).
+    meta: provenance for its FeatureSet (see ``extract``).
+  """
+  model: Any
+  variables: Any
+  representation: str = "pre_logits"
+  dtype: str = "float32"
+  key: cache_lib.CacheKey | None = None
+  meta: dict[str, Any] | None = None
+
+
 def extract(model: Any, variables: Any, source: Any,
             preprocess: Callable[[Any], np.ndarray] | None = None,
             *, representation: str = "pre_logits", dtype: str = "float32",
@@ -137,22 +161,77 @@ def extract(model: Any, variables: Any, source: Any,
   Raises:
     ValueError: empty source, unknown representation or dtype, bad sizes.
   """
+  hook = None if on_shard_written is None else (lambda _, k: on_shard_written(k))
+  return extract_many(
+      [ModelSpec(model, variables, representation, dtype, key, meta)], source,
+      preprocess, batch_size_per_device=batch_size_per_device,
+      num_threads=num_threads, cache_root=cache_root,
+      steps_per_shard=steps_per_shard, progress=progress, prefetch=prefetch,
+      on_shard_written=hook, decode_backend=decode_backend)[0]
+
+
+def extract_many(models: Sequence[ModelSpec], source: Any,
+                 preprocess: Callable[[Any], np.ndarray] | None = None, *,
+                 batch_size_per_device: int = 64, num_threads: int | None = None,
+                 cache_root: str | None = None, steps_per_shard: int = 16,
+                 progress: bool = True, prefetch: int = 2,
+                 on_shard_written: Callable[[int, int], None] | None = None,
+                 decode_backend: str = "threads") -> list[ExtractResult]:
+  """``extract`` for several models sharing one preprocessing, in one decode pass.
+
+  Every batch is decoded and transferred to the devices once and fed to each
+  model's own jitted forward pass (same mesh, same batch sharding). Each model
+  keeps its own cache entry (its ``key``), exactly as ``extract`` would write
+  it, and computes only the shards its entry misses: models whose entries are
+  complete are read back, and a resumed pass decodes the union of the steps
+  the models still need, feeding each model only its own missing steps.
+
+  Args:
+    models: the models (``ModelSpec``: module, variables, representation,
+      dtype, cache key, meta).
+    source: see ``extract``.
+    preprocess: see ``extract``; shared by all models.
+    batch_size_per_device: rows per device and step.
+    num_threads: decode workers (default: CPU count, at most 32).
+    cache_root: cache directory; None disables caching.
+    steps_per_shard: steps per cache shard of each process.
+    progress: show a tqdm bar (decoded images) on process 0.
+    prefetch: batches kept ready on device.
+    on_shard_written: called with (model index, shard index) after each
+      shard this process writes.
+    decode_backend: "threads" or "processes".
+
+  Returns:
+    One ``ExtractResult`` per model, in order (each equal to what ``extract``
+    returns for that model alone).
+
+  Raises:
+    ValueError: no models, empty source, unknown representation or dtype,
+      bad sizes.
+  """
   t0 = time.time()
-  if dtype not in DTYPES:
-    raise ValueError(f"Unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+  models = list(models)
+  if not models:
+    raise ValueError("extract_many needs at least one model")
+  for spec in models:
+    if spec.dtype not in DTYPES:
+      raise ValueError(f"Unknown dtype {spec.dtype!r}; known: {', '.join(DTYPES)}")
   if decode_backend not in _pipeline.DECODE_BACKENDS:
     raise ValueError(f"Unknown decode_backend {decode_backend!r}; known: "
                      f"{', '.join(_pipeline.DECODE_BACKENDS)}")
   if batch_size_per_device < 1 or steps_per_shard < 1:
     raise ValueError("batch_size_per_device and steps_per_shard must be >= 1")
-  if cache_root is not None and key is None:
-    raise ValueError("a cache needs a CacheKey (key=...)")
+  for spec in models:
+    if cache_root is not None and spec.key is None:
+      raise ValueError("a cache needs a CacheKey (key=...)")
   n = len(source)
   if n == 0:
     raise ValueError("the image source is empty")
-  if key is not None and (key.representation, key.dtype) != (representation, dtype):
-    raise ValueError(f"cache key says {key.representation}/{key.dtype}, "
-                     f"extraction asks for {representation}/{dtype}")
+  for spec in models:
+    if spec.key is not None and (spec.key.representation, spec.key.dtype) != (
+        spec.representation, spec.dtype):
+      raise ValueError(f"cache key says {spec.key.representation}/{spec.key.dtype}, "
+                       f"extraction asks for {spec.representation}/{spec.dtype}")
   process, num_processes = jax.process_index(), jax.process_count()
   # Auto axes: the compiler propagates the batch sharding through the model,
   # so backbones need no sharding annotations (Explicit axes would demand them).
@@ -161,123 +240,170 @@ def extract(model: Any, variables: Any, source: Any,
   rows = batch_size_per_device * len(mesh.local_devices)
   layout = cache_lib.Layout(n, num_processes, rows, steps_per_shard,
                             versions=tuple(sorted(_versions().items())))
-  run_meta = _provenance(key, meta, representation, dtype)
-  directory = cache_lib.entry_dir(cache_root, key) if cache_root else None
-
-  if directory is not None:
-    complete, num_cached = _load_complete(directory, key)
-    if _everyone(complete is not None):
-      stats = ExtractStats(num_cached, num_cached, 0, 0, True, time.time() - t0)
-      _log_stats(directory, stats)
-      return ExtractResult(complete, stats, directory)
+  results: list[ExtractResult | None] = [None] * len(models)
+  metas, directories = [], []
+  for i, spec in enumerate(models):
+    run_meta = _provenance(spec.key, spec.meta, spec.representation, spec.dtype)
+    directory = cache_lib.entry_dir(cache_root, spec.key) if cache_root else None
+    metas.append(run_meta)
+    directories.append(directory)
+    if directory is not None:
+      complete, num_cached = _load_complete(directory, spec.key)
+      if _everyone(complete is not None):
+        stats = ExtractStats(num_cached, num_cached, 0, 0, True, time.time() - t0)
+        _log_stats(directory, stats)
+        results[i] = ExtractResult(complete, stats, directory)
+  if all(r is not None for r in results):
+    return results
 
   pixels_fn, normalize = _split_preprocess(preprocess)
   load = _pipeline.example_loader(source, pixels_fn)
   first, first_label, _, _ = load(0)
   label_template = np.asarray(first_label)
-  forward = _Forward(model, variables, representation, dtype, normalize, mesh,
-                     first.shape, first.dtype)
   tag = layout.tag()
-
-  hits: dict[int, tuple[str, str, dict[str, np.ndarray]]] = {}
-  if directory is not None:
-    previous = cache_lib.read_manifest(directory)
-    hits = cache_lib.scan_shards(directory, tag, process)
-    if previous is not None and previous.get("status") != "complete":
-      _log_resume(directory, previous, len(hits), layout.num_shards, process)
-  own_missing = np.array([k not in hits for k in range(layout.num_shards)])
-  to_compute = [int(k) for k in np.flatnonzero(multihost.allgather(own_missing).any(0))]
-  if directory is not None and process == 0:
-    cache_lib.write_manifest(directory, _manifest(key, layout, run_meta,
-                                                  forward.feature_dim, None))
-  try:
-    return _compute(t0, layout, key, run_meta, directory, forward, tag, hits,
-                    to_compute, load, first, label_template, steps_per_shard,
-                    num_threads, prefetch, progress, on_shard_written,
-                    decode_backend)
-  except BaseException as e:
-    # The entry stays resumable (its shards are checksummed), and its manifest
-    # says why it stopped instead of claiming a run is still going.
+  runs = []
+  for i, spec in enumerate(models):
+    if results[i] is not None:
+      continue
+    forward = _Forward(spec.model, spec.variables, spec.representation, spec.dtype,
+                       normalize, mesh, first.shape, first.dtype)
+    directory = directories[i]
+    hits: dict[int, tuple[str, str, dict[str, np.ndarray]]] = {}
+    if directory is not None:
+      previous = cache_lib.read_manifest(directory)
+      hits = cache_lib.scan_shards(directory, tag, process)
+      if previous is not None and previous.get("status") != "complete":
+        _log_resume(directory, previous, len(hits), layout.num_shards, process)
+    own_missing = np.array([k not in hits for k in range(layout.num_shards)])
+    to_compute = [int(k) for k in
+                  np.flatnonzero(multihost.allgather(own_missing).any(0))]
     if directory is not None and process == 0:
-      _mark_interrupted(directory, key, layout, run_meta, forward.feature_dim, e)
+      cache_lib.write_manifest(directory, _manifest(spec.key, layout, metas[i],
+                                                    forward.feature_dim, None))
+    runs.append(_ModelRun(i, spec.key, metas[i], directory, forward, hits,
+                          to_compute, layout, label_template))
+  try:
+    _compute(t0, layout, runs, load, first, steps_per_shard, num_threads,
+             prefetch, progress, on_shard_written, decode_backend)
+  except BaseException as e:
+    # The entries stay resumable (their shards are checksummed), and their
+    # manifests say why they stopped instead of claiming a run is still going.
+    for r in runs:
+      if r.directory is not None and process == 0 and not r.finalized:
+        _mark_interrupted(r.directory, r.key, layout, r.run_meta,
+                          r.forward.feature_dim, e)
     raise
+  for r in runs:
+    results[r.index] = r.result
+  return results
 
 
-def _compute(t0, layout, key, run_meta, directory, forward, tag, hits, to_compute,
-             load, first, label_template, steps_per_shard, num_threads, prefetch,
-             progress, on_shard_written, decode_backend="threads") -> ExtractResult:
-  """``extract`` from the shards to compute on: decode, forward, write, gather."""
+class _ModelRun:
+  """One model's side of a decode pass: its shards, pending rows and entry."""
+
+  def __init__(self, index, key, run_meta, directory, forward, hits, to_compute,
+               layout, label_template):
+    self.index, self.key, self.run_meta = index, key, run_meta
+    self.directory, self.forward, self.layout = directory, forward, layout
+    self.label_template = label_template
+    self.hits, self.to_compute = hits, to_compute
+    self.steps = {s for k in to_compute for s in layout.shard_steps(k)}
+    self.parts = {k: arrays for k, (_, _, arrays) in hits.items()}
+    self.written = {k: (name, digest) for k, (name, digest, _) in hits.items()}
+    self.pending: dict[int, list[dict[str, np.ndarray]]] = {}
+    self.finalized = False
+    self.result = None
+
+  def finish(self, batch: _pipeline.Batch, feats: np.ndarray, steps_per_shard: int,
+             tag: str, process: int, hook) -> None:
+    shard = batch.step // steps_per_shard
+    self.pending.setdefault(shard, []).append(dict(
+        features=feats[batch.keep], index=batch.positions[batch.keep],
+        labels=batch.labels, ids=batch.ids, skipped=batch.skipped))
+    if batch.step != self.layout.shard_steps(shard)[-1]:
+      return
+    arrays = _concat_rows(self.pending.pop(shard), self.forward.feature_dim,
+                          self.label_template)
+    if shard in self.parts:
+      return  # another process was missing this shard; ours is on disk already
+    self.parts[shard] = arrays
+    if self.directory is not None:
+      self.written[shard] = cache_lib.write_shard(self.directory, tag, process,
+                                                  shard, arrays)
+      if hook is not None:
+        hook(self.index, shard)
+
+
+def _compute(t0, layout, runs, load, first, steps_per_shard, num_threads, prefetch,
+             progress, on_shard_written, decode_backend="threads") -> None:
+  """Decode the union of the runs' missing steps once; forward, write, gather each."""
   process, num_processes = jax.process_index(), jax.process_count()
-
-  parts = {k: arrays for k, (_, _, arrays) in hits.items()}
-  written = {k: (name, digest) for k, (name, digest, _) in hits.items()}
   plan = layout.plan(process)
-  steps = [s for k in to_compute for s in layout.shard_steps(k)]
+  tag = layout.tag()
+  shards = sorted({k for r in runs for k in r.to_compute})
+  steps = [s for k in shards for s in layout.shard_steps(k)]
   my_images = int((plan.indices[steps] >= 0).sum())
   # The bar counts every process's images (process 0's, scaled): an estimate
   # that is exact but for the uneven padding of the last steps.
   bar = tqdm.tqdm(total=my_images * num_processes, unit="img", unit_scale=True,
                   smoothing=0.1, desc="features",
                   disable=not progress or process != 0 or not steps)
-  pending: dict[int, list[dict[str, np.ndarray]]] = {}
-
-  def finish(batch: _pipeline.Batch, feats: np.ndarray) -> None:
-    shard = batch.step // steps_per_shard
-    pending.setdefault(shard, []).append(dict(
-        features=feats[batch.keep], index=batch.positions[batch.keep],
-        labels=batch.labels, ids=batch.ids, skipped=batch.skipped))
-    bar.update(int((batch.positions >= 0).sum()) * num_processes)
-    if batch.step != layout.shard_steps(shard)[-1]:
-      return
-    arrays = _concat_rows(pending.pop(shard), forward.feature_dim, label_template)
-    if shard in parts:
-      return  # another process was missing this shard; ours is on disk already
-    parts[shard] = arrays
-    if directory is not None:
-      written[shard] = cache_lib.write_shard(directory, tag, process, shard, arrays)
-      if on_shard_written is not None:
-        on_shard_written(shard)
-
   timer = _pipeline.InputTimer()
   workers = num_threads or min(32, os.cpu_count() or 1)
+  # Every forward pass shards its batch over the same mesh the same way, so
+  # the first one's transfer serves all of them.
   batches = _pipeline.device_batches(
       steps, lambda s: plan.indices[s], load, first.shape, first.dtype,
-      forward.to_device, workers, depth=prefetch, decode_backend=decode_backend,
-      timer=timer)
+      runs[0].forward.to_device, workers, depth=prefetch,
+      decode_backend=decode_backend, timer=timer)
+
+  def finish(item):
+    batch, outs = item
+    for r, out in outs:
+      r.finish(batch, r.forward.local_rows(out), steps_per_shard, tag, process,
+               on_shard_written)
+    bar.update(int((batch.positions >= 0).sum()) * num_processes)
+
   previous = None
   timer.start()
-  # One step in flight: dispatch step s, then read back step s - 1.
+  # One step in flight: dispatch step s to every model, then read back step s - 1.
   for batch in batches:
-    batch.device = forward(batch.device)
+    images, batch.device = batch.device, None
+    outs = [(r, r.forward(images)) for r in runs if batch.step in r.steps]
+    del images
     if previous is not None:
-      finish(previous, forward.local_rows(previous.device))
-    previous = batch
+      finish(previous)
+    previous = (batch, outs)
   if previous is not None:
-    finish(previous, forward.local_rows(previous.device))
+    finish(previous)
   timer.stop()
   bar.close()
   input_summary = timer.summary() if steps else None
   if steps:
     logging.info("features: process %d waited %.1fs for decoded batches (%d %s) "
-                 "and computed %.1fs (forward, read-back, writes): %s",
+                 "and computed %.1fs (forward of %d model(s), read-back, writes): %s",
                  process, input_summary["input_wait_seconds"], workers,
-                 decode_backend, input_summary["compute_seconds"],
+                 decode_backend, input_summary["compute_seconds"], len(runs),
                  "input-bound" if input_summary["input_bound"] else "compute-bound")
 
-  fs = _gather(parts, layout, forward.feature_dim, run_meta)
-  if directory is not None:
-    _finalize(directory, key, layout, run_meta, forward.feature_dim, written)
-  seconds = time.time() - t0
-  if steps:
-    logging.info("features: process %d put %d images through %s in %.1fs: "
-                 "%.1f images/s", process, my_images, run_meta["representation"],
-                 seconds,
-                 my_images / seconds)
-  stats = ExtractStats(layout.num_shards, len(hits), len(to_compute),
-                       len(written) - len(hits), False, seconds, input_summary)
-  if directory is not None:
-    _log_stats(directory, stats)
-  return ExtractResult(fs, stats, directory)
+  for r in runs:
+    fs = _gather(r.parts, layout, r.forward.feature_dim, r.run_meta)
+    if r.directory is not None:
+      _finalize(r.directory, r.key, layout, r.run_meta, r.forward.feature_dim,
+                r.written)
+    r.finalized = True
+    seconds = time.time() - t0
+    if r.steps:
+      mine = int((plan.indices[sorted(r.steps)] >= 0).sum())
+      logging.info("features: process %d put %d images through %s in %.1fs: "
+                   "%.1f images/s", process, mine, r.run_meta["representation"],
+                   seconds, mine / seconds)
+    stats = ExtractStats(layout.num_shards, len(r.hits), len(r.to_compute),
+                         len(r.written) - len(r.hits), False, seconds,
+                         input_summary if r.steps else None)
+    if r.directory is not None:
+      _log_stats(r.directory, stats)
+    r.result = ExtractResult(fs, stats, r.directory)
 
 
 class _Forward:
