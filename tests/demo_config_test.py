@@ -242,3 +242,16 @@ def test_summary_table_layout(tmp_path):
   assert cells == {"ds1 knn": ["91.2", "50.0"], "ds1 classify": ["7.0", "-"],
                    "ds2 fs_1shot": ["40.0", "-"]}
   assert "no top3 results" in summary_table.format_table(str(path), metric="top3")
+
+
+def test_fashion_mnist_joins_when_its_package_is_present(tmp_path):
+  demo = _demo()
+  demo._FASHION_MNIST = str(tmp_path / "absent")  # pylint: disable=protected-access
+  assert "fashion_mnist" not in demo.get_config().datasets
+  demo._FASHION_MNIST = str(tmp_path)  # pylint: disable=protected-access
+  c = demo.get_config()
+  evaluate.validate(c)
+  assert c.datasets.fashion_mnist.dataset == "fashion_mnist_small"
+  for name, p in c.protocols.items():
+    assert ("fashion_mnist" in p.datasets) == (name != "classify")
+  assert "fashion_mnist" not in demo.get_config("tiny=True").datasets
