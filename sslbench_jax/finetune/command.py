@@ -27,7 +27,7 @@ FLAGS = flags.FLAGS
 _RECIPE_FLAGS = ("epochs", "batch_size", "lr", "head_lr", "weight_decay",
                  "warmup_epochs", "clip_norm", "label_smoothing", "layer_decay",
                  "drop_path", "head_bn", "frozen_bn", "subset_seed", "seed",
-                 "accum_steps", "momentum")
+                 "accum_steps", "momentum", "crop_scale_min")
 
 
 def define_flags() -> None:
@@ -57,6 +57,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("seed", None, "head init / data order / augmentation seed")
   flags.DEFINE_integer("accum_steps", None, "gradient accumulation micro-batches")
   flags.DEFINE_float("momentum", None, "SGD momentum")
+  flags.DEFINE_float("crop_scale_min", None, "RandomResizedCrop min area fraction (0.08)")
   flags.DEFINE_string("preprocessing", None, "eval preset; default: the architecture's")
   flags.DEFINE_integer("image_size", None, "train / eval crop side (default: the preset's)")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")

@@ -79,6 +79,8 @@ class Recipe:
     subset_seed: seed of the few-shot subset (``fewshot.sample_subset``).
     seed: seed of the head init, data order, augmentation and drop path.
     accum_steps: gradient accumulation micro-batches per step.
+    crop_scale_min: RandomResizedCrop's smallest area fraction (the study:
+      torchvision's default 0.08).
     reference: where the defaults come from.
   """
   protocol: str
@@ -103,6 +105,7 @@ class Recipe:
   subset_seed: int = 42
   seed: int = 0
   accum_steps: int = 1
+  crop_scale_min: float = 0.08
   reference: str = STUDY
 
   def __post_init__(self):
@@ -121,6 +124,8 @@ class Recipe:
     if self.batch_size % self.accum_steps:
       raise ValueError(f"batch_size {self.batch_size} is not a multiple of "
                        f"accum_steps {self.accum_steps}")
+    if not 0 < self.crop_scale_min <= 1:
+      raise ValueError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
     if not 0 < self.layer_decay <= 1:
       raise ValueError(f"layer_decay must be in (0, 1], got {self.layer_decay}")
     if not 0 <= self.label_smoothing < 1:

@@ -125,7 +125,8 @@ def _presets(cfg: RunConfig, arch: str):
   eval_pre = preprocess_lib.get_preset(name, **over)
   c = eval_pre.config
   aug = augment_lib.make_train_augment(
-      name, size=c.crop or c.resize, pre_resize=c.resize)
+      name, size=c.crop or c.resize, pre_resize=c.resize,
+      scale=(cfg.recipe.crop_scale_min, 1.0))
   return name, eval_pre, aug
 
 
