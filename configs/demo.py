@@ -5,7 +5,8 @@ Run (from the repository root; `bash launch/run.sh` does exactly this):
   sslbench-jax evaluate --config configs/demo.py --workdir runs/demo
 
 Shrink it to a smoke test: `--config configs/demo.py:tiny=True` (32x32 inputs,
-small probe grids, same 6 models).
+small probe grids, same 6 models; the three stage models skip the linear and
+logistic-regression sweeps).
 
 Models (each a separate name in the results, with its own representation):
   efficientnet_lite0         the real ImageNet-trained EfficientNet-Lite0 of the
@@ -126,13 +127,19 @@ def get_config(arg=None):
   if "imagenet_samples" in c.datasets:
     c.protocols["classify"] = dict(type="classify", datasets=["imagenet_samples"])
   probes = [name for name, p in c.protocols.items() if p["type"] != "classify"]
+  # tiny: the stage models (feature widths of their own) skip the linear and
+  # logistic sweeps, whose compilation per width dominates a smoke run.
+  stage_probes = [n for n in probes if not tiny or n not in ("linear", "logreg")]
 
   lite0 = "package:efficientnet_lite0"
   c.models = {
       "efficientnet_lite0": _model("efficientnet_lite0", lite0, "pre_logits"),
-      "efficientnet_lite0_stage6": _model("efficientnet_lite0", lite0, "stage6_avg", probes),
-      "efficientnet_lite0_stage4": _model("efficientnet_lite0", lite0, "stage4_avg", probes),
-      "efficientnet_lite0_stage2": _model("efficientnet_lite0", lite0, "stage2_avg", probes),
+      "efficientnet_lite0_stage6": _model("efficientnet_lite0", lite0,
+                                             "stage6_avg", stage_probes),
+      "efficientnet_lite0_stage4": _model("efficientnet_lite0", lite0,
+                                             "stage4_avg", stage_probes),
+      "efficientnet_lite0_stage2": _model("efficientnet_lite0", lite0,
+                                             "stage2_avg", stage_probes),
       "random_efficientnet_lite0": _model(
           "efficientnet_lite0", f"random:{RANDOM_SEEDS['random_efficientnet_lite0']}",
           "pre_logits", probes),

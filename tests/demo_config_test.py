@@ -55,7 +55,10 @@ def test_demo_model_list(arg):
   probes = {n for n, p in c.protocols.items() if p.type != "classify"}
   for name, m in c.models.items():
     run = set(m.protocols) if m.protocols is not None else set(c.protocols)
-    assert probes <= run
+    if arg is None or not m.representation.startswith("stage"):
+      assert probes <= run
+    else:  # tiny: the stage models skip the sweeps that compile per feature width
+      assert run == probes - {"linear", "logreg"}
     if "classify" in run:
       assert name in real and m.representation == "pre_logits"
   if os.path.isdir(SAMPLES):
