@@ -43,7 +43,7 @@ run stop at once (``WorkdirBusyError``, exit 1). Each run keeps its config as
 ``DIR/configs/<run id>.json``.
 
 Every step is resumable and keyed by its inputs: converted weights are reused
-while ``weights/<model>.inputs.json`` matches (checkpoint sha256, arch, select,
+while their record in ``DIR/converted.json`` matches (checkpoint sha256, arch, select,
 allow_missing, options), features come from the cache, and a (model,
 protocol, dataset entry) step recorded in ``DIR/done.json`` with the same
 inputs (``_step_inputs``) is skipped. A step whose inputs changed is unmarked,
@@ -457,10 +457,13 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
   checked anywhere); ``run`` calls both before writing anything.
 
   Raises:
-    FileNotFoundError: a checkpoint or a ``data_dir`` / ``test_data_dir`` is
-      missing (the message names the config key and the path).
+    FileNotFoundError: a checkpoint, or the ``data_dir`` / ``test_data_dir``
+      of a dataset read from folders only (no TFDS backend), is missing (the
+      message names the config key and the path). A TFDS data dir may not
+      exist yet (TFDS creates it; tests mock it).
     ValueError: an unknown ``package:`` checkpoint.
   """
+  from sslbench_jax.data import registry as data_registry  # pylint: disable=g-import-not-at-top
   for name, m in config.models.items():
     try:
       _resolve_checkpoint(m.checkpoint)
@@ -469,10 +472,10 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
     except ValueError as e:
       raise ValueError(f"config.models.{name}.checkpoint: {e}") from None
   for name, d in config.datasets.items():
-    for key in ("data_dir", "test_data_dir"):
-      path = d.get(key)
-      if path and not os.path.exists(path):
-        raise FileNotFoundError(f"config.datasets.{name}.{key}: {path} does not exist")
+    for key, sp in zip(("data_dir", "test_data_dir"), _splits(d)):
+      folders_only = data_registry.get_spec(sp.dataset).tfds is None
+      if folders_only and sp.data_dir and not os.path.exists(sp.data_dir):
+        raise FileNotFoundError(f"config.datasets.{name}.{key}: {sp.data_dir} does not exist")
 
 
 def _model_representation(config: ml_collections.ConfigDict,
@@ -534,9 +537,9 @@ def _convert(name: str, m: ml_collections.ConfigDict, workdir: str) -> str:
   """Converts model ``name`` once; reuses the output while its inputs are unchanged.
 
   The inputs (checkpoint sha256, arch, select, allow_missing, options) are
-  recorded next to the weights in ``weights/<name>.inputs.json``, written
-  after the weights and their sidecar; weights without a matching record are
-  converted again (e.g. after a kill between the two writes).
+  recorded per model in ``DIR/converted.json``, written after the weights and
+  their sidecar; weights without a matching record are converted again (e.g.
+  after a kill between the two writes).
   """
   from sslbench_jax.backbones import weights  # pylint: disable=g-import-not-at-top
   from sslbench_jax.backbones import random_init  # pylint: disable=g-import-not-at-top
@@ -556,9 +559,11 @@ def _convert(name: str, m: ml_collections.ConfigDict, workdir: str) -> str:
     return out
   path = _resolve_checkpoint(m.checkpoint)
   out = _weights_path(workdir, name)
-  record = out[:-len(".npz")] + ".inputs.json"
+  records_path = os.path.join(workdir, "converted.json")
+  records = _read_json(records_path)
+  records = records if isinstance(records, dict) else {}
   inputs = _conversion_inputs(m, weights.sha256_file(path))
-  previous = _read_json(record) if os.path.exists(weights.sidecar_path(out)) else None
+  previous = records.get(name) if os.path.exists(weights.sidecar_path(out)) else None
   if os.path.exists(out) and previous == inputs:
     logging.info("model %s: reusing %s", name, out)
     return out
@@ -568,7 +573,8 @@ def _convert(name: str, m: ml_collections.ConfigDict, workdir: str) -> str:
                     name, changed, out)
   convert_checkpoint(path, m.arch, out, select=m.select, allow_missing=m.allow_missing,
                      options=dict(m.options) or None)
-  atomic.write_json(record, inputs)
+  records[name] = inputs
+  atomic.write_json(records_path, records, prefix=".tmp-converted-")
   logging.info("model %s: converted %s -> %s", name, path, out)
   return out
 
