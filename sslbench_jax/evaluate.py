@@ -12,7 +12,7 @@ The config (a locked ``ml_collections`` file exposing ``get_config(arg)``; see
                       [representation], [protocols]}
   datasets:  name -> {dataset, train_split, test_split, data_dir, preprocessing,
                       test_dataset, test_data_dir}
-  protocols: name -> {type: classify|knn|linear|logreg|leastsquares|fewshot,
+  protocols: name -> {type: classify|released_head|knn|linear|logreg|leastsquares|fewshot,
                       datasets: [...], plus the probe options of `sslbench-jax probe`}
   extraction: {representation, dtype, batch_size_per_device, steps_per_shard}
   analysis:  {n_boot, n_perm}
@@ -85,10 +85,12 @@ from sslbench_jax.config_utils import parse_bool
 FLAGS = flags.FLAGS
 
 _MODEL_KEYS = {"arch", "checkpoint", "select", "allow_missing", "options",
-               "representation", "protocols"}
+               "representation", "protocols", "head"}
 # Optional per model: ``representation`` (default config.extraction's) and
 # ``protocols`` (names of the protocols to run on it; default all).
-_OPTIONAL_MODEL_KEYS = {"representation", "protocols"}
+# ``head``: a released linear-head file stored with the weights (convert --head),
+# scored by ``released_head`` protocols (convert/heads.py).
+_OPTIONAL_MODEL_KEYS = {"representation", "protocols", "head"}
 _DATASET_KEYS = {"dataset", "train_split", "test_split", "data_dir", "preprocessing",
                  "test_dataset", "test_data_dir"}
 _EXTRACTION_KEYS = {"representation", "dtype", "batch_size_per_device", "steps_per_shard"}
@@ -96,7 +98,10 @@ _TOP_KEYS = {"models", "datasets", "protocols", "extraction", "analysis", "seed"
 # The runner fills these from the model/dataset sections.
 _PROBE_KEYS_SET_BY_RUNNER = {"features_train", "features_test", "protocol", "model",
                              "dataset", "seed"}
-PROTOCOL_TYPES = ("classify", "knn", "linear", "logreg", "leastsquares", "fewshot")
+PROTOCOL_TYPES = ("classify", "released_head", "knn", "linear", "logreg", "leastsquares",
+                  "fewshot")
+# Types that score a stored classifier on the test split (no training, no options).
+_HEAD_TYPES = ("classify", "released_head")
 # Entry names become file names and "/"-separated step keys.
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 # What each backbone family returns (backbones/*.py); "logits" only with a head.
@@ -221,7 +226,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if not section:
       raise ValueError(f"config.{what} is empty")
     _names(section, f"config.{what}")
-  probes_used = any(p.get("type") != "classify" for p in protocols.values())
+  probes_used = any(p.get("type") not in _HEAD_TYPES for p in protocols.values())
   for name, m in models.items():
     where = f"config.models.{name}"
     check_keys(m, _MODEL_KEYS, where)
@@ -331,7 +336,7 @@ def _check_protocol(name: str, p: ml_collections.ConfigDict,
 def _protocol_options(protocol_type: str) -> set[str]:
   """The probe options a protocol type reads, minus those the runner sets."""
   from sslbench_jax.probes import command as probe_command  # pylint: disable=g-import-not-at-top
-  if protocol_type == "classify":
+  if protocol_type in _HEAD_TYPES:
     return set()
   table = probe_command._PROTOCOL_OPTIONS  # pylint: disable=protected-access
   common = probe_command._COMMON_OPTIONS  # pylint: disable=protected-access
@@ -471,6 +476,8 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
       raise FileNotFoundError(f"config.models.{name}.checkpoint: {e}") from None
     except ValueError as e:
       raise ValueError(f"config.models.{name}.checkpoint: {e}") from None
+    if m.get("head") and not os.path.isfile(m.head):
+      raise FileNotFoundError(f"config.models.{name}.head: head file {m.head} does not exist")
   for name, d in config.datasets.items():
     for key, sp in zip(("data_dir", "test_data_dir"), _splits(d)):
       folders_only = data_registry.get_spec(sp.dataset).tfds is None
@@ -490,6 +497,9 @@ def _model_extras(config: ml_collections.ConfigDict, m: ml_collections.ConfigDic
   from sslbench_jax.backbones import random_init  # pylint: disable=g-import-not-at-top
   random_init.parse_seed(m.checkpoint)  # a bad seed: ValueError naming the spec
   _optional_str(m.get("representation"), f"{where}.representation")
+  _optional_str(m.get("head"), f"{where}.head")
+  if m.get("head") and random_init.parse_seed(m.checkpoint) is not None:
+    raise ValueError(f"{where}.head: a random:SEED model takes no released head")
   names = m.get("protocols")
   if names is None:
     return
@@ -529,8 +539,12 @@ def _weights_path(workdir: str, model_name: str) -> str:
 
 def _conversion_inputs(m: ml_collections.ConfigDict, sha: str) -> dict[str, Any]:
   """What a converted weights file depends on (compared before reusing it)."""
-  return dict(checkpoint_sha256=sha, arch=m.arch, select=m.select,
-              allow_missing=m.allow_missing, options=dict(m.options or {}))
+  from sslbench_jax.backbones import weights  # pylint: disable=g-import-not-at-top
+  out = dict(checkpoint_sha256=sha, arch=m.arch, select=m.select,
+             allow_missing=m.allow_missing, options=dict(m.options or {}))
+  if m.get("head"):
+    out["head_sha256"] = weights.sha256_file(m.head)
+  return out
 
 
 def _convert(name: str, m: ml_collections.ConfigDict, workdir: str) -> str:
@@ -572,7 +586,7 @@ def _convert(name: str, m: ml_collections.ConfigDict, workdir: str) -> str:
     logging.warning("model %s: %s changed since %s was converted: converting again",
                     name, changed, out)
   convert_checkpoint(path, m.arch, out, select=m.select, allow_missing=m.allow_missing,
-                     options=dict(m.options) or None)
+                     options=dict(m.options) or None, head=m.get("head"))
   records[name] = inputs
   atomic.write_json(records_path, records, prefix=".tmp-converted-")
   logging.info("model %s: converted %s -> %s", name, path, out)
@@ -681,6 +695,8 @@ def _needed_features(config: ml_collections.ConfigDict) -> set[tuple[_Split, str
       train, test = _splits(config.datasets[ds_name])
       if p.type == "classify":
         out.add((test, "logits"))
+      elif p.type == "released_head":  # heads.DEFAULT_REPRESENTATION (ReaL reuse only)
+        out.add((test, "pre_logits"))
       else:
         for rep in {_model_representation(config, m) for m in config.models.values()}:
           out.update({(train, rep), (test, rep)})
@@ -776,7 +792,8 @@ def _derive_real(val_path: str, s: _Split, workdir: str, tag: str) -> str | None
   return out
 
 
-def _classify_rows(test_path: str, base: dict[str, Any]) -> list[dict[str, Any]]:
+def _classify_rows(test_path: str, base: dict[str, Any],
+                   scores_fn: Any = None) -> list[dict[str, Any]]:
   """The backbone's own classifier (logits features), scored in the test label space.
 
   The same metrics as the probes (``probes/_test_metrics.py``, imported
@@ -788,13 +805,37 @@ def _classify_rows(test_path: str, base: dict[str, Any]) -> list[dict[str, Any]]
   fs = io.load(test_path)
   space = _test_metrics.resolve(fs, test_path)
   try:
-    values = _test_metrics.evaluate(fs.features, space, test_path)
+    scores = fs.features if scores_fn is None else scores_fn(fs.features)
+    values = _test_metrics.evaluate(scores, space, test_path)
   except ValueError as e:
     raise ValueError(f"classify {base['model']} on {base['dataset']}: the model's head "
                      f"does not fit the test set: {e}") from None
   # ReaL counts only the images with a non-empty label set.
   n = int(space.labels.any(1).sum()) if space.multi_label else len(space.labels)
   return [dict(base, metric=k, value=float(v), n_examples=n) for k, v in values.items()]
+
+
+def _released_head_rows(test_path: str, weights_path: str, base: dict[str, Any]
+                        ) -> list[dict[str, Any]]:
+  """The released linear head stored with the weights, scored like ``classify``.
+
+  ``logits = features @ W.T + b`` on the test features of the head's
+  representation, then ``_classify_rows``'s metrics; rows carry the head's
+  provenance in ``hparams``.
+  """
+  from sslbench_jax.backbones import weights  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.convert import heads  # pylint: disable=g-import-not-at-top
+  stored = weights.load_released_head(weights_path)
+  if stored is None:
+    raise ValueError(f"released_head {base['model']}: {weights_path} carries no released "
+                     "head (give the model head=FILE, or a checkpoint with its classifier)")
+  head = heads.from_stored(*stored)
+  entry = stored[1]
+  base = dict(base, hparams=dict(base.get("hparams") or {}, head=entry.get("source_file"),
+                                 head_sha256=entry.get("source_sha256"),
+                                 head_layout=entry.get("layout"),
+                                 representation=entry.get("representation")))
+  return _classify_rows(test_path, base, head.logits)
 
 
 class _Progress:
@@ -889,7 +930,7 @@ def _step_inputs(config: ml_collections.ConfigDict, m: ml_collections.ConfigDict
   """
   from sslbench_jax.probes import command as probe_command  # pylint: disable=g-import-not-at-top
   train, test = _splits(d)
-  classify = p.type == "classify"
+  classify = p.type in _HEAD_TYPES
   options = {}
   if not classify:
     defaults = probe_command.default_options()
@@ -901,14 +942,22 @@ def _step_inputs(config: ml_collections.ConfigDict, m: ml_collections.ConfigDict
                  arch_options=weights_meta.get("arch_options", {}), select=m.select,
                  allow_missing=m.allow_missing, options=dict(m.options or {})),
       test=_split_inputs(test),
-      representation="logits" if classify else _model_representation(config, m),
+      representation=(_head_representation(weights_meta) if p.type == "released_head"
+                      else "logits" if classify else _model_representation(config, m)),
       dtype=config.extraction.dtype,
       protocol=dict(type=p.type, options=options),
       seed=config.seed)
   if not classify:
     inputs["train"] = _split_inputs(train)
+  if p.type == "released_head":
+    inputs["released_head"] = (weights_meta.get("released_head") or {}).get("source_sha256")
   # JSON round trip: the same types as the record read back from done.json.
   return json.loads(json.dumps(inputs, sort_keys=True))
+
+
+def _head_representation(weights_meta: dict[str, Any]) -> str:
+  """The representation the stored released head applies to (sidecar)."""
+  return (weights_meta.get("released_head") or {}).get("representation") or "pre_logits"
 
 
 def _sidecar(weights_path: str) -> dict[str, Any]:
@@ -983,6 +1032,14 @@ def iterate(config: ml_collections.ConfigDict, workdir: str, progress: _Progress
                       device_count=jax.device_count(),
                       checkpoint_sha256=weights_meta.get("checkpoint_sha256", ""))
           yield step, inputs, _classify_rows(features(model_name, test_split, "logits"), base)
+          continue
+        if p.type == "released_head":
+          base = dict(model=model_name, dataset=test_split.dataset, split=test_split.split,
+                      protocol=proto_name, hparams={}, seed=config.seed,
+                      device_count=jax.device_count(),
+                      checkpoint_sha256=weights_meta.get("checkpoint_sha256", ""))
+          test_path = features(model_name, test_split, _head_representation(weights_meta))
+          yield step, inputs, _released_head_rows(test_path, weights_path, base)
           continue
         opts = probe_command.default_options()
         opts.update({k: v for k, v in p.items() if k not in ("type", "datasets")})

@@ -40,6 +40,8 @@ from sslbench_jax import atomic
 # (``weights_tmp``: .npz temp written; ``weights_replaced``: .npz renamed, no
 # sidecar yet; ``sidecar_tmp``: sidecar temp written, not renamed).
 _FAULT_ENV = "SSLBENCH_FAULT_AT"
+# npz key prefix and sidecar key of a released linear head (convert/heads.py).
+RELEASED_HEAD = "released_head"
 
 
 def sidecar_path(path: str) -> str:
@@ -211,5 +213,30 @@ def load_variables(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
   except ValueError as e:  # ConversionError
     raise ValueError(f"{path}: {e}") from None
   with np.load(path, allow_pickle=False) as z:
-    flat = {tuple(k.split("/")): z[k] for k in z.files}
+    # A released linear head (convert --head) is not a model variable.
+    flat = {tuple(k.split("/")): z[k] for k in z.files
+            if not k.startswith(RELEASED_HEAD + "/")}
   return traverse_util.unflatten_dict(flat), meta
+
+
+def load_released_head(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+  """The released linear head stored with the weights (``convert --head``).
+
+  Returns:
+    ``({"weight": (C, D), "bias": (C,)}, sidecar["released_head"])``, or None
+    when the weights carry no head.
+
+  Raises:
+    As ``load_variables``; ValueError if the sidecar names a head the
+    ``.npz`` lacks.
+  """
+  _, meta = load_variables(path)  # checks the pair (sha256, sizes)
+  entry = meta.get(RELEASED_HEAD)
+  if not entry:
+    return None
+  with np.load(path, allow_pickle=False) as z:
+    names = {f"{RELEASED_HEAD}/{k}": k for k in ("weight", "bias")}
+    if not set(names) <= set(z.files):
+      raise ValueError(f"{path}: its sidecar describes a released head but the .npz "
+                       f"lacks {', '.join(sorted(set(names) - set(z.files)))}")
+    return {short: z[name] for name, short in names.items()}, entry

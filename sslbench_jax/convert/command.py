@@ -70,6 +70,14 @@ def define_flags() -> None:
   flags.DEFINE_boolean("allow_nonfinite", False, "Convert even if tensors hold "
                        "NaN/Inf (listed in the sidecar); by default that is an "
                        "error naming them.")
+  flags.DEFINE_string("head", None, "A released linear-head file (DINO "
+                      "*_linearweights.pth, SwAV *_eval_linear.pth.tar, MoCo "
+                      "lincls, ...) stored with the weights for the released_head "
+                      "protocol (docs/convert.md).")
+  flags.DEFINE_string("head_representation", "pre_logits", "The model output the "
+                      "head applies to (its size must be the head's input size).")
+  flags.DEFINE_boolean("detect_head", True, "Without --head, store a 1000-class "
+                       "linear head the checkpoint itself carries.")
   flags.mark_flags_as_required(["checkpoint", "arch", "out"])
 
 
@@ -253,7 +261,10 @@ def main(argv: list[str]) -> None:
                                  select=FLAGS.select,
                                  allow_missing=FLAGS.allow_missing,
                                  options=options,
-                                 allow_nonfinite=FLAGS.allow_nonfinite)
+                                 allow_nonfinite=FLAGS.allow_nonfinite,
+                                 head=FLAGS.head,
+                                 head_representation=FLAGS.head_representation,
+                                 detect_head=FLAGS.detect_head)
   except (ConversionError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -266,4 +277,8 @@ def main(argv: list[str]) -> None:
         f"{counts['mapped']} tensors mapped, {counts['dropped']} dropped, "
         f"{counts['missing_allowed']} missing allowed"
         + (f" (dropped {_dropped_groups(meta['dropped_keys'], meta['prefix'])})"
-           if meta["dropped_keys"] else ""))
+           if meta["dropped_keys"] else "")
+        + (f"; released head {meta['released_head']['weight_key']} "
+           f"({meta['released_head']['num_classes']} classes on "
+           f"{meta['released_head']['representation']})"
+           if meta.get("released_head") else ""))

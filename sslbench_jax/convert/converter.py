@@ -30,6 +30,7 @@ from sslbench_jax.backbones import registry
 from sslbench_jax.backbones import weights
 from sslbench_jax.convert import _family
 from sslbench_jax.convert import detect
+from sslbench_jax.convert import heads as head_lib
 from sslbench_jax.convert import hf_keys
 from sslbench_jax.convert import readers
 from sslbench_jax.convert.errors import ConversionError
@@ -161,6 +162,9 @@ def convert_checkpoint(
     allow_missing: str | None = None,
     options: dict[str, Any] | None = None,
     allow_nonfinite: bool = False,
+    head: str | None = None,
+    head_representation: str = head_lib.DEFAULT_REPRESENTATION,
+    detect_head: bool = True,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
   """Converts a PyTorch/safetensors/npz checkpoint into Flax variables.
 
@@ -180,6 +184,15 @@ def convert_checkpoint(
     allow_nonfinite: convert even if tensors the model uses hold NaN or Inf
       (they are listed in ``meta["nonfinite_tensors"]`` and logged); by
       default that is a ``ConversionError`` naming them.
+    head: a released linear-head file (DINO ``*_linearweights.pth``, SwAV
+      ``*_eval_linear.pth.tar``, ...; ``heads.py``) to store with the weights
+      (``released_head/*`` in the ``.npz``, ``meta["released_head"]``).
+    head_representation: the model output the head applies to; its size must
+      be the head's input size.
+    detect_head: without ``head``, store a 1000-class linear head the
+      checkpoint itself carries (MoCo ``lincls``, BYOL's ``classifier``,
+      SimCLR's ``supervised_head``, torchvision ``fc``); skipped (logged) if
+      it is ambiguous or does not fit.
 
   Returns:
     ``(variables, meta)``: NumPy float32 variables for
@@ -269,6 +282,8 @@ def convert_checkpoint(
                     path, len(nonfinite), listed)
 
   variables = _finalize(variables, expected, model, example)
+  released = _released_head(path, head, head_representation, detect_head, flat, root,
+                            model, example, variables)
   # BatchNorm step counters are dropped silently (counted, not listed).
   counters = {k for k in heads if k.endswith(_COUNTER_SUFFIXES)}
   dropped = sorted(root + k for k in heads - counters) + sorted(outside)
@@ -287,6 +302,44 @@ def convert_checkpoint(
       "missing_keys": sorted(tracked.missing),
       "nonfinite_tensors": nonfinite,
   }
+  stored = variables
+  if released is not None:
+    meta[weights.RELEASED_HEAD] = released[1]
+    stored = dict(variables, **{weights.RELEASED_HEAD: head_lib.stored_arrays(released[0])})
   if out:
-    _write_output(out, variables, meta)
+    _write_output(out, stored, meta)
   return variables, meta
+
+
+def _released_head(path: str, head: str | None, representation: str, detect_head: bool,
+                   flat: dict[str, Any], root: str, model, example, variables
+                   ) -> tuple[head_lib.Head, dict[str, Any]] | None:
+  """(head, sidecar entry) to store with the weights, or None (``heads.py``)."""
+  if head:
+    found, source, detected = head_lib.read_head_file(head), head, False
+  elif detect_head:
+    try:
+      found = head_lib.find_head(flat, path, root, num_classes=head_lib.DETECTED_CLASSES)
+    except ConversionError as e:
+      logging.warning("no released head stored: %s", e)
+      return None
+    source, detected = path, True
+  else:
+    return None
+  if found is None:
+    return None
+  outputs = jax.eval_shape(lambda v: model.apply(v, example, train=False), variables)
+  if representation not in outputs:
+    raise ConversionError(f"head representation {representation!r} is not an output "
+                          f"of the model (outputs: {', '.join(sorted(outputs))})")
+  try:
+    head_lib.check_dim(found, int(outputs[representation].shape[-1]), representation, source)
+  except ConversionError as e:
+    if not detected:
+      raise
+    logging.warning("no released head stored: %s", e)
+    return None
+  logging.info("released head %s (%s, %d classes) stored for %s", found.keys[0],
+               os.path.basename(source), found.num_classes, representation)
+  return found, head_lib.provenance(found, source, weights.sha256_file(source),
+                                 representation, detected)
