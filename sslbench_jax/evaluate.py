@@ -85,12 +85,14 @@ from sslbench_jax.config_utils import parse_bool
 FLAGS = flags.FLAGS
 
 _MODEL_KEYS = {"arch", "checkpoint", "select", "allow_missing", "options",
-               "representation", "protocols", "head"}
+               "representation", "protocols", "head", "preprocessing"}
 # Optional per model: ``representation`` (default config.extraction's) and
 # ``protocols`` (names of the protocols to run on it; default all).
 # ``head``: a released linear-head file stored with the weights (convert --head),
 # scored by ``released_head`` protocols (convert/heads.py).
-_OPTIONAL_MODEL_KEYS = {"representation", "protocols", "head"}
+# ``preprocessing``: a preset replacing every dataset entry's for this model
+# (SimCLR's TensorFlow releases take [0, 1] pixels: ``no_norm``).
+_OPTIONAL_MODEL_KEYS = {"representation", "protocols", "head", "preprocessing"}
 _DATASET_KEYS = {"dataset", "train_split", "test_split", "data_dir", "preprocessing",
                  "test_dataset", "test_data_dir"}
 _EXTRACTION_KEYS = {"representation", "dtype", "batch_size_per_device", "steps_per_shard"}
@@ -498,6 +500,10 @@ def _model_extras(config: ml_collections.ConfigDict, m: ml_collections.ConfigDic
   random_init.parse_seed(m.checkpoint)  # a bad seed: ValueError naming the spec
   _optional_str(m.get("representation"), f"{where}.representation")
   _optional_str(m.get("head"), f"{where}.head")
+  from sslbench_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  if m.get("preprocessing") is not None and m.preprocessing not in preprocess.PRESETS:
+    raise ValueError(f"{where}.preprocessing {m.preprocessing!r} unknown; known: "
+                     f"{', '.join(preprocess.PRESETS)} (or None: the datasets')")
   if m.get("head") and random_init.parse_seed(m.checkpoint) is not None:
     raise ValueError(f"{where}.head: a random:SEED model takes no released head")
   names = m.get("protocols")
@@ -692,15 +698,26 @@ def _needed_features(config: ml_collections.ConfigDict) -> set[tuple[_Split, str
   out = set()
   for p in config.protocols.values():
     for ds_name in p.datasets:
-      train, test = _splits(config.datasets[ds_name])
-      if p.type == "classify":
-        out.add((test, "logits"))
-      elif p.type == "released_head":  # heads.DEFAULT_REPRESENTATION (ReaL reuse only)
-        out.add((test, "pre_logits"))
-      else:
-        for rep in {_model_representation(config, m) for m in config.models.values()}:
+      for m in config.models.values():
+        train, test = _model_splits(m, config.datasets[ds_name])
+        if p.type == "classify":
+          out.add((test, "logits"))
+        elif p.type == "released_head":  # heads.DEFAULT_REPRESENTATION (ReaL reuse only)
+          out.add((test, "pre_logits"))
+        else:
+          rep = _model_representation(config, m)
           out.update({(train, rep), (test, rep)})
   return out
+
+
+def _model_splits(m: ml_collections.ConfigDict, d: ml_collections.ConfigDict
+                  ) -> tuple[_Split, _Split]:
+  """``_splits(d)`` with the model's own ``preprocessing``, if it has one."""
+  train, test = _splits(d)
+  if m.get("preprocessing"):
+    train, test = (dataclasses.replace(sp, preprocessing=m.preprocessing)
+                   for sp in (train, test))
+  return train, test
 
 
 def _real_val_split(s: _Split, splits: dict[_Split, str]) -> _Split | None:
@@ -929,7 +946,7 @@ def _step_inputs(config: ml_collections.ConfigDict, m: ml_collections.ConfigDict
   left out: extraction is exact for any batch size.
   """
   from sslbench_jax.probes import command as probe_command  # pylint: disable=g-import-not-at-top
-  train, test = _splits(d)
+  train, test = _model_splits(m, d)
   classify = p.type in _HEAD_TYPES
   options = {}
   if not classify:
@@ -984,6 +1001,10 @@ def iterate(config: ml_collections.ConfigDict, workdir: str, progress: _Progress
   from sslbench_jax.probes import command as probe_command  # pylint: disable=g-import-not-at-top
   rep = config.extraction.representation
   stems = _feature_stems(config.datasets)
+  for m in config.models.values():  # a model's own preprocessing: its own files
+    for d in config.datasets.values():
+      for s, own in zip(_splits(d), _model_splits(m, d)):
+        stems.setdefault(own, f"{stems[s]}__{own.preprocessing}")
   made: dict[tuple[str, _Split, str], str] = {}  # feature files written by this run
   needed = _needed_features(config)
   store_path = os.path.join(workdir, "results.jsonl")
@@ -1025,7 +1046,7 @@ def iterate(config: ml_collections.ConfigDict, workdir: str, progress: _Progress
             progress.forget(step, store_path)
         else:
           logging.info("%s: running (%s)", step, why)
-        train_split, test_split = _splits(config.datasets[ds_name])
+        train_split, test_split = _model_splits(m, config.datasets[ds_name])
         if p.type == "classify":
           base = dict(model=model_name, dataset=test_split.dataset, split=test_split.split,
                       protocol="classify", hparams={}, seed=config.seed,
