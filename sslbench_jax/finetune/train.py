@@ -194,7 +194,9 @@ def restore_state(workdir: str, step: int | None = None) -> dict[str, Any]:
     if step is None:
       raise FileNotFoundError(f"{workdir} has no checkpoint")
     out = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(), book=ocp.args.JsonRestore()))
+        state=ocp.args.StandardRestore(fallback_sharding=jax.sharding.SingleDeviceSharding(
+            jax.local_devices()[0])), book=ocp.args.JsonRestore()))
+    # (The fallback places arrays saved on another topology on one local device.)
     return {"step": step, "state": jax.device_get(out["state"]), "book": out["book"]}
   finally:
     manager.close()
