@@ -45,3 +45,10 @@ def test_fewshot_recipes_are_the_setups_of_the_csv():
   # The study's warm-up: (e + 1) / 6 for the first 5 epochs, then cosine from 1.
   assert [lin.lr_factor(e) for e in range(6)] == [1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6, 1.0]
   assert 0 < lin.lr_factor(99) < 0.01
+
+
+def test_backbone_batchnorm_modes():
+  assert recipes.recipe("full").backbone_bn_train  # the study: train mode
+  assert not recipes.recipe("full", backbone_bn="running").backbone_bn_train
+  assert not recipes.recipe("linear_aug").backbone_bn_train  # frozen, eval mode
+  assert recipes.recipe("linear_aug", frozen_bn="update").backbone_bn_train

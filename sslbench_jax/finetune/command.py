@@ -27,7 +27,7 @@ FLAGS = flags.FLAGS
 _RECIPE_FLAGS = ("epochs", "batch_size", "lr", "head_lr", "weight_decay",
                  "warmup_epochs", "clip_norm", "label_smoothing", "layer_decay",
                  "drop_path", "head_bn", "frozen_bn", "subset_seed", "seed",
-                 "accum_steps", "momentum", "crop_scale_min")
+                 "accum_steps", "momentum", "crop_scale_min", "backbone_bn")
 
 
 def define_flags() -> None:
@@ -53,6 +53,9 @@ def define_flags() -> None:
   flags.DEFINE_bool("head_bn", None, "BatchNorm1d before the head")
   flags.DEFINE_enum("frozen_bn", None, ["eval", "update"],
                     "linear_aug: a frozen convnet's BatchNorm mode")
+  flags.DEFINE_enum("backbone_bn", None, ["batch", "running"],
+                    "full/fewshot: backbone BatchNorm on batch statistics (study) or "
+                    "fixed running statistics")
   flags.DEFINE_integer("subset_seed", None, "fewshot subset seed (default 42)")
   flags.DEFINE_integer("seed", None, "head init / data order / augmentation seed")
   flags.DEFINE_integer("accum_steps", None, "gradient accumulation micro-batches")

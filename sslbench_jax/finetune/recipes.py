@@ -74,6 +74,11 @@ class Recipe:
     frozen_bn: for ``linear_aug`` only: a frozen convnet's BatchNorm in
       "eval" mode (running statistics) or "update" (train mode: batch
       statistics, running statistics updated, as the study's code runs).
+    backbone_bn: for ``full`` / ``fewshot``: the backbone's BatchNorm with
+      "batch" statistics (train mode, running statistics updated: the study)
+      or its "running" statistics kept fixed (eval mode; the affine
+      parameters still train), for backbones whose running statistics
+      adapt too slowly to a new domain (EfficientNet's momentum 0.01).
     label_fraction: few-shot label fraction (None for the full train set).
     fewshot_setup: few-shot setup name (``FEWSHOT_SETUPS``).
     subset_seed: seed of the few-shot subset (``fewshot.sample_subset``).
@@ -100,6 +105,7 @@ class Recipe:
   drop_path: float = 0.0
   head_bn: bool = False
   frozen_bn: str = "eval"
+  backbone_bn: str = "batch"
   label_fraction: float | None = None
   fewshot_setup: str | None = None
   subset_seed: int = 42
@@ -113,6 +119,8 @@ class Recipe:
       raise ValueError(f"protocol {self.protocol!r}; known: {', '.join(PROTOCOLS)}")
     if self.optimizer not in OPTIMIZERS:
       raise ValueError(f"optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}")
+    if self.backbone_bn not in ("batch", "running"):
+      raise ValueError(f"backbone_bn {self.backbone_bn!r}; known: batch, running")
     if self.frozen_bn not in FROZEN_BN:
       raise ValueError(f"frozen_bn {self.frozen_bn!r}; known: {', '.join(FROZEN_BN)}")
     for name in ("epochs", "batch_size", "accum_steps"):
@@ -139,6 +147,13 @@ class Recipe:
   @property
   def trains_backbone(self) -> bool:
     return self.protocol != "linear_aug"
+
+  @property
+  def backbone_bn_train(self) -> bool:
+    """Whether the backbone's BatchNorm runs in train mode (batch statistics)."""
+    if self.trains_backbone:
+      return self.backbone_bn == "batch"
+    return self.frozen_bn == "update"
 
   def abs_lr(self, head: bool = False) -> float:
     """The learning rate actually applied: base x batch / 256 (the study's rule)."""

@@ -111,7 +111,7 @@ class Steps:
     variables = {"params": {**frozen, **trainable}}
     if batch_stats:
       variables["batch_stats"] = batch_stats
-    backbone_train = r.trains_backbone or r.frozen_bn == "update"
+    backbone_train = r.backbone_bn_train
     logits, new = self.model.apply(
         variables, self._normalize(images), train=True,
         backbone_train=backbone_train, freeze_backbone=not r.trains_backbone,
