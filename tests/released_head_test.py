@@ -254,3 +254,42 @@ def test_released_head_rows_score_like_numpy(tmp_path):
   assert got["top5"] == pytest.approx(100 * np.mean((top5 == labels[:, None]).any(1)))
   assert all(r["n_examples"] == 50 for r in rows)
   assert rows[0]["hparams"]["head_sha256"] == weights.sha256_file(head_path)
+
+
+# --- evaluate config: head / preprocessing model keys -------------------------
+
+def _lottery_config(arg):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "benchmark_lottery", os.path.join(ROOT, "configs", "benchmark_lottery.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_config_head_and_preprocessing_are_checked(tmp_path):
+  config = _lottery_config("checkpoints=/ckpt,models=dino_rn50+moco_v2_800ep_rn50")
+  evaluate.validate(config)
+  bad = _lottery_config("checkpoints=/ckpt,models=dino_rn50")
+  bad.models.dino_rn50.preprocessing = "no_such_preset"
+  with pytest.raises(ValueError, match=r"config.models.dino_rn50.preprocessing "
+                     "'no_such_preset' unknown"):
+    evaluate.validate(bad)
+  ckpt = tmp_path / "ckpt"
+  ckpt.mkdir()
+  torch.save({}, str(ckpt / "dino_resnet50_pretrain.pth"))
+  config = _lottery_config(f"checkpoints={ckpt},models=dino_rn50")
+  with pytest.raises(FileNotFoundError, match=r"config.models.dino_rn50.head: head file "
+                     r".*dino_resnet50_linearweights.pth does not exist"):
+    evaluate.check_inputs(config)
+
+
+def test_model_preprocessing_changes_the_step_inputs():
+  config = _lottery_config("checkpoints=/ckpt,models=simclr_v2_rn50,variants=imagenet_r")
+  m, d = config.models.simclr_v2_rn50, config.datasets.imagenet_r
+  p = config.protocols.linear
+  with_own = evaluate._step_inputs(config, m, {}, p, d)  # pylint: disable=protected-access
+  assert with_own["train"]["preprocessing"] == with_own["test"]["preprocessing"] == "no_norm"
+  m.preprocessing = None
+  plain = evaluate._step_inputs(config, m, {}, p, d)  # pylint: disable=protected-access
+  assert plain["test"]["preprocessing"] == "imagenet_bilinear"
