@@ -92,10 +92,42 @@ def run(opts: dict[str, Any]) -> dict[str, Any] | None:
   Returns:
     A summary dict on process 0 (None elsewhere).
   """
+  return run_many([opts])[0]
+
+
+# Options every model of a ``run_many`` pass must share: they define the one
+# source (and its preprocessing) and how it is decoded, batched and cached.
+_SHARED_OPTIONS = ("images", "dataset", "split", "data_dir", "cache",
+                   "batch_size_per_device", "num_threads", "decode_backend",
+                   "steps_per_shard", "progress", "coordinator_address",
+                   "num_processes", "process_id")
+
+
+def run_many(opts_list: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
+  """``run`` for several models over one source, in one decode pass.
+
+  Each element of ``opts_list`` holds the options of one ``run`` call: its own
+  ``weights``, ``arch``, ``representation``, ``dtype``, ``out`` and
+  ``preprocessing``; the source, cache and batching options
+  (``_SHARED_OPTIONS``) and the effective preprocessing preset (given, or the
+  architecture's) must be the same for all. The images are decoded once and
+  fed to every model (``extract.extract_many``); each model gets its own cache
+  entry and ``--out`` file, byte for byte what ``run`` writes for it alone.
+
+  Returns:
+    One summary per model (see ``run``) on process 0, Nones elsewhere.
+
+  Raises:
+    ValueError: no options, bad options, or options that do not share one
+      source and preprocessing (the message names the option).
+  """
+  if not opts_list:
+    raise ValueError("run_many needs the options of at least one model")
+  first = opts_list[0]
   # jax.distributed must start before anything touches a backend.
   from sslbench_jax.features import multihost  # pylint: disable=g-import-not-at-top
-  multihost.initialize(opts["coordinator_address"], opts["num_processes"],
-                       opts["process_id"])
+  multihost.initialize(first["coordinator_address"], first["num_processes"],
+                       first["process_id"])
   import jax  # pylint: disable=g-import-not-at-top
   from sslbench_jax.backbones import registry, weights  # pylint: disable=g-import-not-at-top
   from sslbench_jax.data import preprocess  # pylint: disable=g-import-not-at-top
@@ -103,6 +135,96 @@ def run(opts: dict[str, Any]) -> dict[str, Any] | None:
   from sslbench_jax.features import extract as extract_lib  # pylint: disable=g-import-not-at-top
   from sslbench_jax.features import io as features_io  # pylint: disable=g-import-not-at-top
 
+  for opts in opts_list:
+    _check_options(opts)
+    for name in _SHARED_OPTIONS:
+      if opts[name] != first[name]:
+        raise ValueError(f"models of one pass must share --{name}: {first[name]!r} "
+                         f"({first['weights']}) vs {opts[name]!r} ({opts['weights']})")
+  models = []  # (model, variables, sidecar meta, arch, arch_options, preset name)
+  for opts in opts_list:
+    variables, meta = weights.load_variables(opts["weights"])
+    arch = meta.get("arch")
+    if opts["arch"] and arch and opts["arch"] != arch:
+      raise ValueError(f"--arch {opts['arch']} but {opts['weights']} holds {arch} "
+                       "(see its .json sidecar)")
+    arch = opts["arch"] or arch
+    if not arch:
+      raise ValueError(f"{opts['weights']} has no arch in its sidecar; pass --arch")
+    arch_options = meta.get("arch_options") or {}
+    preset_name = opts["preprocessing"] or registry.default_preprocessing(arch)
+    if models and preset_name != models[0][5]:
+      raise ValueError(f"models of one pass must share the preprocessing: {models[0][5]} "
+                       f"({first['weights']}) vs {preset_name} ({opts['weights']})")
+    models.append((registry.create_model(arch, **arch_options), variables, meta, arch,
+                   arch_options, preset_name))
+  preset_name = models[0][5]
+  preset = preprocess.get_preset(preset_name)
+
+  if first["images"]:
+    from sslbench_jax.features import image_folder  # pylint: disable=g-import-not-at-top
+    source = image_folder.ImageFolder(first["images"])
+    dataset, split = f"folder:{source.directory}:{source.fingerprint()}", ""
+  else:
+    # A data.dataset.Dataset preprocesses its images itself.
+    source, preset = _open_dataset(first["dataset"], first["split"], first["data_dir"],
+                                   preset_name,
+                                   all(bool(o["preprocessing"]) for o in opts_list)), None
+    dataset, split = first["dataset"], first["split"]
+    if first["data_dir"]:
+      # Generic datasets ("folder", "csv") differ only by where they live.
+      dataset = f"{dataset}@{os.path.abspath(first['data_dir'])}"
+  described = source.describe() if hasattr(source, "describe") else None
+  specs = []
+  for opts, (model, variables, meta, arch, arch_options, _) in zip(opts_list, models):
+    key = cache_lib.CacheKey(
+        arch=arch, arch_options=arch_options,
+        weights_sha256=meta.get("weights_sha256") or weights.sha256_file(opts["weights"]),
+        dataset=dataset, split=split, preprocessing=preset_name,
+        representation=opts["representation"], dtype=opts["dtype"])
+    if opts["images"] and opts["cache"] and jax.process_index() == 0:
+      # Fixing the image that stopped an earlier run changed the folder's
+      # fingerprint (a new key): that run's interrupted entry is dead weight.
+      for stale in cache_lib.remove_superseded(opts["cache"], key,
+                                               f"folder:{source.directory}:"):
+        logging.warning("feature cache: removed %s, an interrupted extraction of "
+                        "an earlier state of %s", stale, source.directory)
+    specs.append(extract_lib.ModelSpec(
+        model, variables, opts["representation"], opts["dtype"], key,
+        dict(dataset=opts["dataset"] or dataset, data_dir=opts["data_dir"],
+             # the released checkpoint the weights were converted from
+             checkpoint_sha256=meta.get("checkpoint_sha256"),
+             images=opts["images"] and os.path.abspath(opts["images"]),
+             # label space, preprocessing detail of a registry dataset
+             source=described)))
+  results = extract_lib.extract_many(
+      specs, source, preset, batch_size_per_device=first["batch_size_per_device"],
+      num_threads=first["num_threads"], decode_backend=first["decode_backend"],
+      cache_root=first["cache"], steps_per_shard=first["steps_per_shard"],
+      progress=first["progress"])
+  if jax.process_index() != 0:
+    return [None] * len(opts_list)
+  summaries = []
+  for opts, result in zip(opts_list, results):
+    fs = result.features
+    if opts["out"]:
+      if result.stats.input is not None and opts.get("input_stats_in_meta"):
+        # Was this run input-bound? (not part of the cache entry's provenance)
+        fs.meta["input_pipeline"] = dict(result.stats.input,
+                                         decode_backend=opts["decode_backend"])
+      features_io.save(opts["out"], fs)
+      logging.info("wrote %s: %s features", opts["out"], fs.features.shape)
+    summaries.append(dict(
+        out=opts["out"], cache_entry=result.entry_dir,
+        num_examples=int(fs.features.shape[0]), dim=int(fs.features.shape[1]),
+        shards_reused=result.stats.shards_reused,
+        shards_computed=result.stats.shards_computed,
+        seconds=round(result.stats.seconds, 3), input_pipeline=result.stats.input))
+  return summaries
+
+
+def _check_options(opts: dict[str, Any]) -> None:
+  """The checks of one model's options that need no file."""
   if not opts["weights"]:
     raise ValueError("--weights is required (a .npz written by `sslbench-jax convert`)")
   if bool(opts["images"]) == bool(opts["dataset"]):
@@ -113,72 +235,6 @@ def run(opts: dict[str, Any]) -> dict[str, Any] | None:
     raise ValueError(f"--dataset {opts['dataset']} needs --split")
   if opts["batch_size_per_device"] < 1 or opts["steps_per_shard"] < 1:
     raise ValueError("--batch_size_per_device and --steps_per_shard must be >= 1")
-
-  variables, meta = weights.load_variables(opts["weights"])
-  arch = meta.get("arch")
-  if opts["arch"] and arch and opts["arch"] != arch:
-    raise ValueError(f"--arch {opts['arch']} but {opts['weights']} holds {arch} "
-                     "(see its .json sidecar)")
-  arch = opts["arch"] or arch
-  if not arch:
-    raise ValueError(f"{opts['weights']} has no arch in its sidecar; pass --arch")
-  arch_options = meta.get("arch_options") or {}
-  model = registry.create_model(arch, **arch_options)
-  preset_name = opts["preprocessing"] or registry.default_preprocessing(arch)
-  preset = preprocess.get_preset(preset_name)
-
-  if opts["images"]:
-    from sslbench_jax.features import image_folder  # pylint: disable=g-import-not-at-top
-    source = image_folder.ImageFolder(opts["images"])
-    dataset, split = f"folder:{source.directory}:{source.fingerprint()}", ""
-  else:
-    # A data.dataset.Dataset preprocesses its images itself.
-    source, preset = _open_dataset(opts["dataset"], opts["split"], opts["data_dir"],
-                                   preset_name, bool(opts["preprocessing"])), None
-    dataset, split = opts["dataset"], opts["split"]
-    if opts["data_dir"]:
-      # Generic datasets ("folder", "csv") differ only by where they live.
-      dataset = f"{dataset}@{os.path.abspath(opts['data_dir'])}"
-  key = cache_lib.CacheKey(
-      arch=arch, arch_options=arch_options,
-      weights_sha256=meta.get("weights_sha256") or weights.sha256_file(opts["weights"]),
-      dataset=dataset, split=split, preprocessing=preset_name,
-      representation=opts["representation"], dtype=opts["dtype"])
-  if opts["images"] and opts["cache"] and jax.process_index() == 0:
-    # Fixing the image that stopped an earlier run changed the folder's
-    # fingerprint (a new key): that run's interrupted entry is dead weight.
-    for stale in cache_lib.remove_superseded(opts["cache"], key,
-                                             f"folder:{source.directory}:"):
-      logging.warning("feature cache: removed %s, an interrupted extraction of "
-                      "an earlier state of %s", stale, source.directory)
-  result = extract_lib.extract(
-      model, variables, source, preset, representation=opts["representation"],
-      dtype=opts["dtype"], batch_size_per_device=opts["batch_size_per_device"],
-      num_threads=opts["num_threads"], decode_backend=opts["decode_backend"],
-      cache_root=opts["cache"], key=key,
-      steps_per_shard=opts["steps_per_shard"], progress=opts["progress"],
-      meta=dict(dataset=opts["dataset"] or dataset, data_dir=opts["data_dir"],
-                # the released checkpoint the weights were converted from
-                checkpoint_sha256=meta.get("checkpoint_sha256"),
-                images=opts["images"] and os.path.abspath(opts["images"]),
-                # label space, preprocessing detail of a registry dataset
-                source=source.describe() if hasattr(source, "describe") else None))
-  fs = result.features
-  if jax.process_index() != 0:
-    return None
-  if opts["out"]:
-    if result.stats.input is not None and opts.get("input_stats_in_meta"):
-      # Was this run input-bound? (not part of the cache entry's provenance)
-      fs.meta["input_pipeline"] = dict(result.stats.input,
-                                       decode_backend=opts["decode_backend"])
-    features_io.save(opts["out"], fs)
-    logging.info("wrote %s: %s features", opts["out"], fs.features.shape)
-  return dict(out=opts["out"], cache_entry=result.entry_dir,
-              num_examples=int(fs.features.shape[0]), dim=int(fs.features.shape[1]),
-              shards_reused=result.stats.shards_reused,
-              shards_computed=result.stats.shards_computed,
-              seconds=round(result.stats.seconds, 3),
-              input_pipeline=result.stats.input)
 
 
 def _open_dataset(name: str, split: str, data_dir: str | None, preset_name: str,
