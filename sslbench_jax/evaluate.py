@@ -14,7 +14,8 @@ The config (a locked ``ml_collections`` file exposing ``get_config(arg)``; see
                       test_dataset, test_data_dir}
   protocols: name -> {type: classify|released_head|knn|linear|logreg|leastsquares|fewshot,
                       datasets: [...], plus the probe options of `sslbench-jax probe`}
-  extraction: {representation, dtype, batch_size_per_device, steps_per_shard}
+  extraction: {representation, dtype, batch_size_per_device, steps_per_shard,
+               [models_per_pass]}
   analysis:  {n_boot, n_perm}
   seed
 
@@ -95,7 +96,12 @@ _MODEL_KEYS = {"arch", "checkpoint", "select", "allow_missing", "options",
 _OPTIONAL_MODEL_KEYS = {"representation", "protocols", "head", "preprocessing"}
 _DATASET_KEYS = {"dataset", "train_split", "test_split", "data_dir", "preprocessing",
                  "test_dataset", "test_data_dir"}
-_EXTRACTION_KEYS = {"representation", "dtype", "batch_size_per_device", "steps_per_shard"}
+_EXTRACTION_KEYS = {"representation", "dtype", "batch_size_per_device", "steps_per_shard",
+                    "models_per_pass"}
+# ``models_per_pass``: at most this many (model, representation) feature sets
+# extracted in one decode pass over a split (1: one pass per model).
+_OPTIONAL_EXTRACTION_KEYS = {"models_per_pass"}
+MODELS_PER_PASS = 8  # default of config.extraction.models_per_pass
 _TOP_KEYS = {"models", "datasets", "protocols", "extraction", "analysis", "seed"}
 # The runner fills these from the model/dataset sections.
 _PROBE_KEYS_SET_BY_RUNNER = {"features_train", "features_test", "protocol", "model",
@@ -212,8 +218,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _int_at_least(config.seed, 0, "config.seed")
   ex = _mapping(config.extraction, "config.extraction")
   check_keys(ex, _EXTRACTION_KEYS, "config.extraction")
-  for key in sorted(_EXTRACTION_KEYS):
+  for key in sorted(_EXTRACTION_KEYS - _OPTIONAL_EXTRACTION_KEYS):
     _section(ex, key, "config.extraction")
+  _int_at_least(ex.get("models_per_pass", MODELS_PER_PASS), 1,
+                "config.extraction.models_per_pass")
   if ex.dtype not in extract.DTYPES:
     raise ValueError(f"config.extraction.dtype={ex.dtype!r} unknown; known: "
                      f"{', '.join(extract.DTYPES)}")
@@ -674,23 +682,42 @@ def _feature_stems(datasets: ml_collections.ConfigDict) -> dict[_Split, str]:
   return stems
 
 
-def _features(weights_path: str, s: _Split, representation: str, config,
-              workdir: str, tag: str) -> str:
-  """Extracts (or reads from the cache) one split's features into ``features/tag.npz``."""
+def _features_options(weights_path: str, s: _Split, representation: str, config,
+                      workdir: str, tag: str) -> dict[str, Any]:
+  """``sslbench-jax features`` options writing one split's ``features/tag.npz``."""
   from sslbench_jax.features import command as features_command  # pylint: disable=g-import-not-at-top
-  from sslbench_jax.features import multihost  # pylint: disable=g-import-not-at-top
-  out = os.path.join(workdir, "features", f"{tag}.npz")
   opts = features_command.default_options()
   opts.update(weights=weights_path, dataset=s.dataset, split=s.split, data_dir=s.data_dir,
-              out=out, cache=os.path.join(workdir, "cache"),
+              out=os.path.join(workdir, "features", f"{tag}.npz"),
+              cache=os.path.join(workdir, "cache"),
               representation=representation, preprocessing=s.preprocessing,
               dtype=config.extraction.dtype,
               batch_size_per_device=config.extraction.batch_size_per_device,
               steps_per_shard=config.extraction.steps_per_shard)
-  features_command.run(opts)
-  # Process 0 writes the file; the others must not read it before it exists.
-  multihost.sync(f"features {tag}")
-  return out
+  return opts
+
+
+def _features(weights_path: str, s: _Split, representation: str, config,
+              workdir: str, tag: str) -> str:
+  """Extracts (or reads from the cache) one split's features into ``features/tag.npz``."""
+  return _features_many([(weights_path, s, representation, tag)], config, workdir)[0]
+
+
+def _features_many(items: list[tuple[str, _Split, str, str]], config,
+                   workdir: str) -> list[str]:
+  """``_features`` for (weights, split, representation, tag) items of one source.
+
+  The items share the dataset split and effective preprocessing; their images
+  are decoded once (``features.command.run_many``), each file is the one
+  ``_features`` writes alone.
+  """
+  from sslbench_jax.features import command as features_command  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.features import multihost  # pylint: disable=g-import-not-at-top
+  opts_list = [_features_options(w, s, r, config, workdir, tag) for w, s, r, tag in items]
+  features_command.run_many(opts_list)
+  # Process 0 writes the files; the others must not read them before they exist.
+  multihost.sync(f"features {items[0][3]}" + (f" +{len(items) - 1}" if len(items) > 1 else ""))
+  return [o["out"] for o in opts_list]
 
 
 def _needed_features(config: ml_collections.ConfigDict) -> set[tuple[_Split, str]]:
@@ -993,6 +1020,11 @@ def iterate(config: ml_collections.ConfigDict, workdir: str, progress: _Progress
   earlier rows are removed from ``DIR/results.jsonl`` (process 0) before it
   runs again; the log says what changed.
 
+  Every model is converted first; then the feature files of the steps that
+  will run (none for steps already done) are made before any protocol runs,
+  one decode pass per (split, effective preprocessing) for up to
+  ``config.extraction.models_per_pass`` models (``_extract_passes``).
+
   Yields:
     ``(step key, step inputs, result rows)`` per step run.
   """
@@ -1010,6 +1042,8 @@ def iterate(config: ml_collections.ConfigDict, workdir: str, progress: _Progress
   store_path = os.path.join(workdir, "results.jsonl")
 
   def features(model_name: str, s: _Split, representation: str) -> str:
+    # Normally filled by the grouped passes below; a file they did not make
+    # (none expected) is made here, alone.
     if (model_name, s, representation) not in made:
       tag = f"{model_name}__{stems[s]}__{representation}"
       val = _real_val_split(s, stems)
@@ -1023,58 +1057,158 @@ def iterate(config: ml_collections.ConfigDict, workdir: str, progress: _Progress
           _weights_path(workdir, model_name), s, representation, config, workdir, tag)
     return made[model_name, s, representation]
 
+  # Every model first: the plan needs each one's sidecar (its step inputs).
   for model_name, m in config.models.items():
     if jax.process_index() == 0:
       _convert(model_name, m, workdir)
     multihost.sync(f"convert {model_name}")
-    weights_path = _weights_path(workdir, model_name)
-    weights_meta = _sidecar(weights_path)
-    rep = _model_representation(config, m)
+  metas = {name: _sidecar(_weights_path(workdir, name)) for name in config.models}
+  plan = []  # (model name, protocol name, dataset entry, step, inputs, why)
+  wanted: dict[tuple[str, _Split, str], None] = {}  # features of the steps to run
+  for model_name, m in config.models.items():
     for proto_name, p in config.protocols.items():
       if m.get("protocols") is not None and proto_name not in m.protocols:
         continue
       for ds_name in p.datasets:
         step = progress.key(model_name, proto_name, ds_name)
-        inputs = _step_inputs(config, m, weights_meta, p, config.datasets[ds_name])
+        inputs = _step_inputs(config, m, metas[model_name], p, config.datasets[ds_name])
         why = progress.why_run(step, _fingerprint(inputs), inputs)
-        if why is None:
-          logging.info("%s: done in an earlier run with the same inputs, skipped", step)
-          continue
-        if step in progress.done:
-          logging.warning("%s: %s", step, why)
-          if jax.process_index() == 0:
-            progress.forget(step, store_path)
-        else:
-          logging.info("%s: running (%s)", step, why)
-        train_split, test_split = _model_splits(m, config.datasets[ds_name])
-        if p.type == "classify":
-          base = dict(model=model_name, dataset=test_split.dataset, split=test_split.split,
-                      protocol="classify", hparams={}, seed=config.seed,
-                      device_count=jax.device_count(),
-                      checkpoint_sha256=weights_meta.get("checkpoint_sha256", ""))
-          yield step, inputs, _classify_rows(features(model_name, test_split, "logits"), base)
-          continue
-        if p.type == "released_head":
-          base = dict(model=model_name, dataset=test_split.dataset, split=test_split.split,
-                      protocol=proto_name, hparams={}, seed=config.seed,
-                      device_count=jax.device_count(),
-                      checkpoint_sha256=weights_meta.get("checkpoint_sha256", ""))
-          test_path = features(model_name, test_split, _head_representation(weights_meta))
-          yield step, inputs, _released_head_rows(test_path, weights_path, base)
-          continue
-        opts = probe_command.default_options()
-        opts.update({k: v for k, v in p.items() if k not in ("type", "datasets")})
-        opts.update(features_train=features(model_name, train_split, rep),
-                    features_test=features(model_name, test_split, rep), protocol=p.type,
-                    model=model_name, dataset=test_split.dataset, seed=config.seed)
-        rows = probe_command.run(opts)
-        for row in rows:
-          row["hparams"] = dict(row["hparams"], representation=rep, checkpoint=m.checkpoint,
-                                protocol_type=row["protocol"],
-                                train_dataset=train_split.dataset,
-                                train_split=train_split.split)
-          row["protocol"] = _label(proto_name, row, len(opts["knn_k"]))
-        yield step, inputs, rows
+        plan.append((model_name, proto_name, ds_name, step, inputs, why))
+        if why is not None:
+          for s, r in _step_features(config, m, metas[model_name], p,
+                                     config.datasets[ds_name]):
+            wanted[model_name, s, r] = None
+  made.update(_extract_passes(config, workdir, metas, stems, needed, list(wanted)))
+
+  for model_name, proto_name, ds_name, step, inputs, why in plan:
+    m, p = config.models[model_name], config.protocols[proto_name]
+    weights_path = _weights_path(workdir, model_name)
+    weights_meta = metas[model_name]
+    rep = _model_representation(config, m)
+    if why is None:
+      logging.info("%s: done in an earlier run with the same inputs, skipped", step)
+      continue
+    if step in progress.done:
+      logging.warning("%s: %s", step, why)
+      if jax.process_index() == 0:
+        progress.forget(step, store_path)
+    else:
+      logging.info("%s: running (%s)", step, why)
+    train_split, test_split = _model_splits(m, config.datasets[ds_name])
+    if p.type == "classify":
+      base = dict(model=model_name, dataset=test_split.dataset, split=test_split.split,
+                  protocol="classify", hparams={}, seed=config.seed,
+                  device_count=jax.device_count(),
+                  checkpoint_sha256=weights_meta.get("checkpoint_sha256", ""))
+      yield step, inputs, _classify_rows(features(model_name, test_split, "logits"), base)
+      continue
+    if p.type == "released_head":
+      base = dict(model=model_name, dataset=test_split.dataset, split=test_split.split,
+                  protocol=proto_name, hparams={}, seed=config.seed,
+                  device_count=jax.device_count(),
+                  checkpoint_sha256=weights_meta.get("checkpoint_sha256", ""))
+      test_path = features(model_name, test_split, _head_representation(weights_meta))
+      yield step, inputs, _released_head_rows(test_path, weights_path, base)
+      continue
+    opts = probe_command.default_options()
+    opts.update({k: v for k, v in p.items() if k not in ("type", "datasets")})
+    opts.update(features_train=features(model_name, train_split, rep),
+                features_test=features(model_name, test_split, rep), protocol=p.type,
+                model=model_name, dataset=test_split.dataset, seed=config.seed)
+    rows = probe_command.run(opts)
+    for row in rows:
+      row["hparams"] = dict(row["hparams"], representation=rep, checkpoint=m.checkpoint,
+                            protocol_type=row["protocol"],
+                            train_dataset=train_split.dataset,
+                            train_split=train_split.split)
+      row["protocol"] = _label(proto_name, row, len(opts["knn_k"]))
+    yield step, inputs, rows
+
+
+def _step_features(config: ml_collections.ConfigDict, m: ml_collections.ConfigDict,
+                   weights_meta: dict[str, Any], p: ml_collections.ConfigDict,
+                   d: ml_collections.ConfigDict) -> list[tuple[_Split, str]]:
+  """The (split, representation) feature files one step reads (as ``iterate`` does)."""
+  train, test = _model_splits(m, d)
+  if p.type == "classify":
+    return [(test, "logits")]
+  if p.type == "released_head":
+    return [(test, _head_representation(weights_meta))]
+  rep = _model_representation(config, m)
+  return [(train, rep), (test, rep)]
+
+
+def _extract_passes(config: ml_collections.ConfigDict, workdir: str,
+                    metas: dict[str, dict[str, Any]], stems: dict[_Split, str],
+                    needed: set[tuple[_Split, str]],
+                    wanted: list[tuple[str, _Split, str]]
+                    ) -> dict[tuple[str, _Split, str], str]:
+  """Makes the feature files of ``wanted`` (model, split, representation).
+
+  ReaL files are cut out of the val features when the run needs those anyway
+  (``_derive_real``); the rest -- val included -- are extracted in passes that
+  each decode one split once for up to ``config.extraction.models_per_pass``
+  (model, representation) pairs sharing that split and its effective
+  preprocessing (``_extract_grouped``). ReaL files that cannot be derived are
+  extracted in a second round.
+
+  Returns:
+    ``{(model, split, representation): feature file}``.
+  """
+  made: dict[tuple[str, _Split, str], str] = {}
+  direct: dict[tuple[str, _Split, str], None] = {}
+  derived = []
+  for model_name, s, r in wanted:
+    val = _real_val_split(s, stems)
+    if val is not None and (val, r) in needed:
+      derived.append((model_name, s, r, val))
+      direct[model_name, val, r] = None
+    else:
+      direct[model_name, s, r] = None
+  made.update(_extract_grouped(config, workdir, metas, stems, list(direct)))
+  leftover = []
+  for model_name, s, r, val in derived:
+    path = _derive_real(made[model_name, val, r], s, workdir,
+                        f"{model_name}__{stems[s]}__{r}")
+    if path:
+      made[model_name, s, r] = path
+    else:
+      leftover.append((model_name, s, r))
+  made.update(_extract_grouped(config, workdir, metas, stems, leftover))
+  return made
+
+
+def _extract_grouped(config: ml_collections.ConfigDict, workdir: str,
+                     metas: dict[str, dict[str, Any]], stems: dict[_Split, str],
+                     items: list[tuple[str, _Split, str]]
+                     ) -> dict[tuple[str, _Split, str], str]:
+  """Extracts ``items`` in as few decode passes as ``models_per_pass`` allows.
+
+  Items are grouped by what the decoded images depend on: dataset, data_dir,
+  split and the effective preprocessing preset (the split's, else the model
+  architecture's default, as ``sslbench-jax features`` resolves it); each
+  group is cut into passes of at most ``models_per_pass`` items, in order.
+  """
+  from sslbench_jax.backbones import registry  # pylint: disable=g-import-not-at-top
+  per_pass = config.extraction.get("models_per_pass", MODELS_PER_PASS)
+  groups: dict[tuple[Any, ...], list[tuple[str, _Split, str]]] = {}
+  for model_name, s, r in items:
+    arch = metas[model_name].get("arch") or config.models[model_name].arch
+    preset = s.preprocessing or registry.default_preprocessing(arch)
+    groups.setdefault((s.dataset, s.data_dir, s.split, preset), []).append(
+        (model_name, s, r))
+  passes = [(k, g[i:i + per_pass]) for k, g in groups.items()
+            for i in range(0, len(g), per_pass)]
+  made = {}
+  for n, ((dataset, _, split, preset), group) in enumerate(passes, 1):
+    logging.info("features pass %d/%d: %s %s (%s), %d model(s) in one decode pass: %s",
+                 n, len(passes), dataset, split, preset, len(group),
+                 ", ".join(f"{name}/{r}" for name, _, r in group))
+    paths = _features_many(
+        [(_weights_path(workdir, name), s, r, f"{name}__{stems[s]}__{r}")
+         for name, s, r in group], config, workdir)
+    made.update({item: path for item, path in zip(group, paths)})
+  return made
 
 
 def _label(proto_name: str, row: dict[str, Any], num_ks: int) -> str:

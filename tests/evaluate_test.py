@@ -280,14 +280,14 @@ def _variants_config(data):
 def _run_counting_extractions(config, workdir):
   """evaluate.run, recording every (dataset, split, representation) extracted."""
   from sslbench_jax.features import command as features_command  # pylint: disable=g-import-not-at-top
-  calls, real_run = [], features_command.run
+  calls, real_run = [], features_command.run_many
 
-  def spy(opts):
-    calls.append((opts["dataset"], opts["split"], opts["representation"]))
-    return real_run(opts)
+  def spy(opts_list):
+    calls.extend((o["dataset"], o["split"], o["representation"]) for o in opts_list)
+    return real_run(opts_list)
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(features_command, "run", spy)
+    mp.setattr(features_command, "run_many", spy)
     summary = evaluate.run(config, workdir)
   return summary, calls
 
