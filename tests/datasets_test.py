@@ -231,6 +231,8 @@ _ALL = {
     "imagenet_a": (1000, False, ("subset_top1", "top1"), 200),
     "imagenet_sketch": (1000, False, ("top1",), None),
     "imagenet_samples": (1000, False, ("top1",), None),
+    # Tsipras et al.'s 9 "Restricted ImageNet" superclasses of the samples (demo).
+    "imagenet_samples_restricted": (9, False, ("top1",), None),
     "inat2021_mini_family": (1103, False, ("top1",), None),
     "cub200": (200, False, ("top1",), None),
     "voc2012": (21, False, ("top1",), None),
@@ -238,6 +240,7 @@ _ALL = {
     **{f"domainnet_{d}": (345, False, ("top1",), None)
        for d in ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")},
     "fashion_mnist": (10, False, ("top1",), None),
+    "fashion_mnist_small": (10, False, ("top1",), None),
     "digits": (10, False, ("top1",), None),
     "folder": (None, False, ("top1",), None),
     "csv": (None, False, ("top1",), None),
