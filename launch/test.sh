@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
-exec .venv/bin/python -m pytest -n 2 --dist loadfile -q "$@"
+exec .venv/bin/python -m pytest -n 2 --dist loadfile -q --durations=25 "$@"
