@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+import _synthetic as synthetic
 from sslbench_jax.analysis import _command_common
-from sslbench_jax.analysis import synthetic
 from sslbench_jax.analysis import table as table_lib
 from sslbench_jax.results import store
 

@@ -9,9 +9,9 @@ import pytest
 from scipy import stats as sps
 
 from conftest import SHARED
+import _synthetic as synthetic
 from sslbench_jax.analysis import report
 from sslbench_jax.analysis import summary
-from sslbench_jax.analysis import synthetic
 from sslbench_jax.analysis import table as table_lib
 
 REFERENCE = os.path.join(SHARED, "reference")

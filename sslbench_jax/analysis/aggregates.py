@@ -115,18 +115,6 @@ def aggregates(table: ResultsTable) -> list[dict]:
   return rows
 
 
-def dataset_ranks(table: ResultsTable, protocol: str) -> tuple[list[str], list[str], np.ndarray]:
-  """Per-dataset ranks of the models under one protocol.
-
-  Returns:
-    (models, datasets, ranks (M, D); 1 = best; NaN where missing).
-  """
-  datasets = table.benchmark_datasets
-  models = table.models
-  v, _ = table.matrix(protocol, datasets, models)
-  return models, datasets, stats.average_ranks(v.T, descending=True).T
-
-
 def rank_changes(table: ResultsTable) -> list[dict]:
   """Rank of every model on ImageNet val vs on each ImageNet variant.
 

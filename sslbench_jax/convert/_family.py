@@ -163,7 +163,3 @@ def dense_kernel(weight: np.ndarray) -> np.ndarray:
   """PyTorch linear weight (out, in) -> Flax kernel (in, out)."""
   return np.transpose(weight, (1, 0))
 
-
-def strip_prefix(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-  """Keys starting with ``prefix``, with it removed; other keys dropped."""
-  return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
