@@ -17,11 +17,14 @@ import csv
 import os
 from typing import Any, Sequence
 
+# The file endings torchvision's ImageFolder accepts (its ``IMG_EXTENSIONS``),
+# matched case-insensitively; the one list for every image folder we read.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff",
-                    ".webp", ".gif")
+                    ".webp")
 
 
-def _is_image(name: str) -> bool:
+def is_image_file(name: str) -> bool:
+  """True if ``name`` ends (any case) with one of ``IMAGE_EXTENSIONS``."""
   return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
@@ -53,7 +56,7 @@ class FolderSource:
       # ImageFolder's order: walk results sorted by directory path string.
       for dirpath, _, files in sorted(os.walk(folder, followlinks=True)):
         for f in sorted(files):
-          if _is_image(f):
+          if is_image_file(f):
             self.samples.append((os.path.join(dirpath, f), class_to_index[c]))
     if not self.samples:
       raise FileNotFoundError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")

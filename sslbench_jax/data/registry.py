@@ -266,7 +266,7 @@ def _wnid_prefixed_files(split, data_dir):
   index = {w: i for i, w in enumerate(label_spaces.imagenet_wnids())}
   samples = []
   for name in sorted(os.listdir(data_dir)):
-    if not folder_source._is_image(name):  # pylint: disable=protected-access
+    if not folder_source.is_image_file(name):
       continue
     wnid = name.split("_", 1)[0]
     if wnid not in index:

@@ -11,10 +11,8 @@ import hashlib
 import os
 from typing import Any
 
+from sslbench_jax.data import folder_source
 from sslbench_jax.data import images
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".tif",
-                    ".tiff", ".webp")
 
 
 class ImageFolder:
@@ -33,10 +31,11 @@ class ImageFolder:
     for root, dirs, names in os.walk(self.directory):
       dirs[:] = [d for d in dirs if not d.startswith(".")]
       for name in names:
-        if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+        if folder_source.is_image_file(name) and not name.startswith("."):
           files.append(os.path.relpath(os.path.join(root, name), self.directory))
     if not files:
-      raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {directory}")
+      raise ValueError(f"no images ({', '.join(folder_source.IMAGE_EXTENSIONS)}) "
+                       f"in {directory}")
     self.files = sorted(files)
 
   def __len__(self) -> int:
