@@ -2,7 +2,7 @@
 
 Each subcommand lives in its own module exposing ``define_flags()`` (absl
 flags, defined only when that subcommand runs so names never clash) and
-``main(argv)``. absl parses the flags, so grain workers see them parsed.
+``main(argv)``.
 
 Exit codes, the same for every subcommand (enforced here, once):
 

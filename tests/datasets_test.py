@@ -1,4 +1,4 @@
-"""Dataset registry, sources, corrupt-image policy and the batch loader.
+"""Dataset registry, sources, corrupt-image policy and training augmentation.
 
 TFDS-backed entries are tested two ways: with ``tfds.testing.mock_data``
 (which backs ``tfds.data_source`` without TensorFlow, decoded images only) and
@@ -23,7 +23,6 @@ from sslbench_jax.data import array_source
 from sslbench_jax.data import augment
 from sslbench_jax.data import images
 from sslbench_jax.data import label_spaces
-from sslbench_jax.data import loader
 from sslbench_jax.data import preprocess
 from sslbench_jax.data import registry
 from sslbench_jax.data import sharding
@@ -369,10 +368,11 @@ def test_corrupt_image_error_and_skip(tmp_path):
   with pytest.raises(ValueError, match="on_corrupt"):
     registry.open_dataset("folder", "train", data_dir=str(tmp_path / "c"), on_corrupt="ignore")
   ds = registry.open_dataset("folder", "train", data_dir=str(tmp_path / "c"), on_corrupt="skip")
-  batch = next(loader.batches(ds, 4, num_shards=1, shard_index=0, num_threads=2))
-  np.testing.assert_array_equal(batch["mask"], [True, False, False, False])
-  np.testing.assert_array_equal(batch["index"], [0, 1, 2, -1])
-  assert not batch["image"][1:].any()
+  got = [ds.get(i) for i in range(len(ds))]
+  assert [e["mask"] for e in got] == [True, False, False]
+  assert [e["index"] for e in got] == [0, 1, 2]
+  assert got[0]["image"].any() and not any(e["image"].any() for e in got[1:])
+  assert all(e["image"].shape == got[0]["image"].shape for e in got)
   report = ds.corrupt_report()
   assert report["num_corrupt"] == 2
   assert [e["id"] for e in report["examples"]] == ["cls/b_truncated.jpg", "cls/c_garbage.jpg"]
@@ -511,34 +511,21 @@ def test_inaturalist_family_labels(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# Loader.
+# Training augmentation through the dataset.
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_loader_batches_equal_get(num_workers):
-  ds = registry.open_dataset("digits", "test", preprocessing="no_norm")
-  plan = sharding.shard_plan(len(ds), 64, 2, 1, "strided")
-  got = [{k: np.array(v) for k, v in b.items()}
-         for b in loader.iterate_batches(ds, plan, num_threads=3, num_workers=num_workers)]
-  assert len(got) == plan.steps
-  for b, idx in zip(got, plan.indices):
-    np.testing.assert_array_equal(b["index"], idx)
-    for j, i in enumerate(idx):
-      if i < 0:
-        assert not b["mask"][j] and b["label"][j] == -1 and b["id"][j] == ""
-        continue
-      ex = ds.get(i)
-      np.testing.assert_array_equal(b["image"][j], ex["image"])
-      assert b["label"][j] == ex["label"] and b["id"][j] == ex["id"] and b["mask"][j]
-
-
-def test_loader_train_augment_epochs():
+def test_dataset_train_augment_epochs():
   aug = augment.make_train_augment("no_norm", size=16)
   ds = registry.open_dataset("digits", "test", preprocessing=aug, seed=3)
-  b0 = next(loader.batches(ds, 8, num_shards=1, shard_index=0, epoch=0))
-  b0_again = next(loader.batches(ds, 8, num_shards=1, shard_index=0, epoch=0, num_threads=1))
-  b1 = next(loader.batches(ds, 8, num_shards=1, shard_index=0, epoch=1))
-  np.testing.assert_array_equal(b0["image"], b0_again["image"])
-  assert not np.array_equal(b0["image"], b1["image"])
-  assert b0["image"].shape == (8, 16, 16, 3)
+  b0 = np.stack([ds.get(i, epoch=0)["image"] for i in range(8)])
+  b0_again = np.stack([ds.get(i, epoch=0)["image"] for i in reversed(range(8))])[::-1]
+  b1 = np.stack([ds.get(i, epoch=1)["image"] for i in range(8)])
+  np.testing.assert_array_equal(b0, b0_again)
+  assert not np.array_equal(b0, b1)
+  assert b0.shape == (8, 16, 16, 3)
+  # the augmentation of example i in epoch e is the one seeded (seed, e, i)
+  raw = registry.open_dataset("digits", "test", preprocessing="no_norm")
+  for i in (0, 5):
+    img = images.to_pil(*[raw.source.read(i)[k] for k in (0, 2)])
+    np.testing.assert_array_equal(b1[i], aug(img, seed=3, epoch=1, index=i))
   assert ds.describe()["preprocessing_detail"]["seed"] == 3

@@ -1,7 +1,7 @@
 """Datasets, torchvision-exact preprocessing, label spaces and sharded input.
 
-Public surface (the batch loader lives in ``sslbench_jax.data.loader``, which
-imports grain, so it is not imported here)::
+Public surface (batches are made by their consumers: ``features/_pipeline.py``
+for extraction, ``finetune/input.py`` for training with ``augment.py``)::
 
   from sslbench_jax import data
   ds = data.open_dataset("cifar100", "test", data_dir=...)   # registry.py

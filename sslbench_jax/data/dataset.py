@@ -96,8 +96,8 @@ class Dataset:
     return len(self.source)
 
   def __getstate__(self):
-    # Picklable for grain worker processes (the lock is per process; skips
-    # counted in a worker stay there, but show up as mask=False in batches).
+    # Picklable for worker processes (the lock is per process; skips counted
+    # in a worker stay there, but show up as mask=False in its examples).
     state = dict(self.__dict__)
     del state["_lock"]
     return state
@@ -157,12 +157,6 @@ class Dataset:
       self._blank = np.zeros_like(self._transform(Image.new("RGB", (8, 8)), 0, 0),
                                   dtype=np.float32)
     return self._blank
-
-  def blank_label(self) -> Any:
-    """The label of padding entries: -1, or an all-zero multi-hot vector."""
-    if self.label_space.multi_label:
-      return np.zeros(self.label_space.num_classes, np.int8)
-    return -1
 
   def corrupt_report(self) -> dict[str, Any]:
     """Corrupt images skipped so far: count and (index, id, error) entries."""
