@@ -192,3 +192,21 @@ def test_corrupt_image_then_fixed_leaves_no_stale_cache_state(setup, tmp_path):
        "--preprocessing", "smoke_32", "--batch_size_per_device", "1")  # clean, uncached
   np.testing.assert_array_equal(features_io.load(str(out)).features,
                                 features_io.load(str(fresh)).features)
+
+
+def test_default_options_are_the_flag_defaults():
+  """``run``'s defaults and the CLI's are one definition (the flag table)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.features import command  # pylint: disable=g-import-not-at-top
+  assert command.default_options() == dict(
+      weights=None, arch=None, images=None, dataset=None, split=None,
+      data_dir=None, out=None, cache=None, representation="pre_logits",
+      preprocessing=None, dtype="float32", batch_size_per_device=64,
+      num_threads=None, decode_backend="threads", steps_per_shard=16,
+      coordinator_address=None, num_processes=None, process_id=None,
+      progress=True)
+  fv = flags.FlagValues()
+  command._define_flags(fv)  # pylint: disable=protected-access
+  fv(["features", "--dtype=bfloat16", "--noprogress"])
+  parsed = {name: fv[name].value for name in command.default_options()}
+  assert parsed == dict(command.default_options(), dtype="bfloat16", progress=False)

@@ -33,31 +33,37 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Defines this subcommand's absl flags."""
-  flags.DEFINE_string("weights", None, "converted weights .npz (with its .json sidecar)")
-  flags.DEFINE_string("arch", None, "architecture; default: the weights' sidecar")
-  flags.DEFINE_string("images", None, "folder of images (recursive); ids = relative paths")
-  flags.DEFINE_string("dataset", None, "dataset name (instead of --images)")
-  flags.DEFINE_string("split", None, "dataset split, with --dataset")
-  flags.DEFINE_string("data_dir", None, "dataset root, with --dataset")
-  flags.DEFINE_string("out", None, "output feature .npz (features, labels, ids, meta)")
-  flags.DEFINE_string("cache", None, "feature cache directory (sharded, resumable)")
-  flags.DEFINE_string("representation", "pre_logits",
-                      "model output to keep: pre_logits, cls, last4_cls, patch_mean, ...")
-  flags.DEFINE_string("preprocessing", None,
-                      "preprocessing preset; default: the architecture's")
-  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
-  flags.DEFINE_integer("batch_size_per_device", 64, "images per device and step")
-  flags.DEFINE_integer("num_threads", None,
-                       "image decode workers (default: CPU count)")
+  _define_flags(FLAGS)
+
+
+def _define_flags(fv: flags.FlagValues) -> None:
+  # The one definition of the options and their defaults: default_options()
+  # reads them back from a private FlagValues.
+  string, integer = flags.DEFINE_string, flags.DEFINE_integer
+  kw = {"flag_values": fv}
+  string("weights", None, "converted weights .npz (with its .json sidecar)", **kw)
+  string("arch", None, "architecture; default: the weights' sidecar", **kw)
+  string("images", None, "folder of images (recursive); ids = relative paths", **kw)
+  string("dataset", None, "dataset name (instead of --images)", **kw)
+  string("split", None, "dataset split, with --dataset", **kw)
+  string("data_dir", None, "dataset root, with --dataset", **kw)
+  string("out", None, "output feature .npz (features, labels, ids, meta)", **kw)
+  string("cache", None, "feature cache directory (sharded, resumable)", **kw)
+  string("representation", "pre_logits",
+         "model output to keep: pre_logits, cls, last4_cls, patch_mean, ...", **kw)
+  string("preprocessing", None, "preprocessing preset; default: the architecture's", **kw)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype", **kw)
+  integer("batch_size_per_device", 64, "images per device and step", **kw)
+  integer("num_threads", None, "image decode workers (default: CPU count)", **kw)
   flags.DEFINE_enum("decode_backend", "threads", ["threads", "processes"],
                     "decode workers: threads, or forked processes writing into "
-                    "shared memory (same pixels, same order)")
-  flags.DEFINE_integer("steps_per_shard", 16, "steps per cache shard and process")
-  flags.DEFINE_string("coordinator_address", None,
-                      "multi-host: host:port of process 0's coordinator")
-  flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
-  flags.DEFINE_integer("process_id", None, "multi-host: index of this process")
-  flags.DEFINE_bool("progress", True, "show a progress bar (process 0)")
+                    "shared memory (same pixels, same order)", **kw)
+  integer("steps_per_shard", 16, "steps per cache shard and process", **kw)
+  string("coordinator_address", None,
+         "multi-host: host:port of process 0's coordinator", **kw)
+  integer("num_processes", None, "multi-host: number of processes", **kw)
+  integer("process_id", None, "multi-host: index of this process", **kw)
+  flags.DEFINE_bool("progress", True, "show a progress bar (process 0)", **kw)
 
 
 def main(argv: list[str]) -> None:
@@ -78,12 +84,9 @@ def main(argv: list[str]) -> None:
 
 def default_options() -> dict[str, Any]:
   """The options of ``run`` (the flags, by name) with their defaults."""
-  return dict(weights=None, arch=None, images=None, dataset=None, split=None,
-              data_dir=None, out=None, cache=None, representation="pre_logits",
-              preprocessing=None, dtype="float32", batch_size_per_device=64,
-              num_threads=None, decode_backend="threads", steps_per_shard=16,
-              coordinator_address=None,
-              num_processes=None, process_id=None, progress=True)
+  fv = flags.FlagValues()
+  _define_flags(fv)
+  return fv.flag_values_dict()
 
 
 def run(opts: dict[str, Any]) -> dict[str, Any] | None:
