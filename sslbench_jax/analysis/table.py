@@ -33,15 +33,15 @@ from absl import logging
 import numpy as np
 
 from sslbench_jax.analysis import names
+from sslbench_jax.metrics import primary as primary_lib
 
 REQUIRED_COLUMNS = ("model", "dataset", "split", "protocol", "metric", "value",
                     "n_examples")
-# The per-test-set main metric (``results.store.PRIMARY``; kept equal by a test
-# so that this module need not import the store at import time).
-PRIMARY = "primary"
+# The per-test-set main metric (defined once, ``metrics.primary``).
+PRIMARY = primary_lib.PRIMARY
 # Metrics whose presence makes ``primary`` the automatic choice: without them
 # every test set's primary metric is top1 and ``top1`` is kept as before.
-_PRIMARY_ONLY_METRICS = ("real_top1", "subset_top1", PRIMARY)
+_PRIMARY_ONLY_METRICS = primary_lib.SPECIFIC_METRICS + (PRIMARY,)
 
 
 @dataclasses.dataclass
@@ -264,7 +264,7 @@ def table_from_rows(rows: list[dict[str, str]], metric: str | None = "top1",
     family[model] = (r.get("method_family") or "").strip() or info.method_family
   if not acc:
     wanted = (f"metric {metric!r}" if metric != PRIMARY else
-              "a primary metric (real_top1, subset_top1 or top1)")
+              f"a primary metric ({', '.join(primary_lib.PRIMARY_METRICS)})")
     raise ValueError(f"{source}: no rows with {wanted}; "
                      f"metrics present: {sorted(metrics_seen)}")
   values, n_examples = {}, {}

@@ -4,13 +4,17 @@ The ImageNet metadata ships with the package (``sslbench_jax/data/meta``):
 sorted wnids (class index order), class names, ReaL labels, and the 200-class
 subsets of ImageNet-R and ImageNet-A as indices into the 1000 classes.
 
-Metric names (implemented in ``sslbench_jax.metrics``):
+Metric names (``METRICS``, defined and implemented in ``sslbench_jax.metrics``):
   * ``top1``: argmax over all logits equals the label.
   * ``real_top1``: argmax is in the example's ReaL label set (multi-hot);
     examples with an empty set are not part of the dataset (46,837 remain).
   * ``subset_top1``: logits restricted to ``subset`` before the argmax (the
     ImageNet-R / ImageNet-A protocol); ``top1`` is reported alongside.
   * ``mean_per_class``: mean over classes of per-class accuracy.
+
+``LabelSpace.to_json`` is what extraction records in every feature file
+(``meta["source"]["label_space"]``, class subset included), so that scoring
+(``metrics.scoring``) reads the label space from the file alone.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from importlib import resources
 
 import numpy as np
 
-METRICS = ("top1", "real_top1", "subset_top1", "mean_per_class")
+from sslbench_jax.metrics import label_space as scoring_space
+
+METRICS = scoring_space.METRICS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +41,8 @@ class LabelSpace:
     class_names: ``num_classes`` human-readable names.
     multi_label: labels are multi-hot ``(num_classes,)`` int8 vectors.
     subset: sorted class indices the dataset covers (R/A: 200 of 1000), or None.
-    metrics: metric names, the primary one first (see ``METRICS``).
+    metrics: metric names, the primary one first (see ``METRICS``; the
+      primary metric is ``metrics.primary.primary_metric``'s choice).
   """
   name: str
   num_classes: int
@@ -54,8 +61,8 @@ class LabelSpace:
 
   @property
   def metric(self) -> str:
-    """The primary metric."""
-    return self.metrics[0]
+    """The primary metric (``metrics.primary``: real_top1, subset_top1, else top1)."""
+    return self.for_scoring().primary
 
   def predict(self, logits: np.ndarray) -> np.ndarray:
     """Class predictions in the full label space under the primary metric.
@@ -75,12 +82,18 @@ class LabelSpace:
       return sub[np.argmax(logits[:, sub], axis=1)]
     return np.argmax(logits, axis=1)
 
+  def for_scoring(self) -> scoring_space.LabelSpace:
+    """What scoring needs of this space (``metrics.label_space.LabelSpace``)."""
+    return scoring_space.LabelSpace(
+        self.name, self.num_classes, tuple(self.metrics), self.multi_label,
+        None if self.subset is None else tuple(int(i) for i in self.subset))
+
   def to_json(self) -> dict:
-    """Provenance summary (class names omitted)."""
-    return {"name": self.name, "num_classes": self.num_classes,
-            "multi_label": self.multi_label,
-            "subset_size": None if self.subset is None else len(self.subset),
-            "metrics": list(self.metrics)}
+    """Provenance summary (class names omitted; the class subset included).
+
+    Feature files record it as ``meta["source"]["label_space"]``.
+    """
+    return self.for_scoring().to_json()
 
 
 def _meta_text(name: str) -> str:

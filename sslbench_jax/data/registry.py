@@ -50,6 +50,12 @@ class DatasetSpec:
     folder: ``(split, data_dir) -> Source`` or None.
     detect_folder: ``data_dir -> bool``: does data_dir hold the folder layout.
     prepare: how to obtain the data (shown in docs and errors).
+    folder_needs_dir: the folder backend needs ``data_dir``.
+    derived_from: registry name of the dataset this one is cut out of, split
+      for split (each split is a subset of the parent's split with the same
+      backend split, possibly relabelled: ImageNet ReaL is ImageNet-1k
+      validation minus the images with an empty ReaL set), or None. Its
+      features can be cut out of the parent's (``data.derived``).
   """
   name: str
   description: str
@@ -61,6 +67,7 @@ class DatasetSpec:
   detect_folder: Callable[[str], bool] | None = None
   prepare: str = ""
   folder_needs_dir: bool = True
+  derived_from: str | None = None
 
   def info(self) -> dict[str, Any]:
     """JSON-serialisable summary (label space without class names)."""
@@ -71,7 +78,8 @@ class DatasetSpec:
     return {"name": self.name, "description": self.description,
             "splits": sorted(set(self.splits)), "preprocessing": self.preprocessing,
             "backends": [b for b in ("tfds", "folder") if getattr(self, b)],
-            "label_space": ls, "prepare": self.prepare}
+            "label_space": ls, "prepare": self.prepare,
+            **({"derived_from": self.derived_from} if self.derived_from else {})}
 
 
 _REGISTRY: dict[str, DatasetSpec] = {}
@@ -353,7 +361,8 @@ register(DatasetSpec(
     folder=lambda split, d: _real_folder("val", d),
     detect_folder=_has("val"),
     prepare="Uses ImageNet-1k val (imagenet2012 in TFDS or <data_dir>/val/) and the "
-            "shipped ReaL labels. " + _IMAGENET_HINT))
+            "shipped ReaL labels. " + _IMAGENET_HINT,
+    derived_from="imagenet1k"))
 
 for _suffix, _config, _desc in (("", "matched-frequency", "MatchedFrequency"),
                                 ("_threshold", "threshold-0.7", "Threshold0.7"),

@@ -62,11 +62,53 @@ def _percent(num: np.ndarray, den: np.ndarray) -> float:
 # ----------------------------------------------------------------- top-k
 
 
-def topk(ks: Sequence[int] = (1, 5)) -> Metric:
+def ranked_hits(logits: jax.Array, labels: jax.Array, k: int, *,
+                positive_only: bool = False) -> jax.Array:
+  """Where the label sits among the ``k`` best-scored classes: THE top-k rule.
+
+  Every top-k of the package is this function (the test-set metrics, the
+  probes' selection, kNN's top-5, training-loop evaluation): classes are
+  ranked by score, ties towards the lower class index (``lax.top_k``, the
+  same order as a stable ``argsort`` of ``-scores``); with fewer than ``k``
+  classes every class is in the top ``k``.
+
+  Args:
+    logits: (B, C) scores.
+    labels: (B,) class indices (a label outside ``[0, C)``, e.g. -1, never hits).
+    k: how many classes count (>= 1).
+    positive_only: a class whose score is not > 0 never counts as a hit
+      (kNN: a class no neighbour voted for; with fewer than ``k`` voted
+      classes the top-k holds only those, which is what DINO's ``min(5, k)``
+      intends, whatever order a sort gives the zero-vote classes).
+
+  Returns:
+    (B, min(k, C)) bool: position j holds the label and counts.
+  """
+  if k < 1:
+    raise ValueError(f"top-k needs k >= 1, got {k}")
+  values, idx = jax.lax.top_k(logits, min(int(k), logits.shape[1]))
+  hit = idx == jnp.asarray(labels).astype(jnp.int32)[:, None]
+  if positive_only:
+    hit = hit & (values > 0)
+  return hit
+
+
+def topk_hits(logits: jax.Array, labels: jax.Array, k: int, *,
+              positive_only: bool = False) -> jax.Array:
+  """(B,) bool: the label is among the ``k`` best classes (``ranked_hits``).
+
+  Usable inside ``jit`` (training-loop evaluation); ``scoring.topk_correct``
+  runs it on NumPy arrays of any size.
+  """
+  return jnp.any(ranked_hits(logits, labels, k, positive_only=positive_only), axis=1)
+
+
+def topk(ks: Sequence[int] = (1, 5), *, positive_only: bool = False) -> Metric:
   """Top-k accuracy for each ``k`` in ``ks`` (single-label).
 
   Args:
     ks: k values, e.g. ``(1, 5)``.
+    positive_only: classes with a score <= 0 never count (``ranked_hits``).
 
   Returns:
     A ``Metric`` whose finaliser yields ``{"top1": %, "top5": %, ...}``.
@@ -74,21 +116,17 @@ def topk(ks: Sequence[int] = (1, 5)) -> Metric:
   ks = tuple(sorted({int(k) for k in ks}))
   if not ks or ks[0] < 1:
     raise ValueError(f"top-k needs k >= 1, got {ks}")
-  return _topk_cached(ks)
+  return _topk_cached(ks, bool(positive_only))
 
 
 @functools.lru_cache(maxsize=None)
-def _topk_cached(ks: tuple[int, ...]) -> Metric:
+def _topk_cached(ks: tuple[int, ...], positive_only: bool) -> Metric:
   kmax = max(ks)
 
   @jax.jit
   def count(logits, labels, mask):
     mask = mask.astype(bool)
-    labels = labels.astype(jnp.int32)
-    # lax.top_k breaks ties towards the lower index, like a stable argsort.
-    # With fewer classes than k, every class is in the top k.
-    _, idx = jax.lax.top_k(logits, min(kmax, logits.shape[1]))
-    hit = idx == labels[:, None]
+    hit = ranked_hits(logits, labels, kmax, positive_only=positive_only)
     out = {"n": jnp.sum(mask, dtype=jnp.int32)}
     for k in ks:
       out[f"correct_top{k}"] = jnp.sum(
@@ -98,7 +136,7 @@ def _topk_cached(ks: tuple[int, ...]) -> Metric:
   def finalize(sums):
     return {f"top{k}": _percent(sums[f"correct_top{k}"], sums["n"]) for k in ks}
 
-  return Metric(f"top{ks}", count, finalize)
+  return Metric(f"top{ks}" + ("+" if positive_only else ""), count, finalize)
 
 
 # ------------------------------------------------------------------ ReaL

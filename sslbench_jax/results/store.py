@@ -40,6 +40,7 @@ from absl import logging
 import numpy as np
 
 from sslbench_jax import atomic
+from sslbench_jax.metrics import primary as primary_lib
 
 REQUIRED = ("model", "dataset", "split", "protocol", "metric", "value",
             "n_examples")
@@ -61,12 +62,11 @@ DEDUP_KEY = ("model", "checkpoint_sha256", "dataset", "split", "protocol",
              "hparams", "metric", "seed")
 # Metrics whose values must be percentages.
 _PERCENT_PREFIXES = ("top", "real", "subset", "mean_per_class", "acc")
-# What a measurement (its rows without the metric) is compared by, first
-# present wins: ImageNet ReaL reports real_top1 (it has no single-label top1),
-# ImageNet-R / -A subset_top1 (their top1 is the unrestricted 1000-way one),
-# every other test set top1 (the label spaces' primary metrics).
-PRIMARY_METRICS = ("real_top1", "subset_top1", "top1")
-PRIMARY = "primary"
+# What a measurement (its rows without the metric) is compared by: its primary
+# metric, defined once in ``metrics.primary`` (real_top1 on ImageNet ReaL,
+# subset_top1 on ImageNet-R / -A, top1 elsewhere).
+PRIMARY_METRICS = primary_lib.PRIMARY_METRICS
+PRIMARY = primary_lib.PRIMARY
 
 _STR = ("model", "checkpoint_sha256", "dataset", "split", "protocol", "metric",
         "hparams", "versions", "timestamp", "step", "run_id")
@@ -390,7 +390,7 @@ def primary_mask(records: np.ndarray) -> np.ndarray:
   cells = [tuple(str(r[k]) for k in cell_keys) for r in records]
   for cell, r in zip(cells, records):
     present.setdefault(cell, set()).add(str(r["metric"]))
-  primary = {cell: next((m for m in PRIMARY_METRICS if m in metrics), None)
+  primary = {cell: primary_lib.primary_metric(metrics)
              for cell, metrics in present.items()}
   return np.asarray([str(r["metric"]) == primary[cell]
                      for cell, r in zip(cells, records)], bool).reshape(len(cells))
