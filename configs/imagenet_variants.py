@@ -27,9 +27,11 @@ docs/datasets.md says.
 
 Notes: the study's use of ImageNet-A is not confirmed (see
 shared/reference/imagenet_variants.csv), nor which ImageNet-v2 version it used
-or whether it restricted R's logits (both numbers are stored). ReaL images are
-val images, but their features are extracted separately (another dataset:
-46,837 images with multi-hot labels).
+or whether it restricted R's logits (both numbers are stored). ReaL (46,837
+val images with multi-hot labels) is declared by the data layer as derived
+from ImageNet val: when the run also extracts the val features of the same
+images (same data_dir, preprocessing and representation), ReaL's features are
+cut out of them instead of being extracted again (``data/derived.py``).
 """
 
 import importlib.util
