@@ -3,22 +3,22 @@
 ``parse_arg("tiny=True,n=3", tiny=False, n=1)`` returns a ConfigDict with the
 defaults overridden by the comma-separated ``key=value`` pairs, rejecting keys
 that have no default (a typo must not be silently ignored). A value is parsed
-by the type of its default, strictly: a bool takes only
-``true/false/True/False/1/0`` (a bare ``key`` means true), an int an integer,
-a float a number, a string any text; a ``None`` default takes a Python literal
-or, failing that, the text.
+by the type of its default, strictly (``sslbench_jax._parse``, the package's one
+rule): a bool takes only ``true/false/1/0`` in any case (a bare ``key`` means
+true), an int an integer, a float a finite number, a string any text; a
+``None`` default takes a Python literal or, failing that, the text.
 """
 
 from __future__ import annotations
 
 import ast
-import math
 from typing import Any
 
 import ml_collections
 
-_TRUE, _FALSE = ("true", "True", "1"), ("false", "False", "0")
-BOOL_WORDS = _TRUE + _FALSE
+from sslbench_jax._parse import parse_bool  # config files import it from here
+from sslbench_jax._parse import parse_float
+from sslbench_jax._parse import parse_int
 
 
 def _literal(text: str) -> Any:
@@ -28,32 +28,14 @@ def _literal(text: str) -> Any:
     return text  # bare words are strings
 
 
-def parse_bool(text: Any, what: str) -> bool:
-  """``True``/``False`` or one of ``BOOL_WORDS``; anything else raises ValueError."""
-  if isinstance(text, bool):
-    return text
-  if isinstance(text, str) and text.strip() in BOOL_WORDS:
-    return text.strip() in _TRUE
-  raise ValueError(f"{what}={text!r} is not a boolean (one of {', '.join(BOOL_WORDS)})")
-
-
 def _parse_value(key: str, text: str, default: Any) -> Any:
   what = f"config argument {key}"
   if isinstance(default, bool):
     return parse_bool(text, what)
   if isinstance(default, int):
-    try:
-      return int(text)
-    except ValueError:
-      raise ValueError(f"{what}={text!r} is not an integer") from None
+    return parse_int(text, what)
   if isinstance(default, float):
-    try:
-      value = float(text)
-    except ValueError:
-      raise ValueError(f"{what}={text!r} is not a number") from None
-    if not math.isfinite(value):
-      raise ValueError(f"{what}={text!r} is not a finite number")
-    return value
+    return parse_float(text, what)
   if isinstance(default, str):
     return text
   return _literal(text)
