@@ -263,6 +263,8 @@ def test_label_space_of_every_entry(name):
   assert ls["multi_label"] == multi
   assert tuple(ls["metrics"]) == metrics
   assert ls["subset_size"] == subset
+  # the class subset itself travels in feature files (scoring needs no registry)
+  assert len(ls["subset"]) == subset if subset else "subset" not in ls
 
 
 def test_unknown_names():
