@@ -59,6 +59,7 @@ def _jax_step(arch, dtype_name, batch):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
+  from sslbench_jax import parallel  # pylint: disable=import-outside-toplevel
   from sslbench_jax.finetune import model as model_lib, optim, recipes, step as step_lib  # pylint: disable=import-outside-toplevel
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
   r = recipes.recipe("full", "resnet", epochs=2, batch_size=batch, label_smoothing=0.1)
@@ -66,7 +67,7 @@ def _jax_step(arch, dtype_name, batch):
   variables = jax.device_get(model_lib.init_variables(
       model.clone(backbone=model.backbone.clone(dtype=jnp.float32)), 0))
   tx = optim.make_optimizer(r, arch, variables["params"], 10)
-  steps = step_lib.Steps(model, r, tx, step_lib.make_mesh(), (0.485, 0.456, 0.406),
+  steps = step_lib.Steps(model, r, tx, parallel.make_mesh(), (0.485, 0.456, 0.406),
                          (0.229, 0.224, 0.225), dtype)
   state = [steps.init_state(variables)]
   rs = np.random.RandomState(0)

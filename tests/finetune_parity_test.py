@@ -27,6 +27,7 @@ from torch import nn
 
 import torch_resnet
 import torch_vit
+from sslbench_jax import parallel
 from sslbench_jax.finetune import model as model_lib
 from sslbench_jax.finetune import optim
 from sslbench_jax.finetune import recipes
@@ -203,7 +204,7 @@ def test_twenty_steps_match_pytorch(case):
               rs.randint(0, C, B).astype(np.int32)) for _ in range(STEPS)]
   torch_losses = _torch_loop(tmodel, r, batches, vit, VIT["depth"])
 
-  mesh = step_lib.make_mesh()
+  mesh = parallel.make_mesh()
   trainable, _ = step_lib.split_trainable(r, variables["params"])
   tx = optim.make_optimizer(r, arch, trainable, SPE)
   steps = step_lib.Steps(model, r, tx, mesh, MEAN, STD)

@@ -10,6 +10,7 @@ from multiprocess_util import run_on_devices
 SCRIPT = textwrap.dedent("""
   import sys
   import jax, jax.numpy as jnp, numpy as np
+  from sslbench_jax import parallel
   from sslbench_jax.finetune import model as model_lib, optim, recipes, step as step_lib
   out, = sys.argv[1:]
   MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
@@ -23,7 +24,7 @@ SCRIPT = textwrap.dedent("""
                           "warmup_epochs": 1, "lr": 1.0, "label_smoothing": 0.1, **kw})
     model = model_lib.build(arch, 5, head_bn=r.head_bn, arch_options=options)
     variables = model_lib.init_variables(model, 1)
-    mesh = step_lib.make_mesh()
+    mesh = parallel.make_mesh()
     tx = optim.make_optimizer(r, arch, variables["params"], 2)
     steps = step_lib.Steps(model, r, tx, mesh, MEAN, STD)
     state = steps.init_state(variables)

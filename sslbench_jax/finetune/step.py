@@ -1,8 +1,9 @@
 """The jitted, data-parallel train and eval steps.
 
-Arrays are laid out on a 1-D ``Mesh`` over every device of every process
-(axis ``"data"``): the state (float32 parameters, optimizer state, BatchNorm
-statistics) is replicated and the global batch sharded over ``"data"``. Under
+Arrays are laid out on ``parallel.make_mesh``'s mesh over every device of
+every process: the state (float32 parameters, optimizer state, BatchNorm
+statistics) is replicated and the global batch sharded over
+``parallel.DATA_AXIS``. Under
 ``jax.jit`` the model sees the *global* batch, so BatchNorm's batch mean and
 variance are global-batch statistics (cross-replica / SyncBN) and the
 gradient is the global-batch gradient: results do not depend on the device
@@ -26,16 +27,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sslbench_jax import parallel
 from sslbench_jax.finetune import model as model_lib
 from sslbench_jax.finetune.recipes import Recipe
+from sslbench_jax.metrics import accuracy
 
 State = dict[str, Any]
-
-
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D ``("data",)`` mesh over ``devices`` (default: all, every process)."""
-  devs = np.asarray(jax.devices() if devices is None else devices)
-  return Mesh(devs.reshape(-1), ("data",))
 
 
 def split_trainable(recipe: Recipe, params: dict[str, Any]) -> tuple[dict, dict]:
@@ -60,7 +57,8 @@ class Steps:
 
   Attributes:
     train: ``(state, images_u8, labels) -> (state, loss)``.
-    evaluate: ``(state, images_u8, labels, mask) -> (n_top1, n_top5, n)``.
+    eval_hits: ``(state, (images_u8, labels)) -> (B, 2) int32`` per-row top-1 /
+      top-5 hits (``parallel.predict``'s apply_fn: pad + mask outside).
   """
 
   def __init__(self, model: model_lib.Classifier, recipe: Recipe,
@@ -72,12 +70,10 @@ class Steps:
     self.std = np.asarray(std, np.float32)
     self.dtype = compute_dtype
     self.replicated = NamedSharding(mesh, P())
-    self.data = NamedSharding(mesh, P("data"))
+    self.data = parallel.batch_sharding(mesh)
     self.train = jax.jit(self._train, in_shardings=(self.replicated, self.data, self.data),
                          out_shardings=(self.replicated, self.replicated),
                          donate_argnums=(0,))
-    self.evaluate = jax.jit(self._eval, in_shardings=(self.replicated,) + (self.data,) * 3,
-                            out_shardings=self.replicated)
 
   # -- state -----------------------------------------------------------------
 
@@ -131,7 +127,7 @@ class Steps:
       def micro(x):
         x = x.reshape((x.shape[0] // a, a) + x.shape[1:]).swapaxes(0, 1)
         return jax.lax.with_sharding_constraint(
-            x, NamedSharding(self.mesh, P(None, "data")))
+            x, NamedSharding(self.mesh, P(None, parallel.DATA_AXIS)))
       def body(carry, inputs):
         stats, gsum, lsum = carry
         i, x, y = inputs
@@ -151,11 +147,10 @@ class Steps:
 
   # -- eval ------------------------------------------------------------------
 
-  def _eval(self, state: State, images, labels, mask):
+  def eval_hits(self, state: State, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """(B, 2) int32: whether each row's label is the top-1 / among the top-5 classes."""
+    images, labels = batch
     logits = self.model.apply(self.variables(state), self._normalize(images),
                               train=False).astype(jnp.float32)
-    k = min(5, logits.shape[-1])
-    top = jax.lax.top_k(logits, k)[1]
-    hit = top == labels[:, None]
-    m = mask.astype(jnp.int32)
-    return (jnp.sum(hit[:, 0] * m), jnp.sum(jnp.any(hit, axis=1) * m), jnp.sum(m))
+    hit = accuracy.ranked_hits(logits, labels, 5)
+    return jnp.stack([hit[:, 0], jnp.any(hit, axis=1)], axis=1).astype(jnp.int32)

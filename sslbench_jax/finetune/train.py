@@ -41,6 +41,7 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from sslbench_jax import atomic
+from sslbench_jax import parallel
 from sslbench_jax.backbones import registry
 from sslbench_jax.backbones import weights as weights_lib
 from sslbench_jax.data import augment as augment_lib
@@ -81,6 +82,8 @@ class RunConfig:
     train_limit: train on the first N examples only (smoke runs; after the
       few-shot subset).
     test_limit: evaluate on the first N test examples only (smoke runs).
+    train_split: the split trained on.
+    test_split: the split tested on every epoch.
   """
   weights: str
   dataset: str
@@ -97,6 +100,8 @@ class RunConfig:
   progress: bool = True
   train_limit: int | None = None
   test_limit: int | None = None
+  train_split: str = "train"
+  test_split: str = "test"
 
   def key(self) -> dict[str, Any]:
     """What determines the run's results (compared on re-runs)."""
@@ -105,7 +110,8 @@ class RunConfig:
             "preprocessing": self.preprocessing, "image_size": self.image_size,
             "dtype": self.dtype, "eval_batch_size": self.eval_batch_size,
             "train_limit": self.train_limit, "test_limit": self.test_limit,
-            "device_count": jax.device_count()}
+            "device_count": jax.device_count(),
+            "splits": [self.train_split, self.test_split]}
 
 
 class Preempted(RuntimeError):
@@ -245,8 +251,12 @@ def _quiet_orbax() -> None:
     handler.addFilter(keep)
 
 
-def run(cfg: RunConfig) -> dict[str, Any]:
+def run(cfg: RunConfig, *, mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
   """Trains and evaluates; returns the ``result.json`` content (see module doc).
+
+  Args:
+    cfg: the run.
+    mesh: a ``parallel.make_mesh`` mesh (None: every device on ``DATA_AXIS``).
 
   Raises:
     ValueError: bad input (unknown dataset, weights, sizes, a workdir holding
@@ -275,8 +285,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         logging.info("%s is finished; nothing to do", cfg.workdir)
         return json.load(f)
 
-  train_ds = data_registry.open_dataset(cfg.dataset, "train", data_dir=cfg.data_dir)
-  test_ds = data_registry.open_dataset(cfg.dataset, "test", data_dir=cfg.data_dir)
+  train_ds = data_registry.open_dataset(cfg.dataset, cfg.train_split, data_dir=cfg.data_dir)
+  test_ds = data_registry.open_dataset(cfg.dataset, cfg.test_split, data_dir=cfg.data_dir)
   num_classes = train_ds.label_space.num_classes
   train_labels = input_lib.read_labels(train_ds)
   test_labels = input_lib.read_labels(test_ds)
@@ -286,18 +296,19 @@ def run(cfg: RunConfig) -> dict[str, Any]:
   if cfg.test_limit is not None:
     test_ds = _first(test_ds, cfg.test_limit)
     test_labels = test_labels[:len(test_ds)]
-  mesh = step_lib.make_mesh()
+  mesh = parallel.make_mesh() if mesh is None else mesh
   ndev = mesh.devices.size
-  unit = ndev * r.accum_steps
+  nshard = mesh.shape[parallel.DATA_AXIS]  # batch rows are split this many ways
+  unit = nshard * r.accum_steps
   if r.batch_size % unit:
-    raise ValueError(f"batch_size {r.batch_size} is not a multiple of devices x "
-                     f"accum_steps = {ndev} x {r.accum_steps}")
+    raise ValueError(f"batch_size {r.batch_size} is not a multiple of data shards x "
+                     f"accum_steps = {nshard} x {r.accum_steps}")
   if len(indices) < r.batch_size:
     # A few-shot subset smaller than one batch: one full-subset batch per step.
     smaller = len(indices) // unit * unit
     if smaller < 1:
       raise ValueError(f"{len(indices)} training examples cannot fill a batch of "
-                       f"{unit} (devices x accum_steps)")
+                       f"{unit} (data shards x accum_steps)")
     logging.warning("batch_size %d > %d training examples: using batch %d",
                     r.batch_size, len(indices), smaller)
     r = dataclasses.replace(r, batch_size=smaller)
@@ -306,7 +317,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                                   r.seed, threads=cfg.threads)
   spe = train_in.steps_per_epoch
   total = spe * r.epochs
-  eval_batch = -(-cfg.eval_batch_size // ndev) * ndev
+  eval_batch = -(-cfg.eval_batch_size // nshard) * nshard
 
   model = model_lib.build(arch, num_classes, head_bn=r.head_bn, drop_path=r.drop_path,
                           dtype=DTYPES[cfg.dtype], arch_options=arch_options)
@@ -320,7 +331,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
   state = steps.init_state(variables)
 
   os.makedirs(cfg.workdir, exist_ok=True)
-  if jax.process_index() == 0:
+  if parallel.is_writer():
     atomic.write_json(key_path, key)
   ckpt_dir = os.path.abspath(os.path.join(cfg.workdir, "checkpoints"))
   manager = ocp.CheckpointManager(ckpt_dir, options=ocp.CheckpointManagerOptions(
@@ -334,10 +345,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     state, book = restored["state"], dict(restored["book"])
     logging.info("resuming %s at step %d of %d", cfg.workdir, book["step"], total)
   metrics_path = os.path.join(cfg.workdir, "metrics.jsonl")
-  if jax.process_index() == 0:
+  if parallel.is_writer():
     atomic.write_text(metrics_path, "".join(json.dumps(row) + "\n" for row in book["rows"]))
   tb = _tensorboard.EventWriter(os.path.join(cfg.workdir, "tensorboard")) \
-      if jax.process_index() == 0 else None
+      if parallel.is_writer() else None
 
   def save(step_done: int) -> None:
     book["step"] = step_done
@@ -347,12 +358,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     manager.wait_until_finished()
 
   def evaluate() -> tuple[float, float]:
-    hits1 = hits5 = n = 0
-    for x, y, m in input_lib.eval_batches(test_ds, test_labels, eval_pre.geometry,
-                                          eval_batch, cfg.threads):
-      arrs = [jax.make_array_from_process_local_data(steps.data, a) for a in (x, y, m)]
-      h1, h5, cnt = (int(_local(v)) for v in steps.evaluate(state, *arrs))
-      hits1, hits5, n = hits1 + h1, hits5 + h5, n + cnt
+    batches = (((x, y), m) for x, y, m in input_lib.eval_batches(
+        test_ds, test_labels, eval_pre.geometry, eval_batch, cfg.threads))
+    hits = parallel.predict(steps.eval_hits, state, batches, mesh=mesh, masked=True)
+    mine = np.zeros(3, np.int64) if hits is None else np.append(hits.sum(0), len(hits))
+    hits1, hits5, n = (int(v) for v in parallel.allgather(mine).sum(0))
     if n != len(test_ds):
       raise RuntimeError(f"evaluated {n} of {len(test_ds)} test examples")
     return 100.0 * hits1 / n, 100.0 * hits5 / n
@@ -362,7 +372,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
   start = book["step"]
   bar = tqdm.tqdm(total=total, initial=start, unit="step", smoothing=0.05,
                   desc=f"finetune {r.protocol}",
-                  disable=not cfg.progress or jax.process_index() != 0)
+                  disable=not cfg.progress or not parallel.is_writer())
   losses: list[jax.Array] = []
   try:
     with _Terminate() as term, bar:
@@ -390,7 +400,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
           book["loss_sum"], book["loss_count"] = 0.0, 0
           bar.set_postfix(loss=f"{row['train_loss']:.3f}", top1=f"{top1:.1f}")
           logging.info("epoch %d/%d: %s", epoch + 1, r.epochs, row)
-          if jax.process_index() == 0:
+          if parallel.is_writer():
             with open(metrics_path, "a") as f:
               f.write(json.dumps(row) + "\n")
             tb.scalars(done, {k: row[k] for k in ("train_loss", "lr", "top1", "top5")})
@@ -424,28 +434,57 @@ def run(cfg: RunConfig) -> dict[str, Any]:
       "timing": {"seconds_this_session": round(time.time() - t0, 3),
                  "resumed_from_step": start},
   }
-  if jax.process_index() == 0:
+  if parallel.is_writer():
     atomic.write_json(result_path, result)
     if cfg.results:
       _append_results(cfg, result)
   return result
 
 
+# Recipe fields recorded in every results row (the rest are fixed by these).
+_ROW_RECIPE = ("epochs", "batch_size", "optimizer", "lr", "head_lr", "momentum",
+               "weight_decay", "warmup_epochs", "clip_norm", "label_smoothing",
+               "layer_decay", "drop_path", "head_bn", "frozen_bn", "backbone_bn",
+               "label_fraction", "fewshot_setup", "subset_seed", "accum_steps",
+               "crop_scale_min")
+
+
+def result_rows(cfg: RunConfig, result: dict[str, Any], *, model: str | None = None,
+                dataset: str | None = None) -> list[dict[str, Any]]:
+  """The results-store rows (``top1``, ``top5``) of a finished run.
+
+  ``protocol`` is ``finetune_<recipe.protocol>`` (the protocol table's name);
+  ``hparams`` holds the provenance: the recipe as run (few-shot: the batch
+  actually used), label fraction and subset seed, precision, image size,
+  preprocessing, training-set size and steps; ``device_count`` the devices.
+
+  Args:
+    cfg: the run's configuration.
+    result: its ``result.json`` content (``run``'s return value).
+    model: the row's model name (default: the weights file's stem).
+    dataset: the row's dataset name (default: ``cfg.dataset``).
+  """
+  rec = result["recipe"]
+  hparams = {k: rec[k] for k in _ROW_RECIPE}
+  if rec["protocol"] != "fewshot":
+    hparams["subset_seed"] = None  # no subset: the field is not used
+  hparams.update(seed=rec["seed"], precision=cfg.dtype, image_size=cfg.image_size,
+                 preprocessing=result["preprocessing"], n_train=result["n_train"],
+                 steps=result["steps"], train_split=cfg.train_split,
+                 train_limit=cfg.train_limit, test_limit=cfg.test_limit,
+                 weights_source=result["weights_source"])
+  name = model or os.path.splitext(os.path.basename(cfg.weights))[0]
+  return [{"model": name, "checkpoint_sha256": result["weights_sha256"],
+           "dataset": dataset or cfg.dataset, "split": cfg.test_split,
+           "protocol": f"finetune_{rec['protocol']}", "hparams": hparams,
+           "metric": m, "value": result[m], "n_examples": result["n_test"],
+           "seed": rec["seed"], "device_count": result["device_count"]}
+          for m in ("top1", "top5")]
+
+
 def _append_results(cfg: RunConfig, result: dict[str, Any]) -> None:
   from sslbench_jax.results import store  # pylint: disable=import-outside-toplevel
-  r = cfg.recipe
-  hparams = {k: result["recipe"][k] for k in (
-      "epochs", "batch_size", "optimizer", "lr", "head_lr", "weight_decay",
-      "layer_decay", "label_smoothing", "drop_path", "head_bn", "frozen_bn",
-      "label_fraction", "fewshot_setup")}
-  hparams.update(dtype=cfg.dtype, image_size=cfg.image_size)
-  rows = [{"model": os.path.splitext(os.path.basename(cfg.weights))[0],
-           "checkpoint_sha256": result["weights_sha256"], "dataset": cfg.dataset,
-           "split": "test", "protocol": f"finetune_{r.protocol}", "hparams": hparams,
-           "metric": m, "value": result[m], "n_examples": result["n_test"],
-           "seed": r.seed, "device_count": result["device_count"]}
-          for m in ("top1", "top5")]
-  store.append_results(cfg.results, rows)
+  store.append_results(cfg.results, result_rows(cfg, result))
 
 
 def config_digest(cfg: RunConfig) -> str:
