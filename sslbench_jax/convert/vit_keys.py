@@ -292,11 +292,7 @@ def source_options(state: Mapping[str, Any], root: str, source: str,
                    source_format: str) -> dict[str, Any]:
   """Options implied by the source rather than by tensor shapes.
 
-  Args:
-    state: root-relative tensors as stored (not canonicalised).
-    root: the backbone's prefix in the file.
-    source: ``detect.describe_source`` of that root.
-    source_format: ``readers.read_checkpoint``'s format name.
+  Args: as ``pos_interp_rule``'s.
 
   Returns:
     ``pos_interp_offset`` and ``pos_interp_antialias`` of the source's rule.
