@@ -4,6 +4,12 @@ Keys: ``features`` (N, D) float32; ``labels`` (N,) int64 (-1 when unknown) or
 (N, C) multi-hot int8; ``ids`` (N,) str (file names or dataset example ids);
 ``meta`` 0-d str holding a JSON dict with the provenance (arch, weights sha256,
 dataset, split, preprocessing, representation, dtype, device count, versions).
+
+A file made from a registry dataset is self-describing: ``meta["source"]`` is
+the dataset's ``describe()``, whose ``label_space`` (name, num_classes,
+multi_label, metrics, and the class ``subset`` of ImageNet-R / -A) is all that
+scoring needs (``metrics.label_space.read_label_space``). A file cut out of
+another (ImageNet ReaL from val, ``data.derived``) records ``derived_from``.
 """
 
 from __future__ import annotations
