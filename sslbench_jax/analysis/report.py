@@ -22,6 +22,7 @@ from sslbench_jax.analysis import plots
 from sslbench_jax.analysis import stats
 from sslbench_jax.analysis import table as table_lib
 from sslbench_jax.analysis.summary import Analysis
+from sslbench_jax.metrics import primary as primary_lib
 
 
 @dataclasses.dataclass
@@ -231,9 +232,8 @@ def build_sections(a: Analysis, plot_paths: dict[str, str], out_dir: str,
   n_models = len(t.models)
   secs = [Section("sslbench_jax analysis report", level=1, text=[
       f"Source: `{source}`; metric: `{t.metric}` (percent)." +
-      (" Primary = each test set's main metric: real_top1 on ImageNet ReaL, "
-       "subset_top1 on ImageNet-R / -A, top1 elsewhere." if t.metric == table_lib.PRIMARY
-       else ""),
+      (f" Primary = each test set's main metric: {primary_lib.DESCRIPTION}."
+       if t.metric == table_lib.PRIMARY else ""),
       f"{n_models} model{'' if n_models == 1 else 's'}, protocols: "
       f"{', '.join(t.protocols)}; "
       f"benchmark datasets ({len(t.benchmark_datasets)}): "

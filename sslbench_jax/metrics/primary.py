@@ -27,6 +27,9 @@ DEFAULT_METRIC = PRIMARY_METRICS[-1]
 PRIMARY = "primary"
 # Metrics whose presence means some test set's primary metric is not ``top1``.
 SPECIFIC_METRICS: tuple[str, ...] = PRIMARY_METRICS[:-1]
+# The rule in words (reports, help texts); kept next to the tuple it describes.
+DESCRIPTION = ("real_top1 on ImageNet ReaL, subset_top1 on ImageNet-R / -A, "
+               "top1 elsewhere")
 
 
 def primary_metric(names: Iterable[str]) -> str | None:
