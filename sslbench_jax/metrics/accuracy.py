@@ -103,12 +103,11 @@ def topk_hits(logits: jax.Array, labels: jax.Array, k: int, *,
   return jnp.any(ranked_hits(logits, labels, k, positive_only=positive_only), axis=1)
 
 
-def topk(ks: Sequence[int] = (1, 5), *, positive_only: bool = False) -> Metric:
-  """Top-k accuracy for each ``k`` in ``ks`` (single-label).
+def topk(ks: Sequence[int] = (1, 5)) -> Metric:
+  """Top-k accuracy for each ``k`` in ``ks`` (single-label; ``ranked_hits``).
 
   Args:
     ks: k values, e.g. ``(1, 5)``.
-    positive_only: classes with a score <= 0 never count (``ranked_hits``).
 
   Returns:
     A ``Metric`` whose finaliser yields ``{"top1": %, "top5": %, ...}``.
@@ -116,17 +115,17 @@ def topk(ks: Sequence[int] = (1, 5), *, positive_only: bool = False) -> Metric:
   ks = tuple(sorted({int(k) for k in ks}))
   if not ks or ks[0] < 1:
     raise ValueError(f"top-k needs k >= 1, got {ks}")
-  return _topk_cached(ks, bool(positive_only))
+  return _topk_cached(ks)
 
 
 @functools.lru_cache(maxsize=None)
-def _topk_cached(ks: tuple[int, ...], positive_only: bool) -> Metric:
+def _topk_cached(ks: tuple[int, ...]) -> Metric:
   kmax = max(ks)
 
   @jax.jit
   def count(logits, labels, mask):
     mask = mask.astype(bool)
-    hit = ranked_hits(logits, labels, kmax, positive_only=positive_only)
+    hit = ranked_hits(logits, labels, kmax)
     out = {"n": jnp.sum(mask, dtype=jnp.int32)}
     for k in ks:
       out[f"correct_top{k}"] = jnp.sum(
@@ -136,7 +135,7 @@ def _topk_cached(ks: tuple[int, ...], positive_only: bool) -> Metric:
   def finalize(sums):
     return {f"top{k}": _percent(sums[f"correct_top{k}"], sums["n"]) for k in ks}
 
-  return Metric(f"top{ks}" + ("+" if positive_only else ""), count, finalize)
+  return Metric(f"top{ks}", count, finalize)
 
 
 # ------------------------------------------------------------------ ReaL
