@@ -205,6 +205,7 @@ def predict(apply_fn: Callable[[Any, Any], Any], params: Any,
   placed = None
   template = None  # a zero batch of `rows` rows (for processes out of batches)
   outs: list[Any] = []
+  pending = None   # the step in flight: (outputs, kept rows)
   while True:
     item = next(it, None)
     batch, mask = (None, None) if item is None else (item if masked else (item, None))
@@ -243,11 +244,19 @@ def predict(apply_fn: Callable[[Any, Any], Any], params: Any,
     if placed is None:
       placed = replicate(params, mesh)
     out = fwd(placed, shard_batch(padded, mesh))
-    keep = np.flatnonzero(mask)
-    outs.append(jax.tree.map(lambda o, k=keep: local_rows(o)[k], out))
+    # One step in flight: read step s - 1 back while step s computes.
+    if pending is not None:
+      outs.append(_kept_rows(*pending))
+    pending = (out, np.flatnonzero(mask))
+  if pending is not None:
+    outs.append(_kept_rows(*pending))
   if not outs:
     return None
   return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
+
+
+def _kept_rows(out: Any, keep: np.ndarray) -> Any:
+  return jax.tree.map(lambda o: local_rows(o)[keep], out)
 
 
 def _pad_rows(v: np.ndarray, rows: int) -> np.ndarray:

@@ -143,10 +143,10 @@ def _worker_main(config: dict[str, Any]) -> None:
   process 1 corrupts its last shard, then every process reruns).
   """
   from sslbench_jax.features import io as features_io  # pylint: disable=g-import-not-at-top
-  from sslbench_jax.features import multihost  # pylint: disable=g-import-not-at-top
+  from sslbench_jax import parallel  # pylint: disable=g-import-not-at-top
   if config.get("coordinator"):
-    multihost.initialize(config["coordinator"], config["num_processes"],
-                         config["process_id"])
+    parallel.initialize(config["coordinator"], config["num_processes"],
+                        config["process_id"])
   written = []
 
   def on_shard(shard):
@@ -169,14 +169,14 @@ def _worker_main(config: dict[str, Any]) -> None:
 
   result = once()
   if config.get("corrupt_and_rerun"):
-    multihost.sync("written")
+    parallel.sync("written")
     if jax.process_index() == 1:
       last = sorted(f for f in os.listdir(result.entry_dir) if "-p00001-" in f)[-1]
       path = os.path.join(result.entry_dir, last)
       data = bytearray(open(path, "rb").read())
       data[len(data) // 2] ^= 0xFF
       open(path, "wb").write(bytes(data))
-    multihost.sync("corrupted")
+    parallel.sync("corrupted")
     once()
 
 

@@ -17,7 +17,7 @@ import extract_test as et
 import multiprocess_util
 from sslbench_jax.features import cache as cache_lib
 from sslbench_jax.features import io as features_io
-from sslbench_jax.features import multihost
+from sslbench_jax import parallel
 
 
 def _run_two_processes(config):
@@ -80,20 +80,20 @@ def test_initialize_validates_settings(monkeypatch):
   for var in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
               "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
     monkeypatch.delenv(var, raising=False)
-  assert multihost.initialize() is False  # one process: nothing to start
-  assert multihost.initialize(num_processes=1, process_id=0,
-                              coordinator_address="127.0.0.1:1") is False
+  assert parallel.initialize() is False  # one process: nothing to start
+  assert parallel.initialize(num_processes=1, process_id=0,
+                             coordinator_address="127.0.0.1:1") is False
   with pytest.raises(ValueError, match="needs --coordinator_address"):
-    multihost.initialize(num_processes=2)
+    parallel.initialize(num_processes=2)
   with pytest.raises(ValueError, match="--process_id 2 must be in"):
-    multihost.initialize("127.0.0.1:1", num_processes=2, process_id=2)
+    parallel.initialize("127.0.0.1:1", num_processes=2, process_id=2)
   monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
   with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two'"):
-    multihost.initialize()
+    parallel.initialize()
 
 
 def test_single_process_collectives_are_identity():
   x = np.arange(6).reshape(2, 3)
-  np.testing.assert_array_equal(multihost.allgather(x), x[None])
-  multihost.sync("noop")
-  assert multihost.allgather(np.array(True)).tolist() == [True]
+  np.testing.assert_array_equal(parallel.allgather(x), x[None])
+  parallel.sync("noop")
+  assert parallel.allgather(np.array(True)).tolist() == [True]

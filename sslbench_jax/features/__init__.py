@@ -5,7 +5,6 @@
 * ``cache``: the on-disk cache (``CacheKey``, checksummed shards, manifest,
   ``cache.load`` -> ``FeatureSet``);
 * ``io``: the ``FeatureSet`` file format;
-* ``multihost``: ``jax.distributed`` start-up and cross-process agreement;
 * ``image_folder``: a folder of images as a source;
 * ``command``: ``sslbench-jax features``.
 

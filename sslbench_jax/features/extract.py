@@ -1,20 +1,22 @@
 """Data-parallel, sharded, resumable feature extraction over all devices of all processes.
 
-The forward pass is one ``jax.jit`` over a 1-D ``("data",)`` mesh of every
-device of every process: the batch is sharded over ``"data"``, the variables
-are replicated. Each process decodes its own block of the dataset
-(``data.sharding.shard_plan`` via ``cache.Layout``), builds its part of the
-global batch with ``jax.make_array_from_process_local_data`` and reads back
-the rows its own devices produced, in its own row order. Batches past the end
-of a block are zero-padded; padded rows are dropped on the host, so every
-example is evaluated exactly once and every process runs the same number of
-steps.
+The forward pass is ``parallel.jit_predict`` over ``parallel.make_mesh()``
+(every device of every process): the batch is sharded over
+``parallel.DATA_AXIS``, the variables are replicated. Each process decodes
+its own block of the dataset (``data.sharding.shard_plan`` via
+``cache.Layout``), builds its part of the global batch
+(``parallel.shard_batch``) and reads back the rows its own devices produced,
+in its own row order (``parallel.local_rows``). Batches past the end of a
+block are zero-padded; padded rows are dropped on the host (the pad + mask of
+``parallel.predict``), so every example is evaluated exactly once and every
+process runs the same number of steps.
 
 With a cache, each process writes its rows in checksummed shards every
 ``steps_per_shard`` steps; a rerun reuses every valid shard and computes only
 the missing ones (all processes compute the union of what any process misses,
-since the jitted step is collective, and each writes only its own). Process 0
-writes the manifest. The result is the same ``FeatureSet`` on every process.
+since the jitted step is collective, and each writes only its own). The
+writer process (``parallel.is_writer``) writes the manifest. The result is the
+same ``FeatureSet`` on every process.
 
 ``extract_many`` runs several models that share a preprocessing in one pass:
 each batch is decoded and transferred once and fed to every model's forward
@@ -41,14 +43,13 @@ from typing import Any
 from absl import logging
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 import tqdm
 
+from sslbench_jax import parallel
 from sslbench_jax.features import _pipeline
 from sslbench_jax.features import cache as cache_lib
 from sslbench_jax.features import io as features_io
-from sslbench_jax.features import multihost
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _GATHER_ROWS = 1 << 16  # rows per cross-process all-gather (bounds device memory)
@@ -233,11 +234,8 @@ def extract_many(models: Sequence[ModelSpec], source: Any,
       raise ValueError(f"cache key says {spec.key.representation}/{spec.key.dtype}, "
                        f"extraction asks for {spec.representation}/{spec.dtype}")
   process, num_processes = jax.process_index(), jax.process_count()
-  # Auto axes: the compiler propagates the batch sharding through the model,
-  # so backbones need no sharding annotations (Explicit axes would demand them).
-  mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  rows = batch_size_per_device * len(mesh.local_devices)
+  mesh = parallel.make_mesh()
+  rows = batch_size_per_device * parallel.local_data_size(mesh)
   layout = cache_lib.Layout(n, num_processes, rows, steps_per_shard,
                             versions=tuple(sorted(_versions().items())))
   results: list[ExtractResult | None] = [None] * len(models)
@@ -276,8 +274,8 @@ def extract_many(models: Sequence[ModelSpec], source: Any,
         _log_resume(directory, previous, len(hits), layout.num_shards, process)
     own_missing = np.array([k not in hits for k in range(layout.num_shards)])
     to_compute = [int(k) for k in
-                  np.flatnonzero(multihost.allgather(own_missing).any(0))]
-    if directory is not None and process == 0:
+                  np.flatnonzero(parallel.allgather(own_missing).any(0))]
+    if directory is not None and parallel.is_writer():
       cache_lib.write_manifest(directory, _manifest(spec.key, layout, metas[i],
                                                     forward.feature_dim, None))
     runs.append(_ModelRun(i, spec.key, metas[i], directory, forward, hits,
@@ -289,7 +287,7 @@ def extract_many(models: Sequence[ModelSpec], source: Any,
     # The entries stay resumable (their shards are checksummed), and their
     # manifests say why they stopped instead of claiming a run is still going.
     for r in runs:
-      if r.directory is not None and process == 0 and not r.finalized:
+      if r.directory is not None and parallel.is_writer() and not r.finalized:
         _mark_interrupted(r.directory, r.key, layout, r.run_meta,
                           r.forward.feature_dim, e)
     raise
@@ -347,7 +345,7 @@ def _compute(t0, layout, runs, load, first, steps_per_shard, num_threads, prefet
   # that is exact but for the uneven padding of the last steps.
   bar = tqdm.tqdm(total=my_images * num_processes, unit="img", unit_scale=True,
                   smoothing=0.1, desc="features",
-                  disable=not progress or process != 0 or not steps)
+                  disable=not progress or not parallel.is_writer() or not steps)
   timer = _pipeline.InputTimer()
   workers = num_threads or min(32, os.cpu_count() or 1)
   # Every forward pass shards its batch over the same mesh the same way, so
@@ -424,34 +422,27 @@ class _Forward:
       factory = _jitted_forward
     except TypeError:  # a module with unhashable attributes: no reuse
       factory = _jitted_forward.__wrapped__
-    self._fwd, self.data, replicated = factory(model, representation, dtype,
-                                               normalize, mesh)
-    self.variables = jax.tree.map(
-        lambda v: jax.make_array_from_process_local_data(replicated, np.asarray(v),
-                                                         np.shape(v)), variables)
+    self._fwd = factory(model, representation, dtype, normalize, mesh)
+    self.mesh = mesh
+    self.variables = parallel.replicate(
+        jax.tree.map(np.asarray, variables), mesh)
     probe = jax.ShapeDtypeStruct((len(mesh.devices.flat),) + tuple(pixel_shape),
                                  pixel_dtype)
     self.feature_dim = int(jax.eval_shape(self._fwd, self.variables, probe).shape[1])
 
   def to_device(self, images: np.ndarray) -> jax.Array:
-    return jax.make_array_from_process_local_data(self.data, images)
+    return parallel.shard_batch(images, self.mesh)
 
   def __call__(self, images: jax.Array) -> jax.Array:
     return self._fwd(self.variables, images)
 
-  @staticmethod
-  def local_rows(out: jax.Array) -> np.ndarray:
-    # This process's rows, in the order its local batch was laid out.
-    shards = sorted(out.addressable_shards, key=lambda s: s.index[0].start or 0)
-    return np.concatenate([np.asarray(s.data) for s in shards])
+  local_rows = staticmethod(parallel.local_rows)
 
 
 @functools.lru_cache(maxsize=32)
 def _jitted_forward(model, representation, dtype, normalize, mesh):
   """Cached per (model, representation, dtype, normalisation, mesh): one trace each."""
   compute = DTYPES[dtype]
-  data = NamedSharding(mesh, PartitionSpec("data"))
-  replicated = NamedSharding(mesh, PartitionSpec())
 
   def fwd(variables, images):
     x = images
@@ -465,8 +456,7 @@ def _jitted_forward(model, representation, dtype, normalize, mesh):
     feats = out[representation]
     return feats.reshape(feats.shape[0], -1).astype(jnp.float32)
 
-  jitted = jax.jit(fwd, in_shardings=(replicated, data), out_shardings=data)
-  return jitted, data, replicated
+  return parallel.jit_predict(fwd, mesh, parallel.replicated(mesh))
 
 
 def _split_preprocess(preprocess):
@@ -511,9 +501,9 @@ def _allgather_rows(mine: dict[str, np.ndarray], layout) -> list[dict[str, np.nd
   travel as zero-padded UTF-8 bytes.
   """
   width = layout.num_steps * layout.rows_per_process
-  counts = multihost.allgather(np.array([len(mine["index"]), len(mine["skipped"])]))
+  counts = parallel.allgather(np.array([len(mine["index"]), len(mine["skipped"])]))
   ids = [i.encode("utf-8") for i in mine["ids"]]
-  id_len = int(multihost.allgather(np.array(max(map(len, ids), default=1))).max())
+  id_len = int(parallel.allgather(np.array(max(map(len, ids), default=1))).max())
   id_bytes = np.frombuffer(b"".join(i.ljust(id_len, b"\0") for i in ids),
                            np.uint8).reshape(len(ids), id_len)
 
@@ -524,7 +514,7 @@ def _allgather_rows(mine: dict[str, np.ndarray], layout) -> list[dict[str, np.nd
 
   fields = dict(features=mine["features"], index=mine["index"], labels=mine["labels"],
                 ids=id_bytes, skipped=mine["skipped"])
-  gathered = {k: np.concatenate([multihost.allgather(pad(v)[i:i + _GATHER_ROWS])
+  gathered = {k: np.concatenate([parallel.allgather(pad(v)[i:i + _GATHER_ROWS])
                                  for i in range(0, width, _GATHER_ROWS)], axis=1)
               for k, v in fields.items()}
   out = []
@@ -538,12 +528,12 @@ def _allgather_rows(mine: dict[str, np.ndarray], layout) -> list[dict[str, np.nd
 
 
 def _finalize(directory, key, layout, run_meta, dim, written) -> None:
-  """Process 0 records every process's shards; stale layouts are removed."""
+  """The writer records every process's shards; stale layouts are removed."""
   tag = layout.tag()
   own = np.zeros((layout.num_shards, 32), np.uint8)
   for k, (_, digest) in written.items():
     own[k] = np.frombuffer(bytes.fromhex(digest), np.uint8)
-  digests = multihost.allgather(own)
+  digests = parallel.allgather(own)
   shards = []
   for p in range(layout.num_processes):
     for k in range(layout.num_shards):
@@ -551,11 +541,11 @@ def _finalize(directory, key, layout, run_meta, dim, written) -> None:
       shards.append(dict(file=cache_lib.shard_name(tag, p, k, digest),
                          process=p, shard=k, sha256=digest))
   keep = {s["file"] for s in shards}
-  if jax.process_index() == 0:
+  if parallel.is_writer():
     cache_lib.write_manifest(directory, _manifest(key, layout, run_meta, dim, shards))
-  multihost.sync("sslbench_features_manifest")
+  parallel.sync("sslbench_features_manifest")
   cache_lib.remove_stale(directory, keep,
-                         None if jax.process_index() == 0 else jax.process_index())
+                         None if parallel.is_writer() else jax.process_index())
 
 
 def _manifest(key, layout, run_meta, dim, shards, error=None) -> dict[str, Any]:
@@ -571,7 +561,7 @@ def _manifest(key, layout, run_meta, dim, shards, error=None) -> dict[str, Any]:
 
 
 def _mark_interrupted(directory, key, layout, run_meta, dim, e) -> None:
-  """Process 0: the manifest of a failed run says ``interrupted`` and why."""
+  """Writer: the manifest of a failed run says ``interrupted`` and why."""
   msg = str(e).strip()
   error = f"{type(e).__name__}: {msg.splitlines()[0] if msg else ''}".rstrip(": ")
   try:
@@ -607,7 +597,7 @@ def _load_complete(directory, key) -> tuple[features_io.FeatureSet | None, int]:
 
 
 def _everyone(flag: bool) -> bool:
-  return bool(multihost.allgather(np.array(flag)).all())
+  return bool(parallel.allgather(np.array(flag)).all())
 
 
 def _provenance(key, meta, representation, dtype) -> dict[str, Any]:
