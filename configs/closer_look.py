@@ -12,7 +12,8 @@ as docs/datasets.md says.
       --config configs/closer_look.py:checkpoints=/ckpt,data_dir=/data/tfds
 
 Arguments: checkpoints=DIR (required), data_dir=DIR (TFDS data dir / dataset
-roots), models=a+b+c (subset of the model names), datasets=a+b (subset).
+roots), models=a+b+c (subset of the model names), datasets=a+b (subset),
+finetune=true (adds the study's trained protocols: ``finetune_protocols``).
 
 Known departures from the study's code, on purpose: features are extracted
 once in eval mode (the study's Lightning loop left BatchNorm in train mode
@@ -95,8 +96,30 @@ def protocols(datasets):
   }
 
 
+# --- BEGIN fine-tuning (issue 12, owner H6) -----------------------------------------
+def finetune_protocols(datasets):
+  """The study's trained protocols (``finetune=true``; sslbench_jax/finetune/protocol.py).
+
+  Options left out are its recipe for the backbone family (finetune/recipes.py):
+  the augmented linear probe (its reported linear numbers), full fine-tuning and
+  few-shot fine-tuning on 1 % / 10 % of the labels, which the study runs on
+  ImageNet only (run_fewshot_finetuning.py --dataset imagenet). Opt-in: they train
+  through the backbone for 100 (few-shot: 30) epochs per model and dataset.
+  """
+  out = {"linear_aug": dict(type="finetune_linear_aug", datasets=datasets),
+         "linear_aug_bn": dict(type="finetune_linear_aug", datasets=datasets, head_bn=True),
+         "finetune": dict(type="finetune_full", datasets=datasets)}
+  if "imagenet" in datasets:
+    for pct, fraction in (("1pct", 0.01), ("10pct", 0.1)):
+      out[f"fewshot_finetune_{pct}"] = dict(type="finetune_fewshot", datasets=["imagenet"],
+                                            label_fraction=fraction)
+  return out
+# --- END fine-tuning -------------------------------------------------------------------
+
+
 def get_config(arg=None):
-  arg = parse_arg(arg, checkpoints="", data_dir="", models="", datasets="")
+  arg = parse_arg(arg, checkpoints="", data_dir="", models="", datasets="",
+                  finetune=False)  # finetune=true: + finetune_protocols (H6)
   if not arg.checkpoints:
     raise ValueError("configs/closer_look.py needs checkpoints=DIR (the released checkpoint files)")
   c = ml_collections.ConfigDict()
@@ -112,6 +135,8 @@ def get_config(arg=None):
                  preprocessing=DATASETS[name][3])
       for name in datasets}
   c.protocols = protocols(datasets)
+  if arg.finetune:  # H6: the trained protocols
+    c.protocols.update(finetune_protocols(datasets))
   c.extraction = dict(representation="pre_logits", dtype="float32",
                       batch_size_per_device=128, steps_per_shard=16)
   c.analysis = dict(n_boot=2000, n_perm=2000)

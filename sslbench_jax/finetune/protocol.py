@@ -67,23 +67,15 @@ _RUN_FIELDS = tuple(f.name for f in dataclasses.fields(_Run))
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearAugOptions(_Run):
-  """``finetune_linear_aug``: the study's linear probe, augmented every step."""
-  epochs: int = base.option(_LINEAR.epochs, "training epochs", check=_POSITIVE)
-  batch_size: int = base.option(_LINEAR.batch_size, "global batch", check=_POSITIVE)
-  lr: float = base.option(_LINEAR.lr, "lr at batch 256 (x batch / 256)", check=_POSITIVE)
+class _Common(_Run):
+  """Recipe options with the same default in every trained protocol."""
   momentum: float = base.option(_DEFAULT["momentum"], "SGD momentum", check=_NON_NEGATIVE)
-  weight_decay: float = base.option(_LINEAR.weight_decay, "weight decay",
-                                    check=_NON_NEGATIVE)
   warmup_epochs: int | None = base.option(None, "warm-up epochs (None: 5 of 100, "
                                           "the same share of a shortened run)",
                                           check=_NON_NEGATIVE, default_text=_DERIVED)
   clip_norm: float = base.option(_DEFAULT["clip_norm"], "global gradient-norm clip",
                                  check=_POSITIVE)
   head_bn: bool = base.option(_DEFAULT["head_bn"], "BatchNorm1d before the head")
-  frozen_bn: str = base.option(_DEFAULT["frozen_bn"], "a frozen convnet's BatchNorm: "
-                               "eval (running statistics) or update (train mode, "
-                               "the study's code)", choices=recipes.FROZEN_BN)
   crop_scale_min: float = base.option(_DEFAULT["crop_scale_min"],
                                       "RandomResizedCrop's smallest area fraction",
                                       check=_UNIT)
@@ -92,7 +84,20 @@ class LinearAugOptions(_Run):
 
 
 @dataclasses.dataclass(frozen=True)
-class FullOptions(_Run):
+class LinearAugOptions(_Common):
+  """``finetune_linear_aug``: the study's linear probe, augmented every step."""
+  epochs: int = base.option(_LINEAR.epochs, "training epochs", check=_POSITIVE)
+  batch_size: int = base.option(_LINEAR.batch_size, "global batch", check=_POSITIVE)
+  lr: float = base.option(_LINEAR.lr, "lr at batch 256 (x batch / 256)", check=_POSITIVE)
+  weight_decay: float = base.option(_LINEAR.weight_decay, "weight decay",
+                                    check=_NON_NEGATIVE)
+  frozen_bn: str = base.option(_DEFAULT["frozen_bn"], "a frozen convnet's BatchNorm: "
+                               "eval (running statistics) or update (train mode, "
+                               "the study's code)", choices=recipes.FROZEN_BN)
+
+
+@dataclasses.dataclass(frozen=True)
+class FullOptions(_Common):
   """``finetune_full``: the whole backbone trains (the study's recipe)."""
   optimizer: str = base.option(_FULL.optimizer, "sgd (the study's) or adamw "
                                "(MAE/BEiT-style)", choices=recipes.OPTIMIZERS)
@@ -102,15 +107,9 @@ class FullOptions(_Run):
                                  check=_POSITIVE, default_text=_DERIVED)
   head_lr: float | None = base.option(None, "head lr at batch 256 (None: lr)",
                                       check=_POSITIVE)
-  momentum: float = base.option(_DEFAULT["momentum"], "SGD momentum", check=_NON_NEGATIVE)
   weight_decay: float | None = base.option(None, "weight decay (None: sgd 0, adamw "
                                            "0.05)", check=_NON_NEGATIVE,
                                            default_text=_DERIVED)
-  warmup_epochs: int | None = base.option(None, "warm-up epochs (None: 5 of 100, "
-                                          "the same share of a shortened run)",
-                                          check=_NON_NEGATIVE, default_text=_DERIVED)
-  clip_norm: float = base.option(_DEFAULT["clip_norm"], "global gradient-norm clip",
-                                 check=_POSITIVE)
   label_smoothing: float | None = base.option(
       None, "label smoothing (None: ViT 0.1, else 0)", check=_NON_NEGATIVE,
       default_text=_DERIVED)
@@ -119,15 +118,9 @@ class FullOptions(_Run):
       default_text=_DERIVED)
   drop_path: float | None = base.option(None, "ViT drop-path rate (None: ViT 0.2)",
                                         check=_NON_NEGATIVE, default_text=_DERIVED)
-  head_bn: bool = base.option(_DEFAULT["head_bn"], "BatchNorm1d before the head")
   backbone_bn: str = base.option(_DEFAULT["backbone_bn"], "backbone BatchNorm on "
                                  "batch statistics (the study's, SyncBN) or fixed "
                                  "running statistics", choices=("batch", "running"))
-  crop_scale_min: float = base.option(_DEFAULT["crop_scale_min"],
-                                      "RandomResizedCrop's smallest area fraction",
-                                      check=_UNIT)
-  accum_steps: int = base.option(_DEFAULT["accum_steps"], "gradient accumulation "
-                                 "micro-batches", check=_POSITIVE)
 
 
 @dataclasses.dataclass(frozen=True)
