@@ -50,15 +50,12 @@ SimSiam's linear checkpoint is ``model_best.pth.tar``): ``release`` gives the
 released path, ``file`` the name this config expects in checkpoints=DIR.
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
+from sslbench_jax import studies
 from sslbench_jax.config_utils import parse_arg
 from sslbench_jax.config_utils import parse_bool
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
 
 # model name -> dict(file, release, format, sha256, head, head_release, select, preprocessing)
 # ``head``: a separate released linear-head file (convert --head), "detected"
@@ -124,26 +121,15 @@ RELEASES = {
 LINEAR_PROTOCOLS = ("linear", "linear_bn")
 
 
-def _load(name):
-  """A sibling config file (configs are files, not a package)."""
-  spec = importlib.util.spec_from_file_location(
-      f"sslbench_configs_{name}", os.path.join(_HERE, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def get_config(arg=None):
   arg = parse_arg(arg, checkpoints="", data_dir="", models="", variants="",
                   v2_dir="", r_dir="", sketch_dir="", a_dir="", heads="true")
   if not arg.checkpoints:
     raise ValueError("configs/benchmark_lottery.py needs checkpoints=DIR (the released "
                      "checkpoint files named in RELEASES)")
-  closer_look = _load("closer_look")
-  variants_config = _load("imagenet_variants")
   heads = parse_bool(arg.heads, "heads")
-  names = closer_look._subset(arg.models, RELEASES, "models")  # pylint: disable=protected-access
-  variants = closer_look._subset(arg.variants, variants_config.VARIANTS, "variants")  # pylint: disable=protected-access
+  names = studies.subset(arg.models, RELEASES, "models")
+  variants = studies.subset(arg.variants, studies.IMAGENET_VARIANTS, "variants")
 
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -152,11 +138,11 @@ def get_config(arg=None):
   c.datasets = {"imagenet": dict(train, test_split="validation", test_dataset=None,
                                  test_data_dir=None)}
   for name in variants:
-    dataset, split, dir_arg = variants_config.VARIANTS[name]
+    dataset, split, dir_arg = studies.IMAGENET_VARIANTS[name]
     c.datasets[name] = dict(train, test_dataset=dataset, test_split=split,
                             test_data_dir=(arg[dir_arg] if dir_arg else None) or None)
   every = list(c.datasets)
-  study = closer_look.protocols(every)
+  study = studies.closer_look_protocols(every)
   protocols = {k: study[k] for k in LINEAR_PROTOCOLS}
   with_head = [n for n in names if heads and RELEASES[n]["head"]]
   if with_head:

@@ -24,76 +24,16 @@ encoder).
 
 import ml_collections
 
+from sslbench_jax import studies
 from sslbench_jax.config_utils import parse_arg
 
-# name -> (arch, checkpoint file, select)
-MODELS = {
-    "jigsaw": ("resnet50", "jigsaw_rn50_in1k_ep105_perm2k_model_final_checkpoint_phase104.torch", None),
-    "rotnet": ("resnet50", "rotnet_rn50_in1k_ep105_model_final_checkpoint_phase125.torch", None),
-    "npid": ("resnet50", "converted_vissl_rn50_npid_lemniscate_neg4k_stepLR_8gpu.torch", None),
-    "sela_v2": ("resnet50", "selav2_400ep_pretrain.pth.tar", None),
-    "npid_plusplus": ("resnet50", "npid_plusplus_model_final_checkpoint_phase799.torch", None),
-    "pirl": ("resnet50", "pirl_model_final_checkpoint_phase799.torch", None),
-    "clusterfit": ("resnet50", "converted_vissl_rn50_rotnet_16kclusters_in1k_ep105.torch", None),
-    "deepcluster_v2": ("resnet50", "deepclusterv2_800ep_pretrain.pth.tar", None),
-    "swav": ("resnet50", "swav_800ep_pretrain.pth.tar", None),
-    "simclr": ("resnet50", "simclr_model_final_checkpoint_phase999.torch", None),
-    "moco_v2": ("resnet50", "moco_v2_800ep_pretrain.pth.tar", None),
-    "simsiam": ("resnet50", "simsiam_resnet50_8xb32-coslr-200e_in1k_20220825-efe91299.pth", None),
-    "byol": ("resnet50", "byol_resnet50.pth", None),
-    "dino_rn50": ("resnet50", "dino_resnet50_pretrain.pth", None),
-    "barlowtwins": ("resnet50", "barlowtwins_resnet50_8xb256-coslr-300e_in1k_20220825-57307488.pth", None),
-    "densecl": ("resnet50", "densecl_r50_imagenet_200ep.pth", None),
-    "moco_v3_rn50": ("resnet50", "r-50-1000ep.pth.tar", "momentum_encoder"),
-    "dino_vitb16": ("vit_base_patch16", "dino_vitbase16_pretrain.pth", None),
-    "ibot": ("vit_base_patch16", "checkpoint_teacher.pth", None),
-    "moco_v3_vitb16": ("vit_base_patch16", "vit-b-300ep.pth.tar", "momentum_encoder"),
-    "mae": ("vit_base_patch16", "mae_pretrain_vit_base.pth", None),
-    "maskfeat": ("vit_base_patch16",
-                 "maskfeat_vit-base-p16_8xb256-amp-coslr-300e_in1k_20221101-6dfc8bf3.pth", None),
-    "beit_v2": ("vit_base_patch16", "beitv2_base_patch16_224_pt1k.pth", None),
-    "milan": ("vit_base_patch16", "milan_vitb16_clip_400ep.pth", None),
-    "eva": ("vit_base_patch16",
-            "eva-mae-style_vit-base-p16_16xb256-coslr-400e_in1k_20221226-26d90f07.pth", None),
-    "pixmim": ("vit_base_patch16",
-               "pixmim_vit-base-p16_8xb512-amp-coslr-800e_in1k_20230322-e8137924.pth", None),
-}
-
+# The study's tables live in sslbench_jax/studies.py (configs/imagenet_variants.py
+# and configs/benchmark_lottery.py read them too).
+MODELS = studies.CLOSER_LOOK_MODELS  # name -> (arch, checkpoint file, select)
 # name -> (registry dataset, train split, test split, the study's eval preset)
-DATASETS = {
-    "imagenet": ("imagenet1k", "train", "validation", "imagenet_bilinear"),
-    "inaturalist": ("inat2021_mini_family", "train", "val", "imagenet_bilinear"),
-    "cub": ("cub200", "train", "test", "pad_square"),
-    "pascal": ("voc2012", "train", "val", "crop_square"),
-    "cifar100": ("cifar100", "train", "test", "pad_square"),
-    **{f"imagenet_d_{d}": (f"domainnet_{d}", "train", "test", "imagenet_bilinear")
-       for d in ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")},
-}
-
-
-def _subset(spec, table, what):
-  if not spec:
-    return list(table)
-  names = spec.split("+")
-  unknown = [n for n in names if n not in table]
-  if unknown:
-    raise ValueError(f"unknown {what} {unknown}; known: {sorted(table)}")
-  return names
-
-
-def protocols(datasets):
-  """The study's kNN and linear protocols on ``datasets`` (entry names)."""
-  return {
-      "knn": dict(type="knn", datasets=datasets, knn_k=["20"], knn_metric="euclidean"),
-      "knn_norm": dict(type="knn", datasets=datasets, knn_k=["20"], knn_metric="euclidean",
-                       zscore=True),
-      "linear": dict(type="linear", datasets=datasets, lr=["0.4"], weight_decay=["0"],
-                     batchnorm=["false"], epochs=100, batch_size=1024, warmup_epochs=5,
-                     clip_norm=0.5),
-      "linear_bn": dict(type="linear", datasets=datasets, lr=["0.4"], weight_decay=["0"],
-                        batchnorm=["true"], epochs=100, batch_size=1024, warmup_epochs=5,
-                        clip_norm=0.5),
-  }
+DATASETS = studies.CLOSER_LOOK_DATASETS
+# The study's kNN and linear protocols on a list of dataset entry names.
+protocols = studies.closer_look_protocols
 
 
 # --- BEGIN fine-tuning (issue 12, owner H6) -----------------------------------------
@@ -127,8 +67,8 @@ def get_config(arg=None):
   c.models = {
       name: dict(arch=MODELS[name][0], checkpoint=f"{arg.checkpoints}/{MODELS[name][1]}",
                  select=MODELS[name][2], allow_missing=None, options={})
-      for name in _subset(arg.models, MODELS, "models")}
-  datasets = _subset(arg.datasets, DATASETS, "datasets")
+      for name in studies.subset(arg.models, MODELS, "models")}
+  datasets = studies.subset(arg.datasets, DATASETS, "datasets")
   c.datasets = {
       name: dict(dataset=DATASETS[name][0], train_split=DATASETS[name][1],
                  test_split=DATASETS[name][2], data_dir=arg.data_dir or None,

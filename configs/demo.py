@@ -109,17 +109,19 @@ def get_config(arg=None):
   probed = [d for d in c.datasets if d != "imagenet_samples"]
 
   c.protocols = {
-      "knn_dino": dict(type="knn", datasets=probed, knn_k=["10", "20"],
+      "knn_dino": dict(type="knn", datasets=probed, knn_k=[10, 20],
                        knn_metric="cosine"),
-      "knn_euclidean": dict(type="knn", datasets=probed, knn_k=["20"],
+      "knn_euclidean": dict(type="knn", datasets=probed, knn_k=[20],
                             knn_metric="euclidean"),
       "linear": dict(type="linear", datasets=probed,
-                     lr=["0.01", "0.1", "1.0"], weight_decay=["0", "1e-4"],
-                     batchnorm=["false", "true"], epochs=2 if tiny else 30,
+                     lr=[0.01, 0.1, 1.0], weight_decay=[0.0, 1e-4],
+                     batchnorm=[False, True], epochs=2 if tiny else 30,
                      batch_size=256, warmup_epochs=0 if tiny else 2),
+      # 15 C values, logspace(-4, 3), at 6 significant digits (as the grid
+      # has always been written: the stored C values stay the same).
       "logreg": dict(type="logreg", datasets=probed,
-                     c=["0.01", "1", "100"] if tiny else
-                     [f"{10 ** (e / 2):g}" for e in range(-8, 7)]),
+                     c=[0.01, 1.0, 100.0] if tiny else
+                     [float(f"{10 ** (e / 2):g}") for e in range(-8, 7)]),
       "fewshot": dict(type="fewshot", datasets=fewshot_sets,
                       setups=["1shot", "5shot", "10shot"], tries=1 if tiny else 3,
                       fewshot_probes=["knn", "leastsquares"]),

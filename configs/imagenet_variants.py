@@ -34,32 +34,13 @@ images (same data_dir, preprocessing and representation), ReaL's features are
 cut out of them instead of being extracted again (``data/derived.py``).
 """
 
-import importlib.util
-import os
-
 import ml_collections
 
+from sslbench_jax import studies
 from sslbench_jax.config_utils import parse_arg
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-
 # entry name -> (registry test dataset, test split, folder-root argument)
-VARIANTS = {
-    "imagenet_real": ("imagenet_real", "validation", None),
-    "imagenet_v2": ("imagenet_v2", "test", "v2_dir"),
-    "imagenet_r": ("imagenet_r", "test", "r_dir"),
-    "imagenet_sketch": ("imagenet_sketch", "test", "sketch_dir"),
-    "imagenet_a": ("imagenet_a", "test", "a_dir"),
-}
-
-
-def _closer_look():
-  """configs/closer_look.py (configs are files, not a package)."""
-  spec = importlib.util.spec_from_file_location(
-      "sslbench_configs_closer_look", os.path.join(_HERE, "closer_look.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+VARIANTS = studies.IMAGENET_VARIANTS
 
 
 def get_config(arg=None):
@@ -68,15 +49,14 @@ def get_config(arg=None):
   if not arg.checkpoints:
     raise ValueError("configs/imagenet_variants.py needs checkpoints=DIR (the released "
                      "checkpoint files)")
-  closer_look = _closer_look()
+  models = studies.CLOSER_LOOK_MODELS
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.models = {
-      name: dict(arch=closer_look.MODELS[name][0],
-                 checkpoint=f"{arg.checkpoints}/{closer_look.MODELS[name][1]}",
-                 select=closer_look.MODELS[name][2], allow_missing=None, options={})
-      for name in closer_look._subset(arg.models, closer_look.MODELS, "models")}  # pylint: disable=protected-access
-  variants = closer_look._subset(arg.variants, VARIANTS, "variants")  # pylint: disable=protected-access
+      name: dict(arch=models[name][0], checkpoint=f"{arg.checkpoints}/{models[name][1]}",
+                 select=models[name][2], allow_missing=None, options={})
+      for name in studies.subset(arg.models, models, "models")}
+  variants = studies.subset(arg.variants, VARIANTS, "variants")
   train = dict(dataset="imagenet1k", train_split="train", data_dir=arg.data_dir or None,
                preprocessing="imagenet_bilinear")
   c.datasets = {"imagenet": dict(train, test_split="validation", test_dataset=None,
@@ -85,7 +65,7 @@ def get_config(arg=None):
     dataset, split, dir_arg = VARIANTS[name]
     c.datasets[name] = dict(train, test_dataset=dataset, test_split=split,
                             test_data_dir=(arg[dir_arg] if dir_arg else None) or None)
-  c.protocols = closer_look.protocols(list(c.datasets))
+  c.protocols = studies.closer_look_protocols(list(c.datasets))
   c.extraction = dict(representation="pre_logits", dtype="float32",
                       batch_size_per_device=128, steps_per_shard=16)
   c.analysis = dict(n_boot=2000, n_perm=2000)
