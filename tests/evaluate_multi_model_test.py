@@ -30,7 +30,7 @@ def _config(models_per_pass=None):
               "r2": dict(model, checkpoint="random:2", representation="layer3_avg")}
   c.datasets = {"digits": dict(dataset="digits", train_split="train", test_split="test",
                                data_dir=None, preprocessing="smoke_32")}
-  c.protocols = {"knn": dict(type="knn", datasets=["digits"], knn_k=["5"],
+  c.protocols = {"knn": dict(type="knn", datasets=["digits"], knn_k=[5],
                              knn_metric="cosine")}
   c.extraction = dict(representation="pre_logits", dtype="float32",
                       batch_size_per_device=256, steps_per_shard=4)
@@ -124,7 +124,7 @@ def test_done_steps_extract_nothing_new_steps_only_their_models(runs, tmp_path):
   root, _, _, _ = runs
   assert _run(_config(), str(root / "one")) == []  # every step done: no pass at all
   config = _config()
-  config.protocols.knn_euclidean = dict(type="knn", datasets=["digits"], knn_k=["5"],
+  config.protocols.knn_euclidean = dict(type="knn", datasets=["digits"], knn_k=[5],
                                         knn_metric="euclidean")
   config.models.r0.protocols = ["knn"]
   config.models.r2.protocols = ["knn"]

@@ -24,6 +24,7 @@ from sklearn.neighbors import KNeighborsClassifier
 import torch
 
 from sslbench_jax import evaluate
+from sslbench_jax import workdir as workdir_lib
 from sslbench_jax.features import io
 from sslbench_jax.results import store
 import torch_resnet
@@ -61,7 +62,7 @@ def inputs(tmp_path_factory):
               data=_images(root / "data"), root=root)
 
 
-def _config(ckpt, data, knn_k=("3",)):
+def _config(ckpt, data, knn_k=(3,)):
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.models = {"rn18": dict(arch="resnet18", checkpoint=ckpt, select=None,
@@ -70,7 +71,7 @@ def _config(ckpt, data, knn_k=("3",)):
                             data_dir=data, preprocessing="smoke_32")}
   c.protocols = {
       "knn": dict(type="knn", datasets=["toy"], knn_k=list(knn_k), knn_metric="euclidean"),
-      "ls": dict(type="leastsquares", datasets=["toy"], l2=["1.0", "100.0"]),
+      "ls": dict(type="leastsquares", datasets=["toy"], l2=[1.0, 100.0]),
   }
   c.extraction = dict(representation="pre_logits", dtype="float32",
                       batch_size_per_device=8, steps_per_shard=2)
@@ -148,17 +149,17 @@ _BAD = [
      lambda c: c.__setitem__("extraction", dict(c.extraction.to_dict(), steps_per_shard=2.5))),
     ("knn_k\\[0\\]='ten' must be an integer",
      lambda c: c.protocols.knn.__setitem__("knn_k", ["ten"])),
-    ("knn_k\\[0\\]='0' must be > 0",
-     lambda c: c.protocols.knn.__setitem__("knn_k", ["0"])),
-    ("l2\\[0\\]='-1' must be >= 0",
-     lambda c: c.protocols.ls.__setitem__("l2", ["-1"])),
+    ("knn_k\\[0\\]=0 must be > 0",
+     lambda c: c.protocols.knn.__setitem__("knn_k", [0])),
+    ("l2\\[0\\]=-1.0 must be >= 0",
+     lambda c: c.protocols.ls.__setitem__("l2", [-1.0])),
     ("zscore='yes' must be True or False",
      lambda c: c.protocols.knn.__setitem__("zscore", "yes")),
     ("holdout=1.5 must be in \\(0, 1\\)",
      lambda c: c.protocols.ls.__setitem__("holdout", 1.5)),
     ("option\\(s\\) \\['lr'\\] are not used by type knn",
-     lambda c: c.protocols.knn.__setitem__("lr", ["0.1"])),
-    ("batchnorm\\[0\\]='maybe' is not a boolean",
+     lambda c: c.protocols.knn.__setitem__("lr", [0.1])),
+    ("batchnorm\\[0\\]='maybe' must be True or False",
      lambda c: c.protocols.__setitem__("lin", dict(type="linear", datasets=["toy"],
                                                     batchnorm=["maybe"]))),
     ("optimizer\\[0\\]='sgdd' must be one of sgd, adamw",
@@ -244,7 +245,7 @@ def reruns(inputs, tmp_path_factory):
   os.link(inputs["ckpt1"], ckpt)
   out["second"] = _run_logged(_config(ckpt, inputs["data"]), workdir)
   out["rows2"], out["done2"] = _rows(workdir), _done(workdir)
-  out["third"] = _run_logged(_config(ckpt, inputs["data"], knn_k=("5",)), workdir)
+  out["third"] = _run_logged(_config(ckpt, inputs["data"], knn_k=(5,)), workdir)
   out["rows3"], out["done3"] = _rows(workdir), _done(workdir)
   fresh = str(tmp_path_factory.mktemp("fresh") / "work")
   evaluate.run(_config(ckpt, inputs["data"]), fresh)  # the same path, now file b
@@ -295,7 +296,7 @@ def test_each_run_keeps_its_config_snapshot(reruns):
   names = sorted(os.listdir(os.path.join(workdir, "configs")))
   assert names == sorted(f"{out[k][0]['run_id']}.json" for k in ("first", "second", "third"))
   with open(os.path.join(workdir, "configs", f"{out['third'][0]['run_id']}.json")) as f:
-    assert json.load(f)["protocols"]["knn"]["knn_k"] == ["5"]
+    assert json.load(f)["protocols"]["knn"]["knn_k"] == [5]
   assert not os.path.exists(os.path.join(workdir, "config.json"))
 
 
@@ -319,7 +320,7 @@ class _Killed(BaseException):
 def test_kill_between_rows_and_done_leaves_no_duplicates(inputs, tmp_path, monkeypatch):
   workdir = str(tmp_path / "work")
   config = _config(inputs["ckpt0"], inputs["data"])
-  real_mark = evaluate._Progress.mark  # pylint: disable=protected-access
+  real_mark = workdir_lib.Progress.mark
   calls = []
 
   def mark_then_die(self, step, *args):
@@ -328,7 +329,7 @@ def test_kill_between_rows_and_done_leaves_no_duplicates(inputs, tmp_path, monke
       raise _Killed()
     return real_mark(self, step, *args)
 
-  monkeypatch.setattr(evaluate._Progress, "mark", mark_then_die)  # pylint: disable=protected-access
+  monkeypatch.setattr(workdir_lib.Progress, "mark", mark_then_die)
   with pytest.raises(_Killed):
     evaluate.run(config, workdir)
   monkeypatch.undo()
@@ -376,7 +377,7 @@ def test_lock_is_held_for_the_whole_run(inputs, tmp_path, monkeypatch):
   config = _config(inputs["ckpt0"], inputs["data"])
   config.protocols = {"knn": config.protocols.knn}
   seen = []
-  real_mark = evaluate._Progress.mark  # pylint: disable=protected-access
+  real_mark = workdir_lib.Progress.mark
 
   def mark(self, step, *args):
     with pytest.raises(evaluate.WorkdirBusyError, match="in use"):
@@ -384,7 +385,7 @@ def test_lock_is_held_for_the_whole_run(inputs, tmp_path, monkeypatch):
     seen.append(step)
     return real_mark(self, step, *args)
 
-  monkeypatch.setattr(evaluate._Progress, "mark", mark)  # pylint: disable=protected-access
+  monkeypatch.setattr(workdir_lib.Progress, "mark", mark)
   evaluate.run(config, workdir)
   assert seen == ["rn18/knn/toy"]
   monkeypatch.undo()
@@ -393,8 +394,8 @@ def test_lock_is_held_for_the_whole_run(inputs, tmp_path, monkeypatch):
 
 _MARKER = r"""
 import sys
-from sslbench_jax import evaluate
-p = evaluate._Progress(sys.argv[1], run_id=sys.argv[2])
+from sslbench_jax import workdir
+p = workdir.Progress(sys.argv[1], run_id=sys.argv[2])
 for i in range(150):
   p.mark(f"m/p/d{i}", "f", {}, 1)
 """

@@ -13,7 +13,12 @@ import pytest
 from sklearn.neighbors import KNeighborsClassifier
 
 from sslbench_jax import evaluate
+from sslbench_jax import plan
+from sslbench_jax.data import derived
 from sslbench_jax.features import io
+from sslbench_jax.features import passes
+from sslbench_jax.protocols import base
+from sslbench_jax.protocols import registry
 import multiprocess_util
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -268,7 +273,7 @@ def _variants_config(data):
   }
   c.protocols = {
       "classify": dict(type="classify", datasets=list(c.datasets)),
-      "knn": dict(type="knn", datasets=list(c.datasets), knn_k=["3"],
+      "knn": dict(type="knn", datasets=list(c.datasets), knn_k=[3],
                   knn_metric="euclidean"),
   }
   c.extraction = dict(representation="pre_logits", dtype="float32",
@@ -279,15 +284,14 @@ def _variants_config(data):
 
 def _run_counting_extractions(config, workdir):
   """evaluate.run, recording every (dataset, split, representation) extracted."""
-  from sslbench_jax.features import command as features_command  # pylint: disable=g-import-not-at-top
-  calls, real_run = [], features_command.run_many
+  calls, real_run = [], passes.extract_split
 
-  def spy(opts_list):
-    calls.extend((o["dataset"], o["split"], o["representation"]) for o in opts_list)
-    return real_run(opts_list)
+  def spy(models, dataset, split, *args, **kwargs):
+    calls.extend((dataset, split, r) for _, r, _ in models)
+    return real_run(models, dataset, split, *args, **kwargs)
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(features_command, "run_many", spy)
+    mp.setattr(passes, "extract_split", spy)
     summary = evaluate.run(config, workdir)
   return summary, calls
 
@@ -411,11 +415,19 @@ def direct_real(variants_run, tmp_path_factory):
   """ReaL extracted directly (no derivation), as a run without val would."""
   workdir, data, _, _ = variants_run
   config = _variants_config(data)
-  _, real = evaluate._splits(config.datasets.imagenet_real)  # pylint: disable=protected-access
-  weights = os.path.join(workdir, "weights", "lite0.npz")
+  _, real = plan.splits(config.datasets.imagenet_real)
+  model = passes.load_model(os.path.join(workdir, "weights", "lite0.npz"))
   out = str(tmp_path_factory.mktemp("direct_real"))
-  return {rep: io.load(evaluate._features(  # pylint: disable=protected-access
-      weights, real, rep, config, out, f"real__{rep}")) for rep in ("pre_logits", "logits")}
+  ex = config.extraction
+  results = passes.extract_split(
+      [(model, rep, ex.dtype) for rep in ("pre_logits", "logits")], real.dataset, real.split,
+      real.data_dir, real.preprocessing, cache_root=os.path.join(out, "cache"),
+      batch_size_per_device=ex.batch_size_per_device, steps_per_shard=ex.steps_per_shard)
+  direct = {}
+  for rep, result in zip(("pre_logits", "logits"), results):  # as the files read back
+    io.save(os.path.join(out, f"real__{rep}.npz"), result.features)
+    direct[rep] = io.load(os.path.join(out, f"real__{rep}.npz"))
+  return direct
 
 
 @pytest.mark.parametrize("rep", ["pre_logits", "logits"])
@@ -458,9 +470,10 @@ def test_variants_real_rows_are_those_of_direct_features(variants_run, direct_re
   rows = [r for r in _rows(workdir) if r["dataset"] == "imagenet_real"]
   path = str(tmp_path / "direct_logits.npz")
   io.save(path, direct_real["logits"])
-  base = dict(model="lite0", dataset="imagenet_real")
-  expected = {(r["metric"], r["value"], r["n_examples"])
-              for r in evaluate._classify_rows(path, base)}  # pylint: disable=protected-access
+  classify = registry.get("classify")
+  result = classify.run(None, base.load_features(path), classify.options(),
+                        context=base.RunContext(model="lite0", dataset="imagenet_real"))
+  expected = {(r["metric"], r["value"], r["n_examples"]) for r in result.rows}
   assert {(r["metric"], r["value"], r["n_examples"]) for r in rows
           if r["protocol"] == "classify"} == expected
 
@@ -469,23 +482,22 @@ def test_variants_real_not_derived_from_other_images(variants_run, tmp_path):
   workdir, data, _, _ = variants_run
   config = _variants_config(data)
   val = _feats(workdir, f"{_TEST_FILES['imagenet1k']}__pre_logits")
-  _, real = evaluate._splits(config.datasets.imagenet_real)  # pylint: disable=protected-access
-  # Val rows in another order are not the images ReaL reads: no derived file.
-  shuffled = str(tmp_path / "val.npz")
-  io.save(shuffled, io.FeatureSet(val.features[::-1], val.labels[::-1], val.ids[::-1],
-                                  val.meta))
-  os.makedirs(tmp_path / "features")
-  assert evaluate._derive_real(shuffled, real, str(tmp_path), "r") is None  # pylint: disable=protected-access
-  assert os.listdir(tmp_path / "features") == []
+  _, real = plan.splits(config.datasets.imagenet_real)
+  # Val rows in another order are not the images ReaL reads: no derived set.
+  shuffled = io.FeatureSet(val.features[::-1], val.labels[::-1], val.ids[::-1], val.meta)
+  assert derived.derive_features(shuffled, real.dataset, real.split,
+                                 data_dir=real.data_dir) is None
+  assert derived.derive_features(val, real.dataset, real.split,
+                                 data_dir=real.data_dir) is not None
 
 
 def test_real_derived_only_from_val_of_the_same_images_and_preprocessing():
-  val = evaluate._Split("imagenet1k", "/in", "val", None)  # pylint: disable=protected-access
-  others = [evaluate._Split("imagenet1k", "/other", "validation", None),  # pylint: disable=protected-access
-            evaluate._Split("imagenet1k", "/in", "validation", "crop_square"),  # pylint: disable=protected-access
-            evaluate._Split("imagenet1k", "/in", "train", None)]  # pylint: disable=protected-access
-  real = evaluate._Split("imagenet_real", "/in", "validation", None)  # pylint: disable=protected-access
-  pick = evaluate._real_val_split  # pylint: disable=protected-access
+  val = plan.Split("imagenet1k", "/in", "val", None)
+  others = [plan.Split("imagenet1k", "/other", "validation", None),
+            plan.Split("imagenet1k", "/in", "validation", "crop_square"),
+            plan.Split("imagenet1k", "/in", "train", None)]
+  real = plan.Split("imagenet_real", "/in", "validation", None)
+  pick = plan.derivable_parent
   assert pick(real, {s: "" for s in others + [val]}) == val  # "val" aliases "validation"
   assert pick(real, {s: "" for s in others}) is None
   assert pick(val, {val: ""}) is None  # only ReaL is derived
@@ -523,16 +535,16 @@ def test_variants_report_ranks_on_each_test_sets_primary_metric(variants_run):
 
 
 def test_feature_stems_share_splits_and_never_clash():
-  base = dict(dataset="imagenet1k", train_split="train", test_split="validation",
-              data_dir="/a", preprocessing=None)
+  common = dict(dataset="imagenet1k", train_split="train", test_split="validation",
+                data_dir="/a", preprocessing=None)
   datasets = ml_collections.ConfigDict({
-      "val": dict(base),
-      "r": dict(base, test_dataset="imagenet_r", test_split="test"),
+      "val": dict(common),
+      "r": dict(common, test_dataset="imagenet_r", test_split="test"),
       # same names as "val"'s but another folder: must not share its file
-      "b": dict(base, train_split="validation", test_data_dir="/b"),
+      "b": dict(common, train_split="validation", test_data_dir="/b"),
   })
-  stems = evaluate._feature_stems(datasets)  # pylint: disable=protected-access
-  split = {n: evaluate._splits(d) for n, d in datasets.items()}  # pylint: disable=protected-access
+  stems = plan.feature_stems(datasets)
+  split = {n: plan.splits(d) for n, d in datasets.items()}
   assert split["val"][0] == split["r"][0] and split["b"][0] == split["val"][1]
   # A shared split is named after the first entry using it (entries in name order).
   assert stems[split["val"][0]] == "r__train"
@@ -558,7 +570,7 @@ def test_imagenet_variants_config_is_valid_and_complete():
   for d in config.datasets.values():
     assert (d.dataset, d.train_split, d.data_dir) == ("imagenet1k", "train", "/tfds")
   # One ImageNet-1k train feature file shared by the 6 test sets: 7 per model.
-  assert len(set(evaluate._feature_stems(config.datasets).values())) == 7  # pylint: disable=protected-access
+  assert len(set(plan.feature_stems(config.datasets).values())) == 7
   # The study's probes (closer_look.py), on every entry.
   study = _load_config("closer_look", "checkpoints=/ckpt").protocols
   assert sorted(config.protocols) == sorted(study) == ["knn", "knn_norm", "linear", "linear_bn"]
