@@ -40,6 +40,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from sslbench_jax import parallel  # pylint: disable=wrong-import-position
 from sslbench_jax.backbones import registry  # pylint: disable=wrong-import-position
 from sslbench_jax.data import preprocess  # pylint: disable=wrong-import-position
 from sslbench_jax.features import cache as cache_lib  # pylint: disable=wrong-import-position
@@ -97,8 +98,7 @@ def main(argv):
     extract(max(threads), root, _FirstN(folder, bs * jax.local_device_count()))
 
   # Forward only: the same jitted function on one global batch on device.
-  mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = parallel.make_mesh()
   pixels = np.stack([preset.geometry(folder.get(i % len(folder))["image"])
                      for i in range(bs * jax.local_device_count())])
   fwd = extract_lib._Forward(  # pylint: disable=protected-access

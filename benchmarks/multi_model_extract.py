@@ -24,6 +24,7 @@ import jax  # pylint: disable=wrong-import-position
 import jax.numpy as jnp  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 
+from sslbench_jax import parallel  # pylint: disable=wrong-import-position
 from sslbench_jax.backbones import registry  # pylint: disable=wrong-import-position
 from sslbench_jax.data import preprocess  # pylint: disable=wrong-import-position
 from sslbench_jax.features import _pipeline  # pylint: disable=wrong-import-position
@@ -110,8 +111,7 @@ def main():
   for s in specs:
     f = extract_lib._Forward(s.model, s.variables, "pre_logits", "float32",  # pylint: disable=protected-access
                              (tuple(preset.config.mean), tuple(preset.config.std)),
-                             jax.make_mesh((jax.device_count(),), ("data",),
-                                           axis_types=(jax.sharding.AxisType.Auto,)),
+                             parallel.make_mesh(),
                              first.shape, first.dtype)
     x = f.to_device(np.zeros((rows,) + first.shape, first.dtype))
     jax.block_until_ready(f(x))

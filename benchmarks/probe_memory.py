@@ -28,8 +28,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 
 import jax  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=wrong-import-position
 
+from sslbench_jax import parallel  # pylint: disable=wrong-import-position
 from sslbench_jax.probes import linear  # pylint: disable=wrong-import-position
 
 
@@ -106,8 +106,7 @@ def main():
       np.abs(u - v).max() for u, v in zip(weights["resident"], weights["streamed"])))
   if a.replicated:
     with _PeakSampler() as s:
-      rep = jax.device_put(x, NamedSharding(Mesh(np.asarray(jax.devices()), ("d",)),
-                                            P()))
+      rep = jax.device_put(x, parallel.replicated(parallel.make_mesh()))
       s.sample()
       del rep
     out["replicated_put"] = {"peak_live_mb_per_device_max": max(s.peak.values()) / 2**20}

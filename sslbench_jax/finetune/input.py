@@ -25,9 +25,9 @@ import collections
 import concurrent.futures
 from typing import Any, Callable, Iterator
 
-import jax
 import numpy as np
 
+from sslbench_jax import parallel
 from sslbench_jax.data import augment as augment_lib
 from sslbench_jax.data import images as images_lib
 
@@ -63,11 +63,7 @@ class TrainInput:
                        f"global batch of {self.batch}")
     self.prefetch = max(1, prefetch)
     self._pool = concurrent.futures.ThreadPoolExecutor(max(1, threads))
-    p, n = jax.process_index(), jax.process_count()
-    if self.batch % n:
-      raise ValueError(f"global batch {self.batch} is not divisible by the "
-                       f"{n} processes")
-    self._rows = slice(p * self.batch // n, (p + 1) * self.batch // n)
+    self._rows = parallel.process_rows(self.batch)
 
   def batch_indices(self, step: int) -> tuple[int, np.ndarray]:
     """(epoch, dataset indices of the global batch) of global ``step``."""
@@ -111,8 +107,7 @@ def eval_batches(ds: Any, labels: np.ndarray, geometry: Callable[[Any], np.ndarr
                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
   """This process's rows of padded eval batches: (uint8 pixels, labels, mask)."""
   n = len(ds)
-  p, procs = jax.process_index(), jax.process_count()
-  rows = slice(p * global_batch // procs, (p + 1) * global_batch // procs)
+  rows = parallel.process_rows(global_batch)
   blank = None
   with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
     for start in range(0, n, global_batch):

@@ -26,6 +26,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from sslbench_jax import parallel
+
 _CAP_MULTIPLE = 8   # rounds the per-device slot count (fewer distinct compiles)
 
 
@@ -75,12 +77,12 @@ def _bounds(sl: slice, size: int) -> tuple[int, int]:
 
 
 def put_rows(x: np.ndarray, rows_per_device: int, mesh: Mesh) -> jax.Array:
-  """(rows_per_device * devices, D) float32 array, row blocks over "data".
+  """(rows_per_device * devices, D) float32 array, row blocks over the data axis.
 
   Each process transfers only the blocks of its own devices.
   """
   n, d = x.shape
-  total = rows_per_device * mesh.devices.size
+  total = rows_per_device * mesh.shape[parallel.DATA_AXIS]
 
   def block(index):
     start, stop = _bounds(index[0], total)
@@ -89,14 +91,14 @@ def put_rows(x: np.ndarray, rows_per_device: int, mesh: Mesh) -> jax.Array:
     out[:len(real)] = real
     return out
 
-  return jax.make_array_from_callback((total, d), NamedSharding(mesh, P("data")),
+  return jax.make_array_from_callback((total, d), parallel.batch_sharding(mesh),
                                       block)
 
 
 def _put_table(table: np.ndarray, mesh: Mesh) -> jax.Array:
-  """(steps, devices * cap) table, columns over "data" (every process has it all)."""
+  """(steps, devices * cap) table, columns over the data axis (every process has it all)."""
   return jax.make_array_from_callback(
-      table.shape, NamedSharding(mesh, P(None, "data")), lambda i: table[i])
+      table.shape, NamedSharding(mesh, P(None, parallel.DATA_AXIS)), lambda i: table[i])
 
 
 def local_tables(order: np.ndarray, labels: np.ndarray, layout: Layout,
@@ -144,14 +146,14 @@ def stream_chunk(host: dict[str, np.ndarray], labels: np.ndarray,
     rows = np.pad(rows, ((0, 0), (0, bp - b)))
     valid = np.pad(valid, ((0, 0), (0, bp - b)))
   y = np.where(valid, labels[rows], 0).astype(np.int32)
-  col = NamedSharding(mesh, P(None, "data"))
+  col = NamedSharding(mesh, P(None, parallel.DATA_AXIS))
   xs = {}
   for s, x in host.items():
     def block(index, x=x):
       r, v = rows[index[0], index[1]], valid[index[0], index[1]]
       return np.where(v[..., None], x[r], 0).astype(np.float32)
     xs[s] = jax.make_array_from_callback((stop - start, bp, x.shape[1]),
-                                         NamedSharding(mesh, P(None, "data", None)),
+                                         NamedSharding(mesh, P(None, parallel.DATA_AXIS, None)),
                                          block)
   return (xs, jax.make_array_from_callback(y.shape, col, lambda i: y[i]),
           jax.make_array_from_callback(valid.shape, col, lambda i: valid[i]))

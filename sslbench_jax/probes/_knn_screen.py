@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from sslbench_jax import parallel
 from sslbench_jax.probes import _shard_top_k
 
 
@@ -96,16 +97,16 @@ def bank_stats(mesh: Mesh):
   def per_device(bank):
     return jnp.stack([jnp.max(n) for n in _split_norms(bank)])[None]
 
-  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P("bank"),
-                               out_specs=P("bank"), check_vma=False))
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P(parallel.DATA_AXIS),
+                               out_specs=P(parallel.DATA_AXIS), check_vma=False))
 
 
 @functools.lru_cache(maxsize=32)
 def bank_sqnorms(mesh: Mesh):
   """Jitted bank -> (rows,) float32 squared norms, sharded like the bank."""
   return jax.jit(jax.shard_map(lambda b: jnp.sum(jnp.square(b), axis=1),
-                               mesh=mesh, in_specs=P("bank"),
-                               out_specs=P("bank"), check_vma=False))
+                               mesh=mesh, in_specs=P(parallel.DATA_AXIS),
+                               out_specs=P(parallel.DATA_AXIS), check_vma=False))
 
 
 @functools.lru_cache(maxsize=32)
@@ -137,7 +138,7 @@ def screened_search(mesh: Mesh, n_train: int, rows: int, shard: int, m: int,
   g = gamma(dim)
 
   def per_device(bank32, bank16, stats, sqnorms, queries):
-    offset = jax.lax.axis_index("bank") * rows
+    offset = jax.lax.axis_index(parallel.DATA_AXIS) * rows
     qh = queries.astype(jnp.bfloat16)
     eps = error_bound(queries, stats[0])
     if euclidean:
@@ -172,7 +173,7 @@ def screened_search(mesh: Mesh, n_train: int, rows: int, shard: int, m: int,
     best, sel = jax.lax.top_k(exact, k_local)
     idx = offset + jnp.take_along_axis(pos, sel, axis=1)
     keys, idx = _shard_top_k.gather_top_k(-best, idx, k_max)
-    bound = jnp.max(jax.lax.all_gather(left + eps, "bank", axis=0), axis=0)
+    bound = jnp.max(jax.lax.all_gather(left + eps, parallel.DATA_AXIS, axis=0), axis=0)
     kth = jnp.max(keys, axis=1)
     if euclidean:
       q2 = jnp.sum(jnp.square(queries), axis=1) * (1.0 - 2.0 * g)
@@ -184,5 +185,5 @@ def screened_search(mesh: Mesh, n_train: int, rows: int, shard: int, m: int,
 
   return jax.jit(jax.shard_map(
       per_device, mesh=mesh,
-      in_specs=(P("bank"), P("bank"), P("bank"), P("bank"), P()),
+      in_specs=(P(parallel.DATA_AXIS),) * 4 + (P(),),
       out_specs=(P(), P(), P()), check_vma=False))

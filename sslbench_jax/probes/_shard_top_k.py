@@ -13,6 +13,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from sslbench_jax import parallel
+
 
 def block_top_k(score: Callable[[Any, jax.Array], jax.Array], shards: Any,
                 n_shards: int, shard: int, k: int
@@ -64,7 +66,7 @@ def block_top_k(score: Callable[[Any, jax.Array], jax.Array], shards: Any,
 
 def gather_top_k(keys: jax.Array, indices: jax.Array,
                  k: int) -> tuple[jax.Array, jax.Array]:
-  """Global top-k from every device's list (inside ``shard_map`` over "bank").
+  """Global top-k from every device's list (inside ``shard_map`` over ``parallel.DATA_AXIS``).
 
   Args:
     keys: (q, k_local) this device's keys (smaller is better).
@@ -74,7 +76,7 @@ def gather_top_k(keys: jax.Array, indices: jax.Array,
   Returns:
     (q, k) keys ascending, ties by lower index, and their indices.
   """
-  keys = jax.lax.all_gather(keys, "bank", axis=1, tiled=True)
-  indices = jax.lax.all_gather(indices, "bank", axis=1, tiled=True)
+  keys = jax.lax.all_gather(keys, parallel.DATA_AXIS, axis=1, tiled=True)
+  indices = jax.lax.all_gather(indices, parallel.DATA_AXIS, axis=1, tiled=True)
   keys, indices = jax.lax.sort((keys, indices), dimension=1, num_keys=2)
   return keys[:, :k], indices[:, :k]
