@@ -230,7 +230,8 @@ def _run_step(config: ml_collections.ConfigDict, workdir: str, step: plan.Step,
   protocol = registry.get(p.type)
   options = plan.protocol_options(p, f"config.protocols.{step.protocol}")
   train_split, test_split = plan.model_splits(m, config.datasets[step.dataset])
-  context = dict(model=step.model, dataset=test_split.dataset, seed=config.seed,
+  context = dict(model=step.model, dataset=test_split.dataset, split=test_split.split,
+                 seed=config.seed,
                  weights_path=convert_cache.weights_path(workdir, step.model),
                  weights_meta=weights_meta)
   if protocol.consumes == "images":

@@ -92,7 +92,8 @@ def model_representation(config: Mapping[str, Any], m: Mapping[str, Any]) -> str
 
 def head_representation(weights_meta: Mapping[str, Any]) -> str:
   """The representation the stored released head applies to (sidecar)."""
-  return (weights_meta.get("released_head") or {}).get("representation") or "pre_logits"
+  from sslbench_jax.probes import heads  # pylint: disable=g-import-not-at-top
+  return heads.head_representation(dict(weights_meta))
 
 
 def feature_stems(datasets: Mapping[str, Any]) -> dict[Split, str]:

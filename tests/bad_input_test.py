@@ -143,13 +143,16 @@ def test_probe_functions_refuse_a_nan_test_row(fit, digits):
 
 
 def test_classify_refuses_nonfinite_logits(tmp_path):
-  """evaluate's `classify` step reads logits files through features.io too."""
-  from sslbench_jax import evaluate  # pylint: disable=g-import-not-at-top
+  """The `classify` protocol reads logits files through features.io too."""
+  from sslbench_jax.protocols import base  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.protocols import registry  # pylint: disable=g-import-not-at-top
   logits = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
   logits[2, 1] = np.inf
   path = _save(tmp_path / "logits.npz", logits, np.arange(6) % 4, "test")
+  classify = registry.get("classify")
   with pytest.raises(ValueError, match=f"{path}: 1 of 6 feature rows contain NaN"):
-    evaluate._classify_rows(path, dict(model="m", dataset="digits"))
+    classify.run(None, base.load_features(path), classify.options(),
+                 context=base.RunContext(model="m", dataset="digits"))
 
 
 def test_nonfinite_features_can_be_read_when_asked(digits, tmp_path):

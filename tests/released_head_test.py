@@ -20,12 +20,15 @@ import pytest
 import torch
 
 from sslbench_jax import evaluate
+from sslbench_jax import plan
 from sslbench_jax.backbones import registry
 from sslbench_jax.backbones import weights
 from sslbench_jax.convert import ConversionError
 from sslbench_jax.convert import convert_checkpoint
 from sslbench_jax.convert import heads
 from sslbench_jax.features import io
+from sslbench_jax.protocols import base
+from sslbench_jax.protocols import registry as protocol_registry
 import convert_byol_test
 import convert_simclr_test
 import torch_resnet
@@ -246,7 +249,10 @@ def test_released_head_rows_score_like_numpy(tmp_path):
   test = str(tmp_path / "test.npz")
   io.save(test, io.FeatureSet(feats, labels, np.array([str(i) for i in range(50)]),
                               {"dataset": "folder", "split": "test"}))
-  rows = evaluate._released_head_rows(test, out, dict(model="m", dataset="folder"))  # pylint: disable=protected-access
+  protocol = protocol_registry.get("released_head")
+  rows = protocol.run(None, base.load_features(test), protocol.options(),
+                      context=base.RunContext(model="m", dataset="folder",
+                                              weights_path=out)).rows
   got = {r["metric"]: r["value"] for r in rows}
   logits = feats.astype(np.float64) @ w.numpy().T + b.numpy()
   top5 = np.argsort(-logits, 1)[:, :5]
@@ -288,8 +294,8 @@ def test_model_preprocessing_changes_the_step_inputs():
   config = _lottery_config("checkpoints=/ckpt,models=simclr_v2_rn50,variants=imagenet_r")
   m, d = config.models.simclr_v2_rn50, config.datasets.imagenet_r
   p = config.protocols.linear
-  with_own = evaluate._step_inputs(config, m, {}, p, d)  # pylint: disable=protected-access
+  with_own = plan.step_inputs(config, m, {}, p, d)
   assert with_own["train"]["preprocessing"] == with_own["test"]["preprocessing"] == "no_norm"
   m.preprocessing = None
-  plain = evaluate._step_inputs(config, m, {}, p, d)  # pylint: disable=protected-access
+  plain = plan.step_inputs(config, m, {}, p, d)
   assert plain["test"]["preprocessing"] == "imagenet_bilinear"
