@@ -16,9 +16,30 @@ import pytest
 
 from sslbench_jax.features import io
 from sslbench_jax.probes import command
-import probe_metrics_test as pm  # feature meta as `features` writes it
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "fixtures", "probe_rows_golden.json")
+# Label spaces as `features` recorded them when the rows were pinned.
+SPACES = {
+    "imagenet1k": {"name": "imagenet1k", "num_classes": 1000, "multi_label": False,
+                   "subset_size": None, "metrics": ["top1"]},
+    "imagenet_real": {"name": "imagenet_real", "num_classes": 1000,
+                      "multi_label": True, "subset_size": None,
+                      "metrics": ["real_top1"]},
+    "imagenet_r": {"name": "imagenet_r", "num_classes": 1000, "multi_label": False,
+                   "subset_size": 200, "metrics": ["subset_top1", "top1"]},
+}
+
+
+def _feature_meta(dataset, split, n):
+  """A FeatureSet meta as `features --dataset DATASET --split SPLIT` wrote it."""
+  return {
+      "arch": "resnet50", "arch_options": {}, "weights_sha256": "ab" * 32,
+      "dataset": dataset, "split": split, "preprocessing": "imagenet_bilinear",
+      "cache_key": "0" * 64, "data_dir": "/data", "images": None,
+      "source": {"dataset": dataset, "split": split, "num_examples": n,
+                 "label_space": SPACES[dataset], "preprocessing": "imagenet_bilinear"},
+      "representation": "pre_logits", "dtype": "float32", "device_count": 1,
+      "process_count": 1, "versions": {}, "num_examples": n, "num_skipped": 0}
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +80,7 @@ def paths(tmp_path_factory):
     out[name] = str(d / f"{name}.npz")
     io.save(out[name], io.FeatureSet(x.astype(np.float32), y,
                                      np.arange(len(y)).astype(str),
-                                     pm.feature_meta(dataset, split, len(y))))
+                                     _feature_meta(dataset, split, len(y))))
   return out
 
 

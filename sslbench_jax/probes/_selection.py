@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+
+from sslbench_jax.protocols.base import FRACTION, option
 
 
 def check_finite(name: str, x: np.ndarray) -> None:
@@ -52,6 +54,51 @@ def stratified_split(labels: np.ndarray, fraction: float,
   held = np.sort(np.concatenate(held)) if held else np.zeros((0,), np.int64)
   fit = np.setdiff1d(np.arange(len(labels)), held)
   return fit, held
+
+
+@dataclasses.dataclass
+class GridResult:
+  """Outcome of a probe's grid search (linear, logreg, leastsquares ``fit_select``).
+
+  Attributes:
+    grid: the grid points (a ``linear.HeadConfig``, a C, an l2), grid order.
+    holdout_top1: per grid point, top-1 (%) on the held-out slice (on test in
+      "max over test" mode; NaN when a single point was not ranked).
+    best: index of the selected grid point.
+    selection: "holdout" or "max over test".
+    test_top1: top-1 (%) on test of the selected model, refitted on all of
+      train (NaN without single-label test labels).
+    test_top5: top-5 (%).
+    n_test: number of test examples.
+    test_scores: (N_test, C) scores of that model on test, for the test
+      set's own metrics (``probes/_test_metrics.py``).
+  """
+  grid: list[Any]
+  holdout_top1: list[float]
+  best: int
+  selection: str
+  test_top1: float
+  test_top5: float
+  n_test: int
+  test_scores: np.ndarray | None = dataclasses.field(default=None, repr=False)
+
+  @property
+  def selected(self) -> Any:
+    """The selected grid point."""
+    return self.grid[self.best]
+
+
+def holdout_option() -> Any:
+  """The ``holdout`` option of the protocols that select on held-out train."""
+  return option(0.1, "fraction of every training class held out for selection",
+                check=FRACTION)
+
+
+def select_on_test_option() -> Any:
+  """The ``select_on_test`` option ("max over test", labelled in the rows)."""
+  return option(False, "'max over test' model selection (unfair; only to compare "
+                "with papers that did it; ranks by plain top-1, so needs "
+                "single-label test labels); results are labelled so")
 
 
 # A grid fitter: (training rows or None for all, grid indices to fit) ->

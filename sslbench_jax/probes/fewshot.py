@@ -21,16 +21,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
-import jax
 import numpy as np
 import tqdm
 
-from sslbench_jax.probes import knn, leastsquares, linear
+from sslbench_jax import parallel
+from sslbench_jax.metrics import scoring
+from sslbench_jax.probes import _rows, knn
 from sslbench_jax.probes._selection import check_finite, topk_hits
+from sslbench_jax.protocols.base import (NON_NEGATIVE, POSITIVE, FeatureInputs,
+                                         Protocol, ProtocolResult, RunContext,
+                                         check_options, option)
 
-PROBES = ("knn", "linear", "leastsquares")
 DEFAULT_SETUPS = ("1shot", "5shot", "10shot", "25shot", "1%", "10%")
 
 
@@ -128,24 +131,93 @@ def sample_subset(labels: np.ndarray, num_classes: int,
   return np.sort(np.concatenate(picked))
 
 
-def run(train_features: np.ndarray,
-        train_labels: np.ndarray,
-        test_features: np.ndarray,
-        test_labels: np.ndarray,
-        num_classes: int,
-        setups: Sequence[str] = DEFAULT_SETUPS,
-        probes: Sequence[str] = PROBES,
-        tries: int = 5,
-        seed: int = 0,
-        knn_k: int = 20,
-        knn_metric: str = "cosine",
-        l2: float = 2.0 ** 10,
-        head: linear.HeadConfig | None = None,
-        train_config: linear.TrainConfig | None = None,
-        evaluate: Callable[[np.ndarray], Mapping[str, float]] | None = None,
-        progress: bool = True,
-        ) -> list[FewShotResult]:
-  """Every (setup, probe) over ``tries`` subsets.
+@dataclasses.dataclass(frozen=True)
+class _Probe:
+  """How few-shot runs one probe of the protocol table on a subset.
+
+  Attributes:
+    settings: (few-shot options, subset size) -> the probe's fixed options, as
+      overrides of its protocol's defaults (there is no held-out slice to
+      select on).
+    hparams: (few-shot options, subset size) -> what its rows record.
+  """
+  settings: Callable[["Options", int], dict[str, Any]]
+  hparams: Callable[["Options", int], dict[str, Any]]
+
+
+def _knn_hparams(o: "Options", n: int) -> dict[str, Any]:
+  # kNN on a subset of n examples uses at most that many neighbours.
+  hp: dict[str, Any] = dict(k=min(o.fewshot_k, n), metric=o.knn_metric)
+  if hp["k"] != o.fewshot_k:
+    hp["k_requested"] = o.fewshot_k
+  return hp
+
+
+# Probe name (a protocol of ``protocols.registry`` with ``fit_scores``) -> its
+# few-shot recipe: kNN with k = min(fewshot_k, subset) and the default
+# temperature, one linear head (SGD lr 0.1, wd 0, no BN, batch min(256,
+# subset), the linear recipe's epochs / warm-up / clip), least squares at
+# fewshot_l2 (big_vision's 2^10).
+PROBE_RECIPES: dict[str, _Probe] = {
+    "knn": _Probe(lambda o, n: dict(knn_k=(o.fewshot_k,), knn_metric=o.knn_metric),
+                  _knn_hparams),
+    "linear": _Probe(lambda o, n: dict(lr=(0.1,), weight_decay=(0.0,),
+                                       batchnorm=(False,), optimizer=("sgd",),
+                                       batch_size=min(256, n)),
+                     lambda o, n: {}),
+    "leastsquares": _Probe(lambda o, n: dict(l2=(o.fewshot_l2,)),
+                           lambda o, n: dict(l2=o.fewshot_l2)),
+}
+PROBES = tuple(PROBE_RECIPES)
+
+
+def _valid_setup(setup: str) -> bool:
+  try:
+    parse_setup(setup)
+  except ValueError:
+    return False
+  return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The few-shot protocol's options; defaults: "A Closer Look at
+  Benchmarking Self-supervised Pre-training" (1/5/10/25-shot, 1% and 10% of
+  the labels, 5 tries) with kNN, linear and big_vision's least-squares probes."""
+  setups: tuple[str, ...] = option(
+      DEFAULT_SETUPS, "few-shot: 'Kshot' / 'P%' setups",
+      check=(_valid_setup, "'Kshot' (K >= 1) or 'P%' (0 < P <= 100)"))
+  fewshot_probes: tuple[str, ...] = option(PROBES, "few-shot: probes", choices=PROBES)
+  tries: int = option(5, "few-shot: subsets per setup", check=POSITIVE)
+  fewshot_l2: float = option(2.0 ** 10, "few-shot: l2 of the closed-form probe",
+                             check=NON_NEGATIVE)
+  fewshot_k: int = option(20, "few-shot: kNN neighbours", check=POSITIVE)
+  # The kNN protocol's metric option (one flag for both protocols).
+  knn_metric: str = dataclasses.field(
+      default=knn.Options.knn_metric,
+      metadata={f.name: f for f in dataclasses.fields(knn.Options)}["knn_metric"].metadata)
+
+  def __post_init__(self):
+    check_options(self)
+
+
+def sweep(train_features: np.ndarray,
+          train_labels: np.ndarray,
+          test_features: np.ndarray,
+          test_labels: np.ndarray | None,
+          num_classes: int,
+          options: Options = Options(),
+          *,
+          seed: int = 0,
+          evaluate: Callable[[np.ndarray], Mapping[str, float]] | None = None,
+          progress: bool = True,
+          mesh: Any = None,
+          probe_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+          ) -> list[FewShotResult]:
+  """Every (setup, probe) of ``options`` over ``options.tries`` subsets.
+
+  Each probe is the protocol of that name in ``protocols.registry``, run by
+  its ``fit_scores`` with the fixed settings of ``PROBE_RECIPES``.
 
   Args:
     train_features: (N_train, D) pool the subsets are drawn from.
@@ -153,29 +225,21 @@ def run(train_features: np.ndarray,
     test_features: (N_test, D).
     test_labels: (N_test,); may be None when ``evaluate`` scores the test set.
     num_classes: C.
-    setups: "Kshot" / "P%" strings.
-    probes: subset of ``PROBES``.
-    tries: subsets per setup.
-    seed: base seed of the subsets (and of the linear heads).
-    knn_k: neighbours (clipped to the subset size).
-    knn_metric: "cosine" (DINO) or "euclidean".
-    l2: regularisation of the closed-form probe.
-    head: linear head (default SGD lr 0.1, no weight decay, no BN).
-    train_config: linear training (default 100 epochs, batch
-      min(256, subset), 5 warmup epochs, clip 0.5).
+    options: setups, probes, tries and the probes' few-shot settings.
+    seed: base seed of the subsets (and of the linear heads: seed + try).
     evaluate: (N_test, C) test scores -> ``{metric: %}`` (e.g. the test label
       space's metrics); default: top-1 against ``test_labels``.
     progress: show a tqdm bar over the (setup, probe, try) evaluations on
       process 0 (the probes inside run without bars of their own).
+    mesh: the devices' mesh (None: every device).
+    probe_overrides: probe -> option overrides on top of its few-shot
+      settings (e.g. ``{"linear": {"epochs": 3}}``; tests, ablations).
 
   Returns:
     One ``FewShotResult`` per (setup, probe), setups outer.
   """
-  unknown = sorted(set(probes) - set(PROBES))
-  if unknown:
-    raise ValueError(f"unknown few-shot probes {unknown}; valid: {list(PROBES)}")
-  if tries < 1:
-    raise ValueError(f"tries must be >= 1, got {tries}")
+  from sslbench_jax.protocols import registry  # pylint: disable=g-import-not-at-top
+  o = options
   xtr = np.asarray(train_features, np.float32)
   ytr = np.asarray(train_labels)
   xte = np.asarray(test_features, np.float32)
@@ -186,23 +250,26 @@ def run(train_features: np.ndarray,
       raise ValueError("few-shot: give test_labels or an evaluate function")
     yte = np.asarray(test_labels)
     evaluate = lambda s: {"top1": float(100.0 * topk_hits(s, yte, (1,))[0] / len(yte))}
-  head = head or linear.HeadConfig("x", lr=0.1)
   results = []
-  bar = tqdm.tqdm(total=len(setups) * len(probes) * tries, unit="fit",
+  bar = tqdm.tqdm(total=len(o.setups) * len(o.fewshot_probes) * o.tries, unit="fit",
                   smoothing=0.1, desc="fewshot",
-                  disable=not progress or jax.process_index() != 0)
+                  disable=not progress or not parallel.is_writer())
   with bar:
-    for setup in setups:
+    for setup in o.setups:
       shots, fraction = parse_setup(setup)
       per_class = per_class_count(ytr, num_classes, shots, fraction)
       subsets = [sample_subset(ytr, num_classes, shots, fraction, seed, t)
-                 for t in range(tries)]
-      for probe in probes:
+                 for t in range(o.tries)]
+      for probe in o.fewshot_probes:
+        protocol = registry.get(probe)
+        settings = dict(PROBE_RECIPES[probe].settings(o, per_class * num_classes),
+                        **(probe_overrides or {}).get(probe, {}))
+        probe_options = dataclasses.replace(protocol.options(), **settings)
         values: dict[str, list[float]] = {}
         for t, idx in enumerate(subsets):
           bar.set_postfix(setup=setup, probe=probe, refresh=False)
-          scores = _scores(probe, xtr[idx], ytr[idx], xte, num_classes, knn_k,
-                           knn_metric, l2, head, train_config, seed + t)
+          scores = protocol.fit_scores(xtr[idx], ytr[idx], xte, num_classes,
+                                       probe_options, seed=seed + t, mesh=mesh)
           # ``evaluate`` reads the scores on the host: the bar's step is real.
           for name, value in evaluate(scores).items():
             values.setdefault(name, []).append(float(value))
@@ -215,15 +282,32 @@ def run(train_features: np.ndarray,
   return results
 
 
-def _scores(probe, x, y, xte, num_classes, knn_k, knn_metric, l2, head,
-            train_config, seed):
-  if probe == "knn":
-    return knn.classify(x, y, xte, num_classes, ks=(knn_k,), metric=knn_metric,
-                        progress=False)[knn_k]   # inside the few-shot bar
-  if probe == "leastsquares":
-    return leastsquares.predict(leastsquares.precompute(x, y, num_classes), xte, l2)
-  tc = train_config or linear.TrainConfig(batch_size=min(256, len(y)))
-  tc = dataclasses.replace(tc, seed=seed)
-  cfg = dataclasses.replace(head, source="x")
-  heads = linear.train({"x": x}, y, num_classes, [cfg], tc, progress=False)
-  return heads.logits({"x": xte}, 0)
+def run(train: FeatureInputs, test: FeatureInputs, options: Options = Options(), *,
+        mesh: Any = None, context: RunContext = RunContext()) -> ProtocolResult:
+  """The few-shot protocol: rows ``<metric>_mean`` / ``<metric>_std`` over
+  tries per (setup, probe), protocol ``fewshot_<probe>``; the test set's own
+  metrics without top-5."""
+  p = _rows.prepare(train, test, context, "fewshot")
+  o = options
+  results = sweep(p.xtr, p.ytr, p.xte, p.yte, p.num_classes, o,
+                  seed=int(context.seed), mesh=mesh,
+                  evaluate=lambda s: scoring.evaluate(s, p.space, top5=False),
+                  progress=bool(context.progress))
+  scores = {}
+  for r in results:
+    hp = dict(setup=r.setup, per_class=r.per_class, tries=r.tries,
+              **PROBE_RECIPES[r.probe].hparams(o, r.per_class * p.num_classes))
+    cell = scores.setdefault(f"{r.probe}/{r.setup}", {})
+    for metric, values in r.metrics.items():
+      n = p.rows.n_examples(metric)
+      for name, value in ((f"{metric}_mean", np.mean(values)),
+                          (f"{metric}_std", np.std(values))):
+        p.rows.add(f"fewshot_{r.probe}", hp, name, value, n)
+        cell[name] = float(value)
+  return ProtocolResult(p.rows.rows, scores, None)
+
+
+PROTOCOL = Protocol(
+    name="fewshot", consumes="features", options=Options, run=run,
+    reference="A Closer Look at Benchmarking Self-supervised Pre-training "
+    "(k-shot and percent-of-labels subsets); big_vision fewshot (least squares)")

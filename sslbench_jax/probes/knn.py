@@ -49,6 +49,7 @@ Tie rules (deterministic, independent of the device count and chunk sizes):
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import time
 from typing import Sequence
@@ -58,13 +59,19 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from sslbench_jax import parallel
 from sslbench_jax.probes import _knn_screen
+from sslbench_jax.probes import _rows
 from sslbench_jax.probes import _selection
 from sslbench_jax.probes import _shard_top_k
+from sslbench_jax.protocols.base import (POSITIVE, FeatureInputs, Protocol,
+                                         ProtocolResult, RunContext, check_options,
+                                         option)
 
 METRICS = ("cosine", "euclidean")
+BANK_DTYPES = ("float32", "bfloat16")
 # Largest (query chunk x bank shard) float32 similarity block per device when
 # ``bank_shard`` is not given. Bigger shards mean fewer top-k passes; 128 MB
 # keeps a 1024-query chunk against 32k bank rows in one matmul.
@@ -77,6 +84,28 @@ SCREEN_MIN_ROWS_PER_CANDIDATE = 96
 # ... and keeps screening after the first query chunk only if at least this
 # fraction of its queries was certified (the others cost a float32 search).
 SCREEN_MIN_CERTIFIED = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The kNN protocol's options; defaults: DINO's weighted kNN (Caron et al.
+  2021, ``eval_knn.py``: cosine, T = 0.07, k = 10, 20, 100, 200). "A Closer
+  Look at Benchmarking Self-supervised Pre-training" uses ``knn_k=(20,),
+  knn_metric="euclidean"`` (with and without ``zscore``)."""
+  knn_k: tuple[int, ...] = option(
+      (10, 20, 100, 200), "kNN: numbers of neighbours", check=POSITIVE)
+  knn_metric: str = option("cosine", "kNN: cosine (DINO) or euclidean (Closer Look)",
+                           choices=METRICS)
+  knn_temperature: float = option(0.07, "kNN: DINO's temperature (cosine only)",
+                                  check=POSITIVE)
+  zscore: bool = option(False, "kNN: z-score features with training statistics first")
+  bank_dtype: str = option("float32", "kNN: bank storage, float32 or bfloat16",
+                           choices=BANK_DTYPES)
+  query_chunk: int = option(1024, "kNN: test examples per step",
+                            check=POSITIVE)
+
+  def __post_init__(self):
+    check_options(self)
 
 
 def classify(train_features: np.ndarray,
@@ -283,7 +312,7 @@ def _check_inputs(train_features, train_labels, test_features, num_classes, ks,
   if query_chunk < 1 or (bank_shard is not None and bank_shard < 1):
     raise ValueError(f"query_chunk and bank_shard must be >= 1, got "
                      f"{query_chunk}, {bank_shard}")
-  if bank_dtype not in ("float32", "bfloat16"):
+  if bank_dtype not in BANK_DTYPES:
     raise ValueError(f"bank_dtype must be float32 or bfloat16, got {bank_dtype!r}")
   _selection.check_finite("train_features", xtr)
   _selection.check_finite("test_features", xte)
@@ -309,10 +338,10 @@ def _place_bank(xtr, bank_shard, bank_dtype, devices, chunk):
   if len(devices) * rows > n_train:
     xtr = np.concatenate([xtr, np.zeros((len(devices) * rows - n_train, dim),
                                         np.float32)])
-  mesh = Mesh(np.asarray(devices), ("bank",))
+  mesh = parallel.make_mesh(devices=devices)
   # One host-to-device copy (no intermediate jnp array); bfloat16 is cast on
   # the devices.
-  bank = jax.device_put(xtr, NamedSharding(mesh, P("bank")))
+  bank = jax.device_put(xtr, NamedSharding(mesh, P(parallel.DATA_AXIS)))
   if bank_dtype != "float32":
     bank = bank.astype(jnp.dtype(bank_dtype))
   return mesh, bank, rows, shard
@@ -362,7 +391,7 @@ def _local_top_k(bank, queries, *, rows, shard, k, metric, n_train):
   Returns (keys, indices): keys ascending (-similarity or distance), ties by
   lower global index; indices global.
   """
-  offset = jax.lax.axis_index("bank") * rows
+  offset = jax.lax.axis_index(parallel.DATA_AXIS) * rows
   n_shards = rows // shard
   blocks = bank.reshape(n_shards, shard, bank.shape[-1])
   # float32 banks are searched exactly (accelerators would otherwise use
@@ -407,7 +436,7 @@ def _search(mesh, n_train, rows, shard, k_max, metric):
                              metric=metric, n_train=n_train)
     return _shard_top_k.gather_top_k(keys, idx, k_max)
 
-  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P("bank"), P()),
+  return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(parallel.DATA_AXIS), P()),
                                out_specs=(P(), P()), check_vma=False))
 
 
@@ -544,7 +573,7 @@ def _run_chunks(fn, queries, chunk, dtype, desc="kNN search", progress=True):
   parts = []
   with tqdm.tqdm(total=len(queries), unit="query", unit_scale=True,
                  smoothing=0.1, desc=desc, leave=False,
-                 disable=(not progress or jax.process_index() != 0
+                 disable=(not progress or not parallel.is_writer()
                           or len(queries) <= chunk)) as bar:
     for n, out in _ahead((n, fn(jnp.asarray(q, dtype)))
                          for n, (q,) in _padded_chunks(chunk, queries)):
@@ -553,3 +582,62 @@ def _run_chunks(fn, queries, chunk, dtype, desc="kNN search", progress=True):
   if not parts:
     raise AssertionError("no queries")
   return [np.concatenate(p) for p in zip(*parts)]
+
+
+def run(train: FeatureInputs, test: FeatureInputs, options: Options = Options(), *,
+        mesh: jax.sharding.Mesh | None = None, context: RunContext = RunContext()
+        ) -> ProtocolResult:
+  """The kNN protocol: every k of ``options.knn_k`` from one search, no selection.
+
+  Rows per distinct k used (a k above the training set size uses all of it:
+  the row records the k used, ``k_requested`` and a warning), with the test
+  set's metrics (top-5: ``topk_correct``, a class without votes never counts).
+  """
+  p = _rows.prepare(train, test, context, "knn")
+  o = options
+  scores = classify(p.xtr, p.ytr, p.xte, p.num_classes, ks=o.knn_k,
+                    metric=o.knn_metric, temperature=o.knn_temperature,
+                    zscore=o.zscore, bank_dtype=o.bank_dtype,
+                    query_chunk=o.query_chunk, devices=_rows.devices(mesh),
+                    progress=bool(context.progress))
+  n_train = len(p.xtr)
+  # k > N_train uses every training example: the row stores the k used,
+  # once per distinct k (several requested k can clip to the same one).
+  used: dict[int, list[int]] = {}
+  for k in o.knn_k:
+    used.setdefault(min(k, n_train), []).append(k)
+  results = {}
+  for k_used, requested in used.items():
+    k = requested[0]
+    hp = dict(k=k_used, metric=o.knn_metric, zscore=bool(o.zscore),
+              bank_dtype=o.bank_dtype)
+    if requested != [k_used]:
+      msg = (f"--knn_k {', '.join(map(str, requested))} > the {n_train} training "
+             f"examples: used k={k_used}")
+      logging.warning("%s (%s)", msg, train.where)
+      hp.update(k_requested=requested, warnings=[msg])
+    if o.knn_metric == "cosine":
+      hp["temperature"] = o.knn_temperature
+    # kNN's top-5 never counts a class that got no vote.
+    results[f"k={k_used}"] = p.rows.add_metrics("knn", hp, scores[k],
+                                                 positive_only_top5=True)
+  return ProtocolResult(p.rows.rows, results, None)
+
+
+def fit_scores(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, num_classes: int,
+               options: Options, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None
+               ) -> np.ndarray:
+  """(N_test, C) kNN scores with the first k of ``options`` (few-shot's probe)."""
+  del seed  # kNN is deterministic
+  o = options
+  k = o.knn_k[0]
+  return classify(x, y, x_test, num_classes, ks=(k,), metric=o.knn_metric,
+                  temperature=o.knn_temperature, zscore=o.zscore,
+                  bank_dtype=o.bank_dtype, query_chunk=o.query_chunk,
+                  devices=_rows.devices(mesh), progress=False)[k]
+
+
+PROTOCOL = Protocol(
+    name="knn", consumes="features", options=Options, run=run,
+    reference="DINO (Caron et al. 2021) eval_knn.py; Closer Look (Euclidean, k=20)",
+    fit_scores=fit_scores)

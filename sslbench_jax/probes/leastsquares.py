@@ -25,7 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sslbench_jax.probes._selection import check_finite, select_and_refit, topk_percent
+from sslbench_jax.probes import _rows
+from sslbench_jax.probes._selection import (GridResult, check_finite,
+                                            holdout_option, select_and_refit,
+                                            select_on_test_option, topk_percent)
+from sslbench_jax.protocols.base import (NON_NEGATIVE, FeatureInputs,
+                                         Protocol, ProtocolResult, RunContext,
+                                         check_options, option)
 
 BIAS_CONSTANT = 100.0
 DEFAULT_L2 = tuple(float(2.0 ** i) for i in range(-10, 20))
@@ -42,17 +48,18 @@ class Cache:
   std: jax.Array    # (D,)
 
 
-@dataclasses.dataclass
-class LeastSquaresResult:
-  """Outcome of ``run`` (fields as in ``logreg.LogRegResult``)."""
-  l2s: list[float]
-  holdout_top1: list[float]
-  selected_l2: float
-  selection: str
-  test_top1: float
-  test_top5: float
-  n_test: int
-  test_scores: np.ndarray | None = dataclasses.field(default=None, repr=False)
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The closed-form least-squares protocol's options; defaults: big_vision's
+  few-shot probe (``evaluators/fewshot``), its l2 grid 2^-10 .. 2^19 selected
+  on 10% of train held out."""
+  l2: tuple[float, ...] = option(DEFAULT_L2, "leastsquares: l2 grid",
+                                 check=NON_NEGATIVE, default_text="2^-10..2^19")
+  holdout: float = holdout_option()
+  select_on_test: bool = select_on_test_option()
+
+  def __post_init__(self):
+    check_options(self)
 
 
 def precompute(features: np.ndarray, labels: np.ndarray,
@@ -96,16 +103,16 @@ def predict(cache: Cache, features: np.ndarray, l2: float) -> np.ndarray:
     return np.asarray(x @ weights(cache, l2))
 
 
-def run(train_features: np.ndarray,
-        train_labels: np.ndarray,
-        test_features: np.ndarray,
-        test_labels: np.ndarray | None,
-        num_classes: int,
-        l2s: Sequence[float] = DEFAULT_L2,
-        holdout: float = 0.1,
-        seed: int = 0,
-        select_on_test: bool = False,
-        dtype: str = "float64") -> LeastSquaresResult:
+def fit_select(train_features: np.ndarray,
+               train_labels: np.ndarray,
+               test_features: np.ndarray,
+               test_labels: np.ndarray | None,
+               num_classes: int,
+               l2s: Sequence[float] = DEFAULT_L2,
+               holdout: float = Options.holdout,
+               seed: int = 0,
+               select_on_test: bool = False,
+               dtype: str = "float64") -> GridResult:
   """Selects l2 on held-out train, refits on all train, evaluates on test once.
 
   Args:
@@ -123,7 +130,7 @@ def run(train_features: np.ndarray,
     dtype: arithmetic of ``precompute``.
 
   Returns:
-    A ``LeastSquaresResult``.
+    A ``GridResult`` over ``l2s``.
   """
   l2s = [float(v) for v in l2s]
   xtr = np.asarray(train_features, np.float32)
@@ -143,8 +150,8 @@ def run(train_features: np.ndarray,
   logging.info("least squares: selected l2=%g (%s top-1 %.2f)", l2s[sel.best],
                sel.selection, sel.top1[sel.best])
   top1, top5 = topk_percent(sel.test_scores, test_labels)
-  return LeastSquaresResult(l2s, sel.top1, l2s[sel.best], sel.selection, top1,
-                            top5, len(xte), sel.test_scores)
+  return GridResult(l2s, sel.top1, sel.best, sel.selection, top1, top5, len(xte),
+                    sel.test_scores)
 
 
 def _augment(x, mean, std):
@@ -174,3 +181,37 @@ def _precompute(x, y, num_classes):
 @jax.jit
 def _weights(eigs, lhs, rhs, l2):
   return (lhs * (1.0 / (eigs + l2))[None, :]) @ rhs
+
+
+def run(train: FeatureInputs, test: FeatureInputs, options: Options = Options(), *,
+        mesh: jax.sharding.Mesh | None = None, context: RunContext = RunContext()
+        ) -> ProtocolResult:
+  """The least-squares protocol: the l2 grid selected on held-out train (or
+  "max over test"), refitted on all of train, scored on test once."""
+  del mesh  # one device: every process computes the same
+  p = _rows.prepare(train, test, context, "leastsquares")
+  o = options
+  l2s = list(o.l2)
+  r = fit_select(p.xtr, p.ytr, p.xte, p.yte, p.num_classes, l2s, holdout=o.holdout,
+                 seed=int(context.seed), select_on_test=o.select_on_test)
+  hp = dict(l2=r.selected, grid_size=len(l2s), selection=r.selection,
+            holdout=o.holdout)
+  p.rows.add_metrics("leastsquares", hp, r.test_scores)
+  metric = "test_top1" if r.selection == "max over test" else "holdout_top1"
+  scores = {_rows.label({"l2": v}): {metric: t} for v, t in zip(l2s, r.holdout_top1)}
+  return ProtocolResult(p.rows.rows, scores, _rows.label({"l2": r.selected}))
+
+
+def fit_scores(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, num_classes: int,
+               options: Options, *, seed: int = 0,
+               mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+  """(N_test, C) scores of the solution at the first l2 of ``options``
+  (few-shot's probe)."""
+  del seed, mesh  # closed form, one device
+  return predict(precompute(x, y, num_classes), x_test, options.l2[0])
+
+
+PROTOCOL = Protocol(
+    name="leastsquares", consumes="features", options=Options, run=run,
+    reference="big_vision evaluators/fewshot (closed-form ridge, l2 2^-10..2^19)",
+    fit_scores=fit_scores)

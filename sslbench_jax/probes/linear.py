@@ -8,7 +8,7 @@ group is one (B, D) x (D, H*C) matmul (plus one for the weight gradient) and a
 ``vmap`` of the per-head optax update (per-head clipping, momentum, decay). BatchNorm statistics depend only on the data,
 so they are computed once per source and shared by that source's BN heads.
 
-Training is data-parallel over a ``Mesh`` of all devices (axis "data"): the
+Training is data-parallel over ``parallel.make_mesh`` (rows over ``DATA_AXIS``): the
 training features are sharded over the devices (each holds 1/N of the rows,
 plus padding), or, when a ``device_budget_bytes`` cannot hold that share,
 streamed from the host in chunks of steps (``_data_layout``); the rows of
@@ -18,15 +18,14 @@ are means over the real rows of the whole batch, so XLA reduces the
 per-device partial sums and every step computes the same numbers as on one
 device (up to float summation order, ~1e-6).
 
-Recipe defaults follow "A Closer Look at Benchmarking Self-supervised
-Pre-training" as coded (protocol_hyperparameters_from_code.csv): SGD momentum
-0.9, lr 0.1 * batch/256, batch 1024, 100 epochs, epoch-wise warmup + cosine
-(5 warmup epochs with factor (e+1)/6, then 0.5(1 + cos(pi (e-5)/(E-5)))),
-global-norm gradient clipping 0.5, head init N(0, 0.01), bias 0, no label
-smoothing; AdamW (decoupled weight decay) is the alternative optimizer.
+The recipe (its defaults: ``Options``, "A Closer Look" as coded): SGD with
+momentum, an epoch-wise warmup + cosine schedule, per-head global-norm
+gradient clipping, head init N(0, 0.01), bias 0, no label smoothing; AdamW
+(decoupled weight decay) is the alternative optimizer.
 
-Model selection (``run``): all heads train on a stratified, seeded 90% of the
-training set and are ranked on the held-out 10%; the best (first in grid order
+Model selection (``fit_select``; ``run`` is the protocol entry point): all
+heads train on a stratified, seeded ``1 - holdout`` of the training set and are
+ranked on the held-out rest; the best (first in grid order
 on ties) is retrained on the whole training set and evaluated on test once.
 Test data never influences the choice unless ``select_on_test=True``, a mode
 labelled "max over test" for comparing with papers that report it.
@@ -47,15 +46,59 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 import tqdm
 
+from sslbench_jax import parallel
 from sslbench_jax.probes import _data_layout
-from sslbench_jax.probes._selection import check_finite, stratified_split
+from sslbench_jax.probes import _rows
+from sslbench_jax.probes._selection import (GridResult, check_finite,
+                                            holdout_option, select_on_test_option,
+                                            stratified_split)
+from sslbench_jax.protocols.base import (NON_NEGATIVE, POSITIVE,
+                                         FeatureInputs, Protocol, ProtocolResult,
+                                         RunContext, check_options, option)
 
 OPTIMIZERS = ("sgd", "adamw")
 BN_EPS = 1e-6        # MAE: BatchNorm1d(affine=False, eps=1e-6)
 BN_MOMENTUM = 0.1    # PyTorch's default running-statistics momentum
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The linear protocol's options; defaults: the linear recipe of "A Closer
+  Look at Benchmarking Self-supervised Pre-training" as coded
+  (protocol_hyperparameters_from_code.csv): SGD momentum 0.9, lr 0.1 x
+  batch / 256 (0.4), batch 1024, 100 epochs, 5 warm-up epochs + cosine,
+  global-norm clip 0.5, no weight decay, heads with and without BatchNorm
+  (selected on 10% of train held out)."""
+  lr: tuple[float, ...] | None = option(
+      None, "linear: absolute peak learning rates; default 0.1*batch/256",
+      check=POSITIVE)
+  weight_decay: tuple[float, ...] = option((0.0,), "linear: weight decays",
+                                           check=NON_NEGATIVE)
+  batchnorm: tuple[bool, ...] = option((False, True),
+                                       "linear: BN-without-affine settings")
+  optimizer: tuple[str, ...] = option(("sgd",), "linear: sgd and/or adamw",
+                                      choices=OPTIMIZERS)
+  epochs: int = option(100, "linear: epochs", check=POSITIVE)
+  batch_size: int = option(1024, "linear: batch size", check=POSITIVE)
+  warmup_epochs: int = option(5, "linear: warmup epochs", check=NON_NEGATIVE)
+  clip_norm: float = option(0.5, "linear: gradient global-norm clip (0: off)",
+                            check=NON_NEGATIVE)
+  holdout: float = holdout_option()
+  select_on_test: bool = select_on_test_option()
+  device_budget_bytes: int | None = option(
+      None, "linear: bytes per device the training features may occupy (default: "
+      "all of each device's share; smaller: streamed from the host)",
+      check=POSITIVE)
+
+  def __post_init__(self):
+    check_options(self)
+
+  def lrs(self) -> tuple[float, ...]:
+    """The learning rates: ``lr``, else the recipe's 0.1 x batch / 256."""
+    return self.lr if self.lr else (0.1 * self.batch_size / 256,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,14 +137,22 @@ class TrainConfig:
     seed: initialisation and data order.
     eval_batch_size: examples per evaluation step.
   """
-  epochs: int = 100
-  batch_size: int = 1024
-  warmup_epochs: int = 5
-  clip_norm: float | None = 0.5
+  # The recipe's values are ``Options``' defaults (defined there, once).
+  epochs: int = Options.epochs
+  batch_size: int = Options.batch_size
+  warmup_epochs: int = Options.warmup_epochs
+  clip_norm: float | None = Options.clip_norm
   momentum: float = 0.9
   init_std: float = 0.01
   seed: int = 0
   eval_batch_size: int = 4096
+
+  @classmethod
+  def from_options(cls, options: Options, seed: int) -> "TrainConfig":
+    """The training settings of ``options`` (clip_norm 0 = off)."""
+    return cls(epochs=options.epochs, batch_size=options.batch_size,
+               warmup_epochs=options.warmup_epochs,
+               clip_norm=options.clip_norm or None, seed=seed)
 
 
 @dataclasses.dataclass
@@ -127,31 +178,6 @@ class Heads:
       mean, var = self.bn_stats[cfg.source]
       x = (x - mean) / np.sqrt(var + BN_EPS)
     return x @ self.weights[index] + self.biases[index]
-
-
-@dataclasses.dataclass
-class ProbeResult:
-  """Outcome of ``run``.
-
-  Attributes:
-    selected: the chosen head config.
-    selection: "holdout" or "max over test".
-    holdout_top1: per grid config, top-1 (%) on the held-out slice (or on test
-      in "max over test" mode).
-    test_top1: top-1 (%) of the selected head on test (NaN without test
-      labels).
-    test_top5: top-5 (%) of the selected head on test.
-    n_test: number of test examples.
-    test_scores: (N_test, C) logits of the selected head on test, for any
-      other metric (``probes/_test_metrics.py``).
-  """
-  selected: HeadConfig
-  selection: str
-  holdout_top1: list[float]
-  test_top1: float
-  test_top5: float
-  n_test: int
-  test_scores: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
 
 def grid(sources: Sequence[str],
@@ -262,8 +288,7 @@ def train(features: Mapping[str, np.ndarray],
   wds = tuple(jnp.asarray([configs[i].weight_decay for i in m], jnp.float32)
               for m in groups)
   sources = tuple(sorted(dims))
-  mesh = Mesh(np.asarray(jax.devices() if devices is None else devices),
-              ("data",))
+  mesh = parallel.make_mesh(devices=devices)
   replicated = NamedSharding(mesh, P())
   steps = -(-n // tc.batch_size)
   layout = _data_layout.plan(n, steps, tc.batch_size, mesh.devices.size,
@@ -289,7 +314,7 @@ def train(features: Mapping[str, np.ndarray],
   # dispatch, throughput.
   bar = tqdm.tqdm(total=tc.epochs * n, unit="ex", unit_scale=True,
                   smoothing=0.1, desc=f"linear ({len(configs)} heads)",
-                  disable=not progress or jax.process_index() != 0)
+                  disable=not progress or not parallel.is_writer())
   # Dispatch is asynchronous: waiting for the call before the previous one
   # keeps at most two epochs' tables (or two streamed chunks) on the devices.
   tokens = collections.deque()
@@ -379,24 +404,25 @@ def evaluate(heads: Heads, features: Mapping[str, np.ndarray],
 def _topk_hits(w, b, x, y, ks):
   """(H, len(ks)) counts of labels in each head's top-k; label -1 never hits."""
   logits = jnp.einsum("nd,hdc->hnc", x, w) + b[:, None, :]
-  _, top = jax.lax.top_k(logits, max(ks))    # ties: lower class index first
+  # ties: lower class index first; fewer than k classes: all of them.
+  _, top = jax.lax.top_k(logits, min(max(ks), logits.shape[-1]))
   hit = top == y[None, :, None]
   return jnp.stack([jnp.sum(jnp.any(hit[..., :k], axis=-1), axis=-1) for k in ks],
                    axis=-1)
 
 
-def run(train_features: Mapping[str, np.ndarray],
-        train_labels: np.ndarray,
-        test_features: Mapping[str, np.ndarray],
-        test_labels: np.ndarray,
-        num_classes: int,
-        configs: Sequence[HeadConfig],
-        train_config: TrainConfig = TrainConfig(),
-        holdout: float = 0.1,
-        select_on_test: bool = False,
-        progress: bool = True,
-        device_budget_bytes: int | None = None,
-        devices: Sequence[jax.Device] | None = None) -> ProbeResult:
+def fit_select(train_features: Mapping[str, np.ndarray],
+               train_labels: np.ndarray,
+               test_features: Mapping[str, np.ndarray],
+               test_labels: np.ndarray | None,
+               num_classes: int,
+               configs: Sequence[HeadConfig],
+               train_config: TrainConfig = TrainConfig(),
+               holdout: float = Options.holdout,
+               select_on_test: bool = False,
+               progress: bool = True,
+               device_budget_bytes: int | None = None,
+               devices: Sequence[jax.Device] | None = None) -> GridResult:
   """Selects a head on held-out train, retrains it on all train, tests once.
 
   Args:
@@ -418,7 +444,7 @@ def run(train_features: Mapping[str, np.ndarray],
     devices: the training mesh's devices (default: all).
 
   Returns:
-    A ``ProbeResult``.
+    A ``GridResult`` over ``configs``.
   """
   configs = list(configs)
   train_labels = np.asarray(train_labels)
@@ -439,9 +465,9 @@ def run(train_features: Mapping[str, np.ndarray],
                   devices=devices)
     acc = evaluate(heads, test_features, test_labels, (1, 5))
     best = int(np.argmax(acc[:, 0]))
-    return ProbeResult(configs[best], "max over test", acc[:, 0].tolist(),
-                       float(acc[best, 0]), float(acc[best, 1]), n_test,
-                       heads.logits(test_features, best))
+    return GridResult(configs, acc[:, 0].tolist(), best, "max over test",
+                      float(acc[best, 0]), float(acc[best, 1]), n_test,
+                      heads.logits(test_features, best))
 
   fit, held = stratified_split(train_labels, holdout, train_config.seed)
   if len(held) == 0:
@@ -465,8 +491,8 @@ def run(train_features: Mapping[str, np.ndarray],
                 devices=devices)
   test = (evaluate(final, test_features, test_labels, (1, 5))[0]
           if test_labels is not None else (math.nan, math.nan))
-  return ProbeResult(configs[best], "holdout", acc.tolist(), float(test[0]),
-                     float(test[1]), n_test, final.logits(test_features, 0))
+  return GridResult(configs, acc.tolist(), best, "holdout", float(test[0]),
+                    float(test[1]), n_test, final.logits(test_features, 0))
 
 
 def _check(features, labels, num_classes, configs) -> int:
@@ -590,10 +616,11 @@ def _resident_epoch_fn(spec, sources, clip_norm, momentum, epochs, warmup, mesh)
   (shard_map), so no device ever reads another's block.
   """
   step = _step_fn(spec, sources, clip_norm, momentum, mesh)
-  rows = NamedSharding(mesh, P("data"))
+  rows = NamedSharding(mesh, P(parallel.DATA_AXIS))
   replicated = NamedSharding(mesh, P())
   gather = jax.shard_map(lambda d, i: {s: v[i] for s, v in d.items()}, mesh=mesh,
-                         in_specs=(P("data"), P("data")), out_specs=P("data"))
+                         in_specs=(P(parallel.DATA_AXIS),) * 2,
+                         out_specs=P(parallel.DATA_AXIS))
 
   def epoch(state, data, idx, y, mask, lrs, wds, epoch_index):
     factor = lr_factor(epoch_index, epochs, warmup)
@@ -616,7 +643,7 @@ def _streamed_chunk_fn(spec, sources, clip_norm, momentum, epochs, warmup, mesh)
   (k, B', D) with the rows of every step sharded over "data".
   """
   step = _step_fn(spec, sources, clip_norm, momentum, mesh)
-  rows = NamedSharding(mesh, P("data"))
+  rows = NamedSharding(mesh, P(parallel.DATA_AXIS))
   replicated = NamedSharding(mesh, P())
 
   def chunk(state, xs, y, mask, lrs, wds, epoch_index):
@@ -630,3 +657,50 @@ def _streamed_chunk_fn(spec, sources, clip_norm, momentum, epochs, warmup, mesh)
     return state, jnp.sum(mask)
 
   return jax.jit(chunk, donate_argnums=(0,), out_shardings=replicated)
+
+
+def run(train: FeatureInputs, test: FeatureInputs, options: Options = Options(), *,
+        mesh: jax.sharding.Mesh | None = None, context: RunContext = RunContext()
+        ) -> ProtocolResult:
+  """The linear protocol: the grid of ``options`` (x feature sources), selected
+  on held-out train (or "max over test"), the selected head retrained on all
+  of train and scored on test once; rows of the test set's metrics."""
+  p = _rows.prepare(train, test, context, "linear", multi_source=True)
+  o = options
+  configs = grid(list(p.train), o.lrs(), o.weight_decay, o.batchnorm, o.optimizer)
+  tc = TrainConfig.from_options(o, int(context.seed))
+  r = fit_select(p.train, p.ytr, p.test, p.yte, p.num_classes, configs, tc,
+                 holdout=o.holdout, select_on_test=o.select_on_test,
+                 progress=bool(context.progress),
+                 device_budget_bytes=o.device_budget_bytes,
+                 devices=_rows.devices(mesh))
+  hp = dict(r.selected.hparams(), epochs=tc.epochs, batch_size=tc.batch_size,
+            # The analysis tells a searched BN (a hyper-parameter) from a fixed one.
+            batchnorm_grid=list(o.batchnorm),
+            warmup_epochs=tc.warmup_epochs, clip_norm=tc.clip_norm,
+            grid_size=len(configs), selection=r.selection, holdout=o.holdout)
+  p.rows.add_metrics("linear", hp, r.test_scores)
+  metric = "test_top1" if r.selection == "max over test" else "holdout_top1"
+  scores = {_rows.label(c.hparams()): {metric: v}
+            for c, v in zip(configs, r.holdout_top1)}
+  return ProtocolResult(p.rows.rows, scores, _rows.label(r.selected.hparams()))
+
+
+def fit_scores(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, num_classes: int,
+               options: Options, *, seed: int = 0, mesh: jax.sharding.Mesh | None = None
+               ) -> np.ndarray:
+  """(N_test, C) logits of one head, the first grid point of ``options``,
+  trained on (x, y) with seed ``seed`` (few-shot's probe)."""
+  o = options
+  cfg = HeadConfig("x", o.lrs()[0], o.weight_decay[0], o.batchnorm[0], o.optimizer[0])
+  heads = train({"x": x}, y, num_classes, [cfg], TrainConfig.from_options(o, seed),
+                progress=False, device_budget_bytes=o.device_budget_bytes,
+                devices=_rows.devices(mesh))
+  return heads.logits({"x": x_test}, 0)
+
+
+PROTOCOL = Protocol(
+    name="linear", consumes="features", options=Options, run=run,
+    reference="A Closer Look at Benchmarking Self-supervised Pre-training "
+    "(linear recipe as coded); MAE (BatchNorm without affine before the head)",
+    fit_scores=fit_scores)

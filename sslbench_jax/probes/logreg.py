@@ -14,7 +14,8 @@ was 13x slower on real features (13 C values, 1437 x 1280 digits features:
 rematerialisation, so memory stays bounded by (chunk, num_classes) activations
 however large N is.
 
-Selection (``run``, ``_selection.select_and_refit``): every C is fitted on a
+Selection (``fit_select``, ``_selection.select_and_refit``; ``run`` is the
+protocol entry point): every C is fitted on a
 stratified, seeded 90% of train and ranked on the held-out 10%; the best C
 (first in grid order on ties) is refitted on all of train and evaluated on
 test once.
@@ -34,36 +35,31 @@ import numpy as np
 import optax
 import tqdm
 
-from sslbench_jax.probes._selection import check_finite, select_and_refit, topk_percent
+from sslbench_jax import parallel
+from sslbench_jax.probes import _rows
+from sslbench_jax.probes._selection import (GridResult, check_finite,
+                                            holdout_option, select_and_refit,
+                                            select_on_test_option, topk_percent)
+from sslbench_jax.protocols.base import (POSITIVE, FeatureInputs,
+                                         Protocol, ProtocolResult, RunContext,
+                                         check_options, option)
 
 DEFAULT_CS = tuple(np.logspace(-6, 5, 45).tolist())
 
 
-@dataclasses.dataclass
-class LogRegResult:
-  """Outcome of ``run``.
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """The logistic-regression protocol's options; defaults: scikit-learn's
+  ``LogisticRegression`` (lbfgs, ``max_iter``, gtol 1e-4) over the C grid
+  ``logspace(-6, 5, 45)``, selected on 10% of train held out."""
+  c: tuple[float, ...] = option(DEFAULT_CS, "logreg: C grid", check=POSITIVE,
+                                default_text="45 values logspace(-6, 5)")
+  max_iter: int = option(1000, "logreg: L-BFGS iterations at most", check=POSITIVE)
+  holdout: float = holdout_option()
+  select_on_test: bool = select_on_test_option()
 
-  Attributes:
-    cs: the C grid.
-    holdout_top1: per C, top-1 (%) on the held-out slice (on test in
-      "max over test" mode).
-    selected_c: the chosen C.
-    selection: "holdout" or "max over test".
-    test_top1: top-1 (%) on test of the model refitted with ``selected_c``
-      (NaN without test labels).
-    test_top5: top-5 (%).
-    n_test: number of test examples.
-    test_scores: (N_test, K) logits of that model on test, for any other
-      metric (``probes/_test_metrics.py``).
-  """
-  cs: list[float]
-  holdout_top1: list[float]
-  selected_c: float
-  selection: str
-  test_top1: float
-  test_top5: float
-  n_test: int
-  test_scores: np.ndarray | None = dataclasses.field(default=None, repr=False)
+  def __post_init__(self):
+    check_options(self)
 
 
 def fit(features: np.ndarray,
@@ -122,7 +118,7 @@ def _fit(x, y, mask, num_classes, cs, max_iter=1000, tol=1e-4, chunk=65536,
   # bar's per-C update adds no synchronisation.
   with tqdm.tqdm(np.argsort(cs, kind="stable"), unit="C", smoothing=0.1,
                  desc="logreg C",
-                 disable=not progress or jax.process_index() != 0) as bar:
+                 disable=not progress or not parallel.is_writer()) as bar:
     for i in bar:  # strongest regularisation first
       w, b = solve(xp, yp, mp, jnp.float32(cs[i]), w, b)
       ws[i], bs[i] = np.asarray(w), np.asarray(b)
@@ -144,17 +140,17 @@ def objective(w: np.ndarray, b: np.ndarray, features: np.ndarray,
   return float(c * ce + 0.5 * np.sum(np.asarray(w, np.float64) ** 2))
 
 
-def run(train_features: np.ndarray,
-        train_labels: np.ndarray,
-        test_features: np.ndarray,
-        test_labels: np.ndarray | None,
-        num_classes: int,
-        cs: Sequence[float] = DEFAULT_CS,
-        holdout: float = 0.1,
-        seed: int = 0,
-        select_on_test: bool = False,
-        progress: bool = True,
-        **fit_kwargs) -> LogRegResult:
+def fit_select(train_features: np.ndarray,
+               train_labels: np.ndarray,
+               test_features: np.ndarray,
+               test_labels: np.ndarray | None,
+               num_classes: int,
+               cs: Sequence[float] = DEFAULT_CS,
+               holdout: float = Options.holdout,
+               seed: int = 0,
+               select_on_test: bool = False,
+               progress: bool = True,
+               **fit_kwargs) -> GridResult:
   """Selects C on held-out train, refits on all train, evaluates on test once.
 
   Args:
@@ -174,7 +170,7 @@ def run(train_features: np.ndarray,
     **fit_kwargs: ``max_iter``, ``tol``, ``chunk`` for ``fit``.
 
   Returns:
-    A ``LogRegResult``.
+    A ``GridResult`` over ``cs``.
   """
   cs = [float(c) for c in cs]
   x, y = _check(train_features, train_labels, num_classes)
@@ -198,8 +194,8 @@ def run(train_features: np.ndarray,
   logging.info("logreg: selected C=%g (%s top-1 %.2f)", cs[sel.best],
                sel.selection, sel.top1[sel.best])
   top1, top5 = topk_percent(sel.test_scores, test_labels)
-  return LogRegResult(cs, sel.top1, cs[sel.best], sel.selection, top1, top5,
-                      len(xte), sel.test_scores)
+  return GridResult(cs, sel.top1, sel.best, sel.selection, top1, top5, len(xte),
+                    sel.test_scores)
 
 
 def _check(features, labels, num_classes):
@@ -264,3 +260,29 @@ def _solver(n_chunks, chunk, d, k, max_iter, tol):
     return params["w"], params["b"]
 
   return jax.jit(solve_one)
+
+
+def run(train: FeatureInputs, test: FeatureInputs, options: Options = Options(), *,
+        mesh: jax.sharding.Mesh | None = None, context: RunContext = RunContext()
+        ) -> ProtocolResult:
+  """The logistic-regression protocol: the C grid selected on held-out train
+  (or "max over test"), refitted on all of train, scored on test once."""
+  del mesh  # one device: every process computes the same
+  p = _rows.prepare(train, test, context, "logreg")
+  o = options
+  cs = list(o.c)
+  r = fit_select(p.xtr, p.ytr, p.xte, p.yte, p.num_classes, cs, holdout=o.holdout,
+                 seed=int(context.seed), select_on_test=o.select_on_test,
+                 max_iter=o.max_iter, progress=bool(context.progress))
+  hp = dict(C=r.selected, grid_size=len(cs), selection=r.selection,
+            holdout=o.holdout, max_iter=o.max_iter)
+  p.rows.add_metrics("logreg", hp, r.test_scores)
+  metric = "test_top1" if r.selection == "max over test" else "holdout_top1"
+  scores = {_rows.label({"C": c}): {metric: v} for c, v in zip(cs, r.holdout_top1)}
+  return ProtocolResult(p.rows.rows, scores, _rows.label({"C": r.selected}))
+
+
+PROTOCOL = Protocol(
+    name="logreg", consumes="features", options=Options, run=run,
+    reference="scikit-learn LogisticRegression(penalty='l2', lbfgs, multinomial); "
+    "C grid over logspace(-6, 5)")

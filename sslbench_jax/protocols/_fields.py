@@ -13,6 +13,8 @@ import types
 import typing
 from typing import Any, Callable
 
+from sslbench_jax import _parse
+
 _KINDS = {int: "int", float: "float", bool: "bool", str: "str"}
 
 
@@ -121,27 +123,14 @@ def check(spec: FieldSpec, value: Any, where: str) -> None:
                      + (" (a tuple)" if spec.is_list else ""))
 
 
-_TRUE, _FALSE = ("true", "1"), ("false", "0")
-
-
 def _parse_item(spec: FieldSpec, text: str, where: str) -> Any:
-  s = str(text).strip()
-  try:
-    if spec.kind == "int":
-      value: Any = int(s)
-    elif spec.kind == "float":
-      value = float(s)
-    elif spec.kind == "bool":
-      low = s.lower()
-      if low not in _TRUE + _FALSE:
-        raise ValueError
-      value = low in _TRUE
-    else:
-      value = s
-  except ValueError:
-    noun = {"int": "an integer", "float": "a number", "bool": "true/false"}[spec.kind]
-    raise ValueError(f"{where}: {text!r} is not {noun}") from None
-  return value
+  if spec.kind == "int":
+    return _parse.parse_int(text, where)
+  if spec.kind == "float":
+    return _parse.parse_float(text, where, finite=False)
+  if spec.kind == "bool":
+    return _parse.parse_bool(text, where)
+  return str(text).strip()
 
 
 def parse(spec: FieldSpec, value: Any, where: str) -> Any:
@@ -167,6 +156,11 @@ def to_text(spec: FieldSpec, value: Any) -> str:
   items = value if spec.is_list else (value,)
   out = []
   for v in items:
-    out.append(("true" if v else "false") if spec.kind == "bool" else
-               repr(v) if spec.kind == "float" else str(v))
+    if spec.kind == "bool":
+      out.append("true" if v else "false")
+    elif spec.kind == "float":
+      # 0.0 -> "0" (as the flags' defaults were written), else exact repr.
+      out.append(str(int(v)) if v.is_integer() and abs(v) < 1e15 else repr(v))
+    else:
+      out.append(str(v))
   return ",".join(out)

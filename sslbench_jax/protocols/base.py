@@ -83,8 +83,12 @@ def load_features(paths: str | Sequence[str], flag: str = "features"
     if not os.path.exists(path):
       raise FileNotFoundError(f"{flag}: no such file {path}")
     loaded.append((path, io.load(path)))
-  names = _source_names([fs for _, fs in loaded])
   path0, fs0 = loaded[0]
+  for path, fs in loaded[1:]:
+    if not np.array_equal(np.asarray(fs.labels), np.asarray(fs0.labels)):
+      raise ValueError(f"{path}: labels differ from those of the first file; "
+                       "sources must hold the same examples in the same order")
+  names = _source_names([fs for _, fs in loaded])
   return FeatureInputs({n: fs.features for n, (_, fs) in zip(names, loaded)},
                        np.asarray(fs0.labels), dict(fs0.meta), path0,
                        tuple(p for p, _ in loaded))
@@ -124,6 +128,7 @@ class RunContext:
     model: model name written to the rows (None: the training file's arch,
       else its file name).
     dataset: dataset name written to the rows (None: the test file's).
+    split: split name written to the rows (None: the test file's, else "test").
     seed: seeds splits, subsets, initialisation and data order.
     num_classes: the class count (None: from the files' label spaces).
     progress: progress bars on stderr (process 0); no effect on results.
@@ -133,6 +138,7 @@ class RunContext:
   """
   model: str | None = None
   dataset: str | None = None
+  split: str | None = None
   seed: int = 0
   num_classes: int | None = None
   progress: bool = True
@@ -154,6 +160,12 @@ class ProtocolResult:
   rows: list[dict[str, Any]]
   scores: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
   selected: str | None = None
+
+
+# Common value rules for ``option(check=...)``.
+POSITIVE = (lambda x: x > 0, "> 0")
+NON_NEGATIVE = (lambda x: x >= 0, ">= 0")
+FRACTION = (lambda x: 0 < x < 1, "in (0, 1)")
 
 
 def option(default: Any, help: str, *, choices: Sequence[Any] | None = None,
