@@ -258,6 +258,10 @@ def test_topk_correct_matches_numpy_and_sklearn(monkeypatch):
     got = 100 * np.mean(scoring.topk_correct(free, y, k))
     ref = 100 * sk_metrics.top_k_accuracy_score(y, free, k=k, labels=np.arange(c))
     assert got == pytest.approx(ref, abs=1e-9)
+  # -0.0 and +0.0 are equal scores: the lower class index first, as argsort
+  signed = np.array([[-0.0, 0.0, -1.0], [0.0, -0.0, -1.0]], np.float32)
+  np.testing.assert_array_equal(scoring.topk_correct(signed, np.array([0, 0]), 1),
+                                [True, True])
   # an unknown label (-1) is never a hit, even with every class in the top-k
   assert not scoring.topk_correct(tied[:3], np.array([-1, -1, -1]), c).any()
   # the same function inside jit (training-loop evaluation)

@@ -86,6 +86,8 @@ def ranked_hits(logits: jax.Array, labels: jax.Array, k: int, *,
   """
   if k < 1:
     raise ValueError(f"top-k needs k >= 1, got {k}")
+  # lax.top_k orders +0.0 before -0.0; as equal scores they tie (argsort, argmax).
+  logits = jnp.where(logits == 0, jnp.zeros_like(logits), logits)
   values, idx = jax.lax.top_k(logits, min(int(k), logits.shape[1]))
   hit = idx == jnp.asarray(labels).astype(jnp.int32)[:, None]
   if positive_only:
