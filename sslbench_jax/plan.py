@@ -300,6 +300,9 @@ def extraction_passes(items: list[FeatureKey], arch_of: Callable[[str], str],
   split and the effective preprocessing preset (the split's, else the model
   architecture's default, as ``sslbench-jax features`` resolves it); each
   group is cut into passes of at most ``models_per_pass`` items, in order.
+  Passes are ordered by chunk, then group (the first ``models_per_pass``
+  models of every split, then the next ones...), so the models whose weights
+  are loaded at one time stay about ``models_per_pass``.
   """
   from sslbench_jax.backbones import registry  # pylint: disable=g-import-not-at-top
   groups: dict[tuple[Any, ...], list[FeatureKey]] = {}
@@ -307,8 +310,9 @@ def extraction_passes(items: list[FeatureKey], arch_of: Callable[[str], str],
     preset = s.preprocessing or registry.default_preprocessing(arch_of(model_name))
     groups.setdefault((s.dataset, s.data_dir, s.split, preset), []).append(
         (model_name, s, r))
-  return [(k, g[i:i + models_per_pass]) for k, g in groups.items()
-          for i in range(0, len(g), models_per_pass)]
+  chunks = [(i, n, k, g[i:i + models_per_pass]) for n, (k, g) in enumerate(groups.items())
+            for i in range(0, len(g), models_per_pass)]
+  return [(k, chunk) for _, _, k, chunk in sorted(chunks, key=lambda c: c[:2])]
 
 
 def extraction_plan(config: Mapping[str, Any], wanted: list[FeatureKey],
