@@ -222,8 +222,8 @@ def _run_step(config: ml_collections.ConfigDict, workdir: str, step: plan.Step,
               ) -> list[dict[str, Any]]:
   """One step: its protocol (the table) on its inputs; rows labelled for the analysis."""
   from sslbench_jax.convert import cache as convert_cache  # pylint: disable=g-import-not-at-top
-  from sslbench_jax.protocols import base
-  from sslbench_jax.protocols import registry
+  from sslbench_jax.protocols import base  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.protocols import registry  # pylint: disable=g-import-not-at-top
   m, p = config.models[step.model], config.protocols[step.protocol]
   protocol = registry.get(p.type)
   options = plan.protocol_options(p, f"config.protocols.{step.protocol}")
