@@ -64,6 +64,10 @@ def define_flags() -> None:
   flags.DEFINE_string("preprocessing", None, "eval preset; default: the architecture's")
   flags.DEFINE_integer("image_size", None, "train / eval crop side (default: the preset's)")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
+  flags.DEFINE_enum("param_sharding", "replicated", ["replicated", "fsdp"],
+                    "fsdp: parameters and optimizer state split over the mesh's "
+                    "model axis (--model_axis_size devices)")
+  flags.DEFINE_integer("model_axis_size", 1, "devices of the mesh's model axis")
   flags.DEFINE_integer("checkpoint_every_steps", 500, "checkpoint period (steps)")
   flags.DEFINE_integer("eval_batch_size", 256, "global eval batch")
   flags.DEFINE_integer("threads", 4, "host decode / augmentation threads")
@@ -98,18 +102,18 @@ def _option_names() -> set[str]:
       "weights", "dataset", "data_dir", "protocol", "label_fraction", "fewshot_setup",
       "optimizer", "preprocessing", "image_size", "dtype", "checkpoint_every_steps",
       "eval_batch_size", "threads", "results", "workdir", "progress",
-      "train_limit", "test_limit",
+      "train_limit", "test_limit", "param_sharding", "model_axis_size",
       "coordinator_address", "num_processes", "process_id"}
 
 
 def run(opts: dict[str, Any]) -> dict[str, Any]:
   """The subcommand as a function of its options (flag names; None = default)."""
-  from sslbench_jax.features import multihost  # pylint: disable=import-outside-toplevel
+  from sslbench_jax import parallel  # pylint: disable=import-outside-toplevel
   for name in ("weights", "dataset", "protocol", "workdir"):
     if not opts.get(name):
       raise ValueError(f"--{name} is required")
-  multihost.initialize(opts.get("coordinator_address"), opts.get("num_processes"),
-                       opts.get("process_id"))
+  parallel.initialize(opts.get("coordinator_address"), opts.get("num_processes"),
+                      opts.get("process_id"))
   # pylint: disable=import-outside-toplevel
   from sslbench_jax.backbones import registry, weights
   from sslbench_jax.finetune import recipes, train
@@ -124,6 +128,8 @@ def run(opts: dict[str, Any]) -> dict[str, Any]:
       workdir=opts["workdir"], data_dir=opts.get("data_dir"),
       preprocessing=opts.get("preprocessing"), image_size=opts.get("image_size"),
       dtype=opts.get("dtype") or "float32",
+      param_sharding=opts.get("param_sharding") or "replicated",
+      model_axis_size=opts.get("model_axis_size") or 1,
       checkpoint_every_steps=opts.get("checkpoint_every_steps") or 500,
       eval_batch_size=opts.get("eval_batch_size") or 256,
       threads=opts.get("threads") or 4, results=opts.get("results"),

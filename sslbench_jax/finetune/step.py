@@ -2,8 +2,10 @@
 
 Arrays are laid out on ``parallel.make_mesh``'s mesh over every device of
 every process: the state (float32 parameters, optimizer state, BatchNorm
-statistics) is replicated and the global batch sharded over
-``parallel.DATA_AXIS``. Under
+statistics) is replicated, or with ``param_sharding="fsdp"`` split over
+``parallel.MODEL_AXIS`` (``fsdp_spec``: each device of a model-axis group
+holds a 1/k slice of every large leaf; XLA gathers what a layer needs), and
+the global batch is sharded over ``parallel.DATA_AXIS``. Under
 ``jax.jit`` the model sees the *global* batch, so BatchNorm's batch mean and
 variance are global-batch statistics (cross-replica / SyncBN) and the
 gradient is the global-batch gradient: results do not depend on the device
@@ -35,6 +37,29 @@ from sslbench_jax.metrics import accuracy
 State = dict[str, Any]
 
 
+PARAM_SHARDINGS = ("replicated", "fsdp")
+
+
+def fsdp_spec(shape: tuple[int, ...], model_shards: int) -> P:
+  """How a state leaf of ``shape`` is laid out over ``parallel.MODEL_AXIS``.
+
+  FSDP-style: a leaf of >= 2 dimensions is split along its largest dimension
+  that ``model_shards`` divides (the last such one on ties), so each device of
+  a model-axis group holds ``1 / model_shards`` of it; scalars, vectors (biases,
+  norms, BatchNorm statistics) and leaves with no divisible dimension stay
+  replicated. ``model_shards == 1``: everything replicated.
+  """
+  if model_shards < 2 or len(shape) < 2:
+    return P()
+  best = None
+  for i, n in enumerate(shape):
+    if n % model_shards == 0 and (best is None or n >= shape[best]):
+      best = i
+  if best is None:
+    return P()
+  return P(*[parallel.MODEL_AXIS if i == best else None for i in range(len(shape))])
+
+
 def split_trainable(recipe: Recipe, params: dict[str, Any]) -> tuple[dict, dict]:
   """(trainable, frozen) parameter trees of the protocol."""
   if recipe.trains_backbone:
@@ -64,30 +89,53 @@ class Steps:
   def __init__(self, model: model_lib.Classifier, recipe: Recipe,
                tx: optax.GradientTransformation, mesh: Mesh,
                mean: tuple[float, ...], std: tuple[float, ...],
-               compute_dtype: Any = jnp.float32):
+               compute_dtype: Any = jnp.float32, param_sharding: str = "replicated"):
+    if param_sharding not in PARAM_SHARDINGS:
+      raise ValueError(f"param_sharding {param_sharding!r}; known: "
+                       f"{', '.join(PARAM_SHARDINGS)}")
+    self.model_shards = mesh.shape[parallel.MODEL_AXIS] if param_sharding == "fsdp" else 1
+    if param_sharding == "fsdp" and self.model_shards < 2:
+      raise ValueError("param_sharding=fsdp needs a mesh whose model axis has >= 2 "
+                       f"devices (got {dict(mesh.shape)}; model_axis_size)")
     self.model, self.recipe, self.tx, self.mesh = model, recipe, tx, mesh
+    self.param_sharding = param_sharding
     self.mean = np.asarray(mean, np.float32)
     self.std = np.asarray(std, np.float32)
     self.dtype = compute_dtype
     self.replicated = NamedSharding(mesh, P())
     self.data = parallel.batch_sharding(mesh)
-    self.train = jax.jit(self._train, in_shardings=(self.replicated, self.data, self.data),
-                         out_shardings=(self.replicated, self.replicated),
+    self.state_sharding: Any = None  # set by init_state (it needs the shapes)
+    self.train: Callable[..., Any] | None = None
+
+  def _compile_train(self, state_sharding: Any) -> None:
+    self.state_sharding = state_sharding
+    self.train = jax.jit(self._train, in_shardings=(state_sharding, self.data, self.data),
+                         out_shardings=(state_sharding, self.replicated),
                          donate_argnums=(0,))
 
   # -- state -----------------------------------------------------------------
 
   def init_state(self, variables: dict[str, Any]) -> State:
-    """The replicated train state from float32 ``variables``."""
+    """The train state from float32 ``variables``, placed on the mesh.
+
+    Replicated, or (``param_sharding="fsdp"``) every leaf laid out by
+    ``fsdp_spec`` over the model axis: parameters, frozen parameters and
+    optimizer state alike. Also compiles ``train`` for that layout.
+    """
     trainable, frozen = split_trainable(self.recipe, variables["params"])
     state = {"step": jnp.zeros([], jnp.int32), "params": trainable, "frozen": frozen,
              "batch_stats": variables.get("batch_stats", {}),
              "opt_state": self.tx.init(trainable)}
     # Through the host: the train step donates the state, which must never
-    # alias the caller's arrays.
+    # alias the caller's arrays. Every process holds the whole host value.
+    state = jax.device_get(state)
+    shardings = jax.tree.map(
+        lambda v: NamedSharding(self.mesh, fsdp_spec(np.shape(v), self.model_shards)),
+        state)
+    self._compile_train(shardings)
     return jax.tree.map(
-        lambda v: jax.make_array_from_process_local_data(
-            self.replicated, np.asarray(v), np.shape(v)), jax.device_get(state))
+        lambda v, sh: jax.make_array_from_callback(
+            np.shape(v), sh, lambda idx, v=np.asarray(v): v[idx]), state, shardings)
 
   @staticmethod
   def variables(state: State) -> dict[str, Any]:

@@ -84,6 +84,11 @@ class RunConfig:
     test_limit: evaluate on the first N test examples only (smoke runs).
     train_split: the split trained on.
     test_split: the split tested on every epoch.
+    param_sharding: "replicated" (default) or "fsdp": the state split over
+      the mesh's model axis (``step.fsdp_spec``), for models whose parameters
+      and optimizer state do not fit one device (ViT-L).
+    model_axis_size: devices of the model axis when ``run`` builds the mesh
+      (``parallel.make_mesh``); fsdp needs >= 2.
   """
   weights: str
   dataset: str
@@ -102,6 +107,8 @@ class RunConfig:
   test_limit: int | None = None
   train_split: str = "train"
   test_split: str = "test"
+  param_sharding: str = "replicated"
+  model_axis_size: int = 1
 
   def key(self) -> dict[str, Any]:
     """What determines the run's results (compared on re-runs)."""
@@ -111,7 +118,8 @@ class RunConfig:
             "dtype": self.dtype, "eval_batch_size": self.eval_batch_size,
             "train_limit": self.train_limit, "test_limit": self.test_limit,
             "device_count": jax.device_count(),
-            "splits": [self.train_split, self.test_split]}
+            "splits": [self.train_split, self.test_split],
+            "param_sharding": self.param_sharding}
 
 
 class Preempted(RuntimeError):
@@ -256,7 +264,7 @@ def run(cfg: RunConfig, *, mesh: jax.sharding.Mesh | None = None) -> dict[str, A
 
   Args:
     cfg: the run.
-    mesh: a ``parallel.make_mesh`` mesh (None: every device on ``DATA_AXIS``).
+    mesh: a ``parallel.make_mesh`` mesh (None: ``make_mesh(cfg.model_axis_size)``).
 
   Raises:
     ValueError: bad input (unknown dataset, weights, sizes, a workdir holding
@@ -296,7 +304,7 @@ def run(cfg: RunConfig, *, mesh: jax.sharding.Mesh | None = None) -> dict[str, A
   if cfg.test_limit is not None:
     test_ds = _first(test_ds, cfg.test_limit)
     test_labels = test_labels[:len(test_ds)]
-  mesh = parallel.make_mesh() if mesh is None else mesh
+  mesh = parallel.make_mesh(cfg.model_axis_size) if mesh is None else mesh
   ndev = mesh.devices.size
   nshard = mesh.shape[parallel.DATA_AXIS]  # batch rows are split this many ways
   unit = nshard * r.accum_steps
@@ -327,7 +335,8 @@ def run(cfg: RunConfig, *, mesh: jax.sharding.Mesh | None = None) -> dict[str, A
   trainable, _ = step_lib.split_trainable(r, variables["params"])
   tx = optim.make_optimizer(r, arch, trainable, spe)
   c = eval_pre.config
-  steps = step_lib.Steps(model, r, tx, mesh, c.mean, c.std, DTYPES[cfg.dtype])
+  steps = step_lib.Steps(model, r, tx, mesh, c.mean, c.std, DTYPES[cfg.dtype],
+                         param_sharding=cfg.param_sharding)
   state = steps.init_state(variables)
 
   os.makedirs(cfg.workdir, exist_ok=True)
@@ -426,6 +435,8 @@ def run(cfg: RunConfig, *, mesh: jax.sharding.Mesh | None = None) -> dict[str, A
       "abs_lr": r.abs_lr(), "abs_head_lr": r.abs_lr(head=True),
       "device_count": ndev, "process_count": jax.process_count(),
       "precision": {"params": "float32", "compute": cfg.dtype, "loss": "float32"},
+      "param_sharding": cfg.param_sharding,
+      "model_axis_size": int(mesh.shape[parallel.MODEL_AXIS]),
       "weights": os.path.abspath(cfg.weights), "weights_sha256": key["weights_sha256"],
       "weights_source": wmeta.get("source", ""), "preprocessing": preset_name,
       "eval_preprocessing": dataclasses.asdict(eval_pre.config),
