@@ -140,7 +140,8 @@ def _worker_main(config: dict[str, Any]) -> None:
   kill_after_shards (SIGKILL itself once that many shards are written),
   sleep_after_shard (seconds, to slow a run down for an external kill),
   coordinator/num_processes/process_id, corrupt_and_rerun (multi-process:
-  process 1 corrupts its last shard, then every process reruns).
+  process 1 corrupts its last shard, then every process reruns),
+  model_axis_size (extract on ``parallel.make_mesh(model_axis_size)``).
   """
   from sslbench_jax.features import io as features_io  # pylint: disable=g-import-not-at-top
   from sslbench_jax import parallel  # pylint: disable=g-import-not-at-top
@@ -156,10 +157,12 @@ def _worker_main(config: dict[str, Any]) -> None:
     time.sleep(config.get("sleep_after_shard", 0))
 
   def once():
+    mesh = (parallel.make_mesh(config["model_axis_size"])
+            if config.get("model_axis_size") else None)
     result = run_extract(config["images"], cache=config.get("cache"),
                          batch_size_per_device=config["batch_size_per_device"],
                          steps_per_shard=config.get("steps_per_shard", 1),
-                         on_shard_written=on_shard)
+                         on_shard_written=on_shard, mesh=mesh)
     out = config["out"].format(process=jax.process_index())
     features_io.save(out, result.features)
     print("STATS " + json.dumps(dict(
@@ -219,6 +222,18 @@ def test_eight_devices_match_direct_apply(images, tmp_path):
   fs = features_io.load(str(tmp_path / "f.npz"))
   check_features(fs, images)
   assert fs.meta["device_count"] == 8
+
+
+def test_eight_devices_on_a_mesh_with_a_model_axis(images, tmp_path):
+  # A (data 4, model 2) mesh: rows split 4 ways (variables replicated), so 11
+  # images take 3 steps of 4 rows, the last with 1 padded row; same features.
+  proc = start_worker(dict(images=images, out=str(tmp_path / "f.npz"), cache=str(tmp_path / "c"),
+                           batch_size_per_device=1, steps_per_shard=2,
+                           model_axis_size=2), devices=8)
+  (stats,) = finish_worker(proc)
+  assert stats["device_count"] == 8 and stats["num_shards"] == 2  # 3 steps, 2 per shard
+  from sslbench_jax.features import io as features_io  # pylint: disable=g-import-not-at-top
+  check_features(features_io.load(str(tmp_path / "f.npz")), images)
 
 
 def test_float_preprocess_path_matches(images):

@@ -123,7 +123,8 @@ def extract(model: Any, variables: Any, source: Any,
             steps_per_shard: int = 16, meta: dict[str, Any] | None = None,
             progress: bool = True, prefetch: int = 2,
             on_shard_written: Callable[[int], None] | None = None,
-            decode_backend: str = "threads") -> ExtractResult:
+            decode_backend: str = "threads",
+            mesh: jax.sharding.Mesh | None = None) -> ExtractResult:
   """Computes ``representation`` for every example of ``source``.
 
   Args:
@@ -154,6 +155,8 @@ def extract(model: Any, variables: Any, source: Any,
       process writes (progress hooks; tests use it to kill the run).
     decode_backend: "threads" or "processes" (``_pipeline``): same pixels,
       same order.
+    mesh: a ``parallel.make_mesh`` mesh (default: every device on the data
+      axis); rows are split over ``parallel.DATA_AXIS``, variables replicated.
 
   Returns:
     ``ExtractResult``: the ``FeatureSet`` (dataset order, padding dropped),
@@ -168,7 +171,7 @@ def extract(model: Any, variables: Any, source: Any,
       preprocess, batch_size_per_device=batch_size_per_device,
       num_threads=num_threads, cache_root=cache_root,
       steps_per_shard=steps_per_shard, progress=progress, prefetch=prefetch,
-      on_shard_written=hook, decode_backend=decode_backend)[0]
+      on_shard_written=hook, decode_backend=decode_backend, mesh=mesh)[0]
 
 
 def extract_many(models: Sequence[ModelSpec], source: Any,
@@ -177,7 +180,8 @@ def extract_many(models: Sequence[ModelSpec], source: Any,
                  cache_root: str | None = None, steps_per_shard: int = 16,
                  progress: bool = True, prefetch: int = 2,
                  on_shard_written: Callable[[int, int], None] | None = None,
-                 decode_backend: str = "threads") -> list[ExtractResult]:
+                 decode_backend: str = "threads",
+                 mesh: jax.sharding.Mesh | None = None) -> list[ExtractResult]:
   """``extract`` for several models sharing one preprocessing, in one decode pass.
 
   Every batch is decoded and transferred to the devices once and fed to each
@@ -201,6 +205,7 @@ def extract_many(models: Sequence[ModelSpec], source: Any,
     on_shard_written: called with (model index, shard index) after each
       shard this process writes.
     decode_backend: "threads" or "processes".
+    mesh: see ``extract``.
 
   Returns:
     One ``ExtractResult`` per model, in order (each equal to what ``extract``
@@ -234,7 +239,7 @@ def extract_many(models: Sequence[ModelSpec], source: Any,
       raise ValueError(f"cache key says {spec.key.representation}/{spec.key.dtype}, "
                        f"extraction asks for {spec.representation}/{spec.dtype}")
   process, num_processes = jax.process_index(), jax.process_count()
-  mesh = parallel.make_mesh()
+  mesh = parallel.make_mesh() if mesh is None else mesh
   rows = batch_size_per_device * parallel.local_data_size(mesh)
   layout = cache_lib.Layout(n, num_processes, rows, steps_per_shard,
                             versions=tuple(sorted(_versions().items())))
