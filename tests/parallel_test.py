@@ -65,6 +65,16 @@ _PREDICT_CODE = textwrap.dedent("""
     np.testing.assert_array_equal(out["h"], ref["h"])
     np.testing.assert_array_equal(out["top"], ref["top"])
 
+  # FSDP-style parameters (columns split over the model axis) stay where they are.
+  fsdp = parallel.make_mesh(model_axis_size=2)
+  w4 = rng.integers(-3, 4, size=(5, 4)).astype(np.float32)
+  split = jax.device_put(w4, jax.sharding.NamedSharding(
+      fsdp, jax.sharding.PartitionSpec(None, parallel.MODEL_AXIS)))
+  assert parallel.replicate(split, fsdp) is split
+  np.testing.assert_array_equal(
+      parallel.predict(lambda p, x: x @ p, split, xs, mesh=fsdp),
+      jax.device_get(jax.jit(lambda p, x: x @ p)(w4, full)))
+
   mesh = parallel.make_mesh()
   # Masked rows are dropped as well as the padding.
   masks = [np.arange(len(x)) % 3 != 1 for x in xs]
