@@ -91,6 +91,39 @@ def test_options_are_typed_and_checked():
     assert p.name == "finetune_" + protocol.to_recipe(opts(), "resnet").protocol
 
 
+def test_cli_flags_are_the_options_and_run_config_maps_them():
+  # Flag strings -> the protocol's typed options (what `finetune` parses).
+  o = command.options("fewshot", {"label_fraction": "0.1", "epochs": "3", "lr": None,
+                                  "param_sharding": "fsdp", "head_bn": True})
+  assert o == protocol.FewshotOptions(label_fraction=0.1, epochs=3, param_sharding="fsdp",
+                                      head_bn=True)
+  with pytest.raises(ValueError, match="--frozen_bn is not an option of --protocol full"):
+    command.options("full", {"frozen_bn": "update"})
+  with pytest.raises(ValueError, match="--lr"):
+    command.options("full", {"lr": "fast"})
+  with pytest.raises(ValueError, match="--protocol"):
+    command.options("probe", {})
+  assert set(command.option_fields()) == {
+      f.name for cls in (protocol.LinearAugOptions, protocol.FullOptions,
+                         protocol.FewshotOptions) for f in dataclasses.fields(cls)}
+  # Options + inputs + context -> the run: splits, preset, recipe, run fields.
+  cfg = protocol.run_config(
+      base.ImageInputs("digits", "train", "/d", None),
+      base.ImageInputs("digits", "test", "/d", "smoke_32"),
+      protocol.FullOptions(param_sharding="fsdp", model_axis_size=2, dtype="bfloat16",
+                           image_size=48, epochs=4),
+      base.RunContext(weights_path="w.npz", workdir="/tmp/x", seed=5,
+                      weights_meta={"arch": "vit_base_patch16"}))
+  assert (cfg.dataset, cfg.train_split, cfg.test_split, cfg.data_dir, cfg.preprocessing,
+          cfg.weights, cfg.workdir) == ("digits", "train", "test", "/d", "smoke_32",
+                                        "w.npz", "/tmp/x")
+  assert (cfg.param_sharding, cfg.model_axis_size, cfg.dtype, cfg.image_size) == (
+      "fsdp", 2, "bfloat16", 48)
+  r = cfg.recipe
+  assert (r.protocol, r.epochs, r.warmup_epochs, r.seed, r.layer_decay, r.drop_path) == (
+      "full", 4, 1, 5, 0.65, 0.2)
+
+
 def test_bad_inputs_name_the_problem(tmp_path):
   w = _weights(tmp_path)
   train, test = _digits()

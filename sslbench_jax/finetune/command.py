@@ -5,89 +5,96 @@
       [--epochs N --batch_size B --image_size S --optimizer sgd|adamw \
        --checkpoint_every_steps N] --workdir DIR
 
-Writes ``DIR/metrics.jsonl``, ``DIR/result.json``, ``DIR/checkpoints/`` and
-``DIR/tensorboard/`` (``sslbench_jax.finetune.train``). Unset recipe flags
-keep the study's values for the protocol and backbone family
-(``finetune.recipes``). Re-running on a finished DIR prints its result; on an
-interrupted one it resumes. SIGTERM checkpoints and exits 1. Exit codes: 2
-bad input (one line naming it, nothing written), 1 runtime failure.
+The option flags are the protocol table's: every field of
+``finetune.protocol``'s options dataclasses is one flag (``--epochs``,
+``--lr``, ``--layer_decay``, ``--param_sharding`` ...); an unset flag keeps
+the study's value for the protocol and backbone family. Writes
+``DIR/metrics.jsonl``, ``DIR/result.json``, ``DIR/checkpoints/`` and
+``DIR/tensorboard/`` (``sslbench_jax.finetune.train``). Re-running on a
+finished DIR prints its result; on an interrupted one it resumes. SIGTERM
+checkpoints and exits 1. Exit codes: 2 bad input (one line naming it,
+nothing written), 1 runtime failure.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import sys
 from typing import Any
 
 from absl import flags
 
+from sslbench_jax.finetune import protocol
+from sslbench_jax.protocols import _fields
+from sslbench_jax.protocols import base
+
 FLAGS = flags.FLAGS
 
-# Recipe fields settable from flags (None: the protocol's default).
-_RECIPE_FLAGS = ("epochs", "batch_size", "lr", "head_lr", "weight_decay",
-                 "warmup_epochs", "clip_norm", "label_smoothing", "layer_decay",
-                 "drop_path", "head_bn", "frozen_bn", "subset_seed", "seed",
-                 "accum_steps", "momentum", "crop_scale_min", "backbone_bn")
+# Flags of the command itself (not protocol options): name, kind, default, help.
+_COMMAND_FLAGS = (
+    ("weights", "string", None, "converted weights .npz (with its .json sidecar)"),
+    ("dataset", "string", None, "dataset name (trains on train, tests on test)"),
+    ("data_dir", "string", None, "dataset root, if the dataset needs one"),
+    ("preprocessing", "string", None, "eval preset; default: the architecture's"),
+    ("seed", "integer", 0, "head init / data order / augmentation seed"),
+    ("results", "string", None, "results store .jsonl to append top1/top5 rows to"),
+    ("workdir", "string", None, "run folder"),
+    ("progress", "bool", True, "show a progress bar (process 0)"),
+    ("coordinator_address", "string", None,
+     "multi-host: host:port of process 0's coordinator"),
+    ("num_processes", "integer", None, "multi-host: number of processes"),
+    ("process_id", "integer", None, "multi-host: index of this process"),
+)
+_DEFINE = {"string": flags.DEFINE_string, "integer": flags.DEFINE_integer,
+           "float": flags.DEFINE_float, "bool": flags.DEFINE_bool}
+_KIND = {"int": "integer", "float": "float", "bool": "bool", "str": "string"}
+_SEED = _fields.FieldSpec("seed", "int", False, False, 0, "", None, None, None)
+
+
+@functools.lru_cache(maxsize=None)
+def option_fields() -> dict[str, _fields.FieldSpec]:
+  """Every option flag (field name -> spec) over the three protocols' options."""
+  out: dict[str, _fields.FieldSpec] = {}
+  for cls in protocol.OPTIONS.values():
+    for spec in _fields.specs(cls):
+      seen = out.setdefault(spec.name, spec)
+      if (seen.kind, seen.is_list) != (spec.kind, spec.is_list):
+        raise RuntimeError(f"option {spec.name!r} differs between protocols")
+  return out
 
 
 def define_flags() -> None:
   """Defines this subcommand's absl flags."""
-  flags.DEFINE_string("weights", None, "converted weights .npz (with its .json sidecar)")
-  flags.DEFINE_string("dataset", None, "dataset name (trains on train, tests on test)")
-  flags.DEFINE_string("data_dir", None, "dataset root, if the dataset needs one")
-  flags.DEFINE_enum("protocol", None, ["linear_aug", "full", "fewshot"], "trained protocol")
-  flags.DEFINE_float("label_fraction", None, "fewshot: 0.01 or 0.1")
-  flags.DEFINE_string("fewshot_setup", None,
-                      "fewshot: swav|barlowtwins|byol1|byol2 (default byol2)")
-  flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adamw"], "optimizer")
-  flags.DEFINE_integer("epochs", None, "training epochs (default: the recipe's)")
-  flags.DEFINE_integer("batch_size", None, "global batch (default: the recipe's)")
-  flags.DEFINE_float("lr", None, "backbone lr at batch 256 (scaled by batch/256)")
-  flags.DEFINE_float("head_lr", None, "head lr at batch 256 (default: --lr)")
-  flags.DEFINE_float("weight_decay", None, "weight decay")
-  flags.DEFINE_integer("warmup_epochs", None, "warm-up epochs")
-  flags.DEFINE_float("clip_norm", None, "global-norm clip")
-  flags.DEFINE_float("label_smoothing", None, "label smoothing")
-  flags.DEFINE_float("layer_decay", None, "ViT layer-wise lr decay")
-  flags.DEFINE_float("drop_path", None, "ViT drop-path rate")
-  flags.DEFINE_bool("head_bn", None, "BatchNorm1d before the head")
-  flags.DEFINE_enum("frozen_bn", None, ["eval", "update"],
-                    "linear_aug: a frozen convnet's BatchNorm mode")
-  flags.DEFINE_enum("backbone_bn", None, ["batch", "running"],
-                    "full/fewshot: backbone BatchNorm on batch statistics (study) or "
-                    "fixed running statistics")
-  flags.DEFINE_integer("subset_seed", None, "fewshot subset seed (default 42)")
-  flags.DEFINE_integer("seed", None, "head init / data order / augmentation seed")
-  flags.DEFINE_integer("accum_steps", None, "gradient accumulation micro-batches")
-  flags.DEFINE_float("momentum", None, "SGD momentum")
-  flags.DEFINE_float("crop_scale_min", None, "RandomResizedCrop min area fraction (0.08)")
-  flags.DEFINE_string("preprocessing", None, "eval preset; default: the architecture's")
-  flags.DEFINE_integer("image_size", None, "train / eval crop side (default: the preset's)")
-  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
-  flags.DEFINE_enum("param_sharding", "replicated", ["replicated", "fsdp"],
-                    "fsdp: parameters and optimizer state split over the mesh's "
-                    "model axis (--model_axis_size devices)")
-  flags.DEFINE_integer("model_axis_size", 1, "devices of the mesh's model axis")
-  flags.DEFINE_integer("checkpoint_every_steps", 500, "checkpoint period (steps)")
-  flags.DEFINE_integer("eval_batch_size", 256, "global eval batch")
-  flags.DEFINE_integer("threads", 4, "host decode / augmentation threads")
-  flags.DEFINE_string("results", None, "results store .jsonl to append top1/top5 rows to")
-  flags.DEFINE_string("workdir", None, "run folder")
-  flags.DEFINE_integer("train_limit", None, "smoke runs: first N training examples only")
-  flags.DEFINE_integer("test_limit", None, "smoke runs: first N test examples only")
-  flags.DEFINE_bool("progress", True, "show a progress bar (process 0)")
-  flags.DEFINE_string("coordinator_address", None,
-                      "multi-host: host:port of process 0's coordinator")
-  flags.DEFINE_integer("num_processes", None, "multi-host: number of processes")
-  flags.DEFINE_integer("process_id", None, "multi-host: index of this process")
+  for name, kind, default, help_ in _COMMAND_FLAGS:
+    _DEFINE[kind](name, default, help_)
+  flags.DEFINE_enum("protocol", None, list(protocol.OPTIONS), "trained protocol")
+  for spec in option_fields().values():
+    # Unset (None) = the protocol's recipe value for the backbone family.
+    _DEFINE[_KIND[spec.kind]](spec.name, None,
+                              f"{spec.help} (default: {_defaults_text(spec.name)})")
+
+
+def _defaults_text(name: str) -> str:
+  """Each protocol's default of option ``name``, for ``--help``."""
+  texts = {}
+  for proto, cls in protocol.OPTIONS.items():
+    for spec in _fields.specs(cls):
+      if spec.name == name:
+        texts[proto] = spec.default_text or ("-" if spec.default is None else
+                                             _fields.to_text(spec, spec.default))
+  if len(set(texts.values())) == 1:
+    return next(iter(texts.values()))
+  return ", ".join(f"{k} {v}" for k, v in texts.items())
 
 
 def main(argv: list[str]) -> None:
   """Runs the subcommand (exit codes: module docstring)."""
   if len(argv) > 1:
     raise ValueError(f"finetune: unexpected arguments {argv[1:]}")
-  opts = {name: FLAGS[name].value for name in FLAGS
-          if name in _option_names()}
+  names = {n for n, *_ in _COMMAND_FLAGS} | set(option_fields()) | {"protocol"}
+  opts = {name: FLAGS[name].value for name in names}
   from sslbench_jax.finetune import train  # pylint: disable=import-outside-toplevel
   try:
     result = run(opts)
@@ -97,13 +104,24 @@ def main(argv: list[str]) -> None:
                    sort_keys=True))
 
 
-def _option_names() -> set[str]:
-  return set(_RECIPE_FLAGS) | {
-      "weights", "dataset", "data_dir", "protocol", "label_fraction", "fewshot_setup",
-      "optimizer", "preprocessing", "image_size", "dtype", "checkpoint_every_steps",
-      "eval_batch_size", "threads", "results", "workdir", "progress",
-      "train_limit", "test_limit", "param_sharding", "model_axis_size",
-      "coordinator_address", "num_processes", "process_id"}
+def options(name: str, values: dict[str, Any]) -> Any:
+  """The typed options of ``--protocol name`` from flag values (None = unset).
+
+  Raises:
+    ValueError: a value of the wrong type or out of range (naming the flag), or
+      a flag the protocol does not have.
+  """
+  if name not in protocol.OPTIONS:
+    raise ValueError(f"--protocol must be one of {', '.join(protocol.OPTIONS)}, "
+                     f"got {name!r}")
+  cls = protocol.OPTIONS[name]
+  specs = {s.name: s for s in _fields.specs(cls)}
+  given = {k: v for k, v in values.items() if v is not None}
+  foreign = sorted(k for k in given if k not in specs)
+  if foreign:
+    raise ValueError(f"--{foreign[0]} is not an option of --protocol {name} "
+                     f"(its options: {', '.join(specs)})")
+  return cls(**{k: _fields.parse(specs[k], v, f"--{k}") for k, v in given.items()})
 
 
 def run(opts: dict[str, Any]) -> dict[str, Any]:
@@ -112,27 +130,21 @@ def run(opts: dict[str, Any]) -> dict[str, Any]:
   for name in ("weights", "dataset", "protocol", "workdir"):
     if not opts.get(name):
       raise ValueError(f"--{name} is required")
+  command = {n for n, *_ in _COMMAND_FLAGS} | {"protocol"}
+  unknown = sorted(set(opts) - command - set(option_fields()))
+  if unknown:
+    raise ValueError(f"unknown finetune option(s) {unknown}")
   parallel.initialize(opts.get("coordinator_address"), opts.get("num_processes"),
                       opts.get("process_id"))
-  # pylint: disable=import-outside-toplevel
-  from sslbench_jax.backbones import registry, weights
-  from sslbench_jax.finetune import recipes, train
-  _, meta = weights.load_variables(opts["weights"])
-  family = registry.family(meta.get("arch") or "")
-  overrides = {k: opts[k] for k in _RECIPE_FLAGS if opts.get(k) is not None}
-  recipe = recipes.recipe(opts["protocol"], family, optimizer=opts.get("optimizer") or "sgd",
-                          label_fraction=opts.get("label_fraction"),
-                          fewshot_setup=opts.get("fewshot_setup"), **overrides)
-  cfg = train.RunConfig(
-      weights=opts["weights"], dataset=opts["dataset"], recipe=recipe,
-      workdir=opts["workdir"], data_dir=opts.get("data_dir"),
-      preprocessing=opts.get("preprocessing"), image_size=opts.get("image_size"),
-      dtype=opts.get("dtype") or "float32",
-      param_sharding=opts.get("param_sharding") or "replicated",
-      model_axis_size=opts.get("model_axis_size") or 1,
-      checkpoint_every_steps=opts.get("checkpoint_every_steps") or 500,
-      eval_batch_size=opts.get("eval_batch_size") or 256,
-      threads=opts.get("threads") or 4, results=opts.get("results"),
-      progress=opts.get("progress", True), train_limit=opts.get("train_limit"),
-      test_limit=opts.get("test_limit"))
-  return train.run(cfg)
+  from sslbench_jax.finetune import train  # pylint: disable=import-outside-toplevel
+  chosen = options(opts["protocol"], {k: v for k, v in opts.items() if k not in command})
+  seed = opts.get("seed")
+  context = base.RunContext(
+      seed=0 if seed is None else _fields.parse(_SEED, seed, "--seed"),
+      progress=opts.get("progress", True) is not False, workdir=opts["workdir"],
+      weights_path=opts["weights"])
+  split = base.ImageInputs(opts["dataset"], "train", opts.get("data_dir"),
+                           opts.get("preprocessing"))
+  cfg = protocol.run_config(split, dataclasses.replace(split, split="test"), chosen,
+                            context)
+  return train.run(dataclasses.replace(cfg, results=opts.get("results")))

@@ -38,7 +38,7 @@ _FULL = recipes.recipe("full")
 _POSITIVE = (lambda x: x > 0, "> 0")
 _NON_NEGATIVE = (lambda x: x >= 0, ">= 0")
 _UNIT = (lambda x: 0 < x <= 1, "in (0, 1]")
-_DERIVED = "derived (module docstring)"
+_DERIVED = "derived"  # by recipes.recipe (module docstring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,12 @@ class _Run:
                                         "examples only", check=_POSITIVE)
   test_limit: int | None = base.option(None, "smoke runs: the first N test examples "
                                        "only", check=_POSITIVE)
+  param_sharding: str = base.option("replicated", "fsdp: parameters and optimizer "
+                                    "state split over the mesh's model axis (ViT-L)",
+                                    choices=("replicated", "fsdp"))
+  model_axis_size: int = base.option(1, "devices of the mesh's model axis (a mesh "
+                                     "with another one is rebuilt over its devices)",
+                                     check=_POSITIVE)
 
   def __post_init__(self):
     base.check_options(self)
@@ -144,8 +150,9 @@ class FewshotOptions(FullOptions):
                                           default_text=_DERIVED)
 
 
-_PROTOCOL_OF = {LinearAugOptions: "linear_aug", FullOptions: "full",
-                FewshotOptions: "fewshot"}
+# The CLI's --protocol name (recipes.PROTOCOLS) -> its options type.
+OPTIONS = {"linear_aug": LinearAugOptions, "full": FullOptions, "fewshot": FewshotOptions}
+_PROTOCOL_OF = {cls: name for name, cls in OPTIONS.items()}
 
 
 def to_recipe(options: Any, family: str, seed: int = 0) -> recipes.Recipe:
@@ -209,7 +216,8 @@ def run_config(train: base.ImageInputs, test: base.ImageInputs, options: Any,
       checkpoint_every_steps=options.checkpoint_every_steps,
       eval_batch_size=options.eval_batch_size, threads=options.threads,
       progress=context.progress, train_limit=options.train_limit,
-      test_limit=options.test_limit, train_split=train.split, test_split=test.split)
+      test_limit=options.test_limit, train_split=train.split, test_split=test.split,
+      param_sharding=options.param_sharding, model_axis_size=options.model_axis_size)
 
 
 def run(train: base.ImageInputs, test: base.ImageInputs, options: Any, *,
@@ -220,7 +228,9 @@ def run(train: base.ImageInputs, test: base.ImageInputs, options: Any, *,
     train: the training split (dataset, split, data_dir, preprocessing).
     test: the test split (same dataset, data_dir and preprocessing).
     options: a ``LinearAugOptions``, ``FullOptions`` or ``FewshotOptions``.
-    mesh: a ``parallel.make_mesh`` mesh (None: every device on the data axis).
+    mesh: a ``parallel.make_mesh`` mesh (None: ``make_mesh(model_axis_size)``;
+      one whose model axis is not ``options.model_axis_size`` is rebuilt over
+      the same devices).
     context: ``weights_path`` and ``workdir`` (the run's own directory) are
       required; ``model`` / ``dataset`` name the rows, ``seed`` seeds the head,
       data order and augmentation.
@@ -236,7 +246,10 @@ def run(train: base.ImageInputs, test: base.ImageInputs, options: Any, *,
     train.Preempted: SIGTERM; the run resumes when called again.
   """
   from sslbench_jax.finetune import train as train_lib  # pylint: disable=import-outside-toplevel
+  from sslbench_jax import parallel  # pylint: disable=import-outside-toplevel
   cfg = run_config(train, test, options, context)
+  if mesh is not None and mesh.shape[parallel.MODEL_AXIS] != cfg.model_axis_size:
+    mesh = parallel.make_mesh(cfg.model_axis_size, devices=mesh.devices.flat)
   os.makedirs(cfg.workdir, exist_ok=True)
   result = train_lib.run(cfg, mesh=mesh)
   rows = train_lib.result_rows(cfg, result, model=context.model, dataset=context.dataset)
