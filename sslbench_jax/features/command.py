@@ -128,10 +128,9 @@ def run_many(opts_list: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
     raise ValueError("run_many needs the options of at least one model")
   first = opts_list[0]
   # jax.distributed must start before anything touches a backend.
-  from sslbench_jax.features import multihost  # pylint: disable=g-import-not-at-top
-  multihost.initialize(first["coordinator_address"], first["num_processes"],
-                       first["process_id"])
-  import jax  # pylint: disable=g-import-not-at-top
+  from sslbench_jax import parallel  # pylint: disable=g-import-not-at-top
+  parallel.initialize(first["coordinator_address"], first["num_processes"],
+                      first["process_id"])
   from sslbench_jax.backbones import registry, weights  # pylint: disable=g-import-not-at-top
   from sslbench_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   from sslbench_jax.features import cache as cache_lib  # pylint: disable=g-import-not-at-top
@@ -185,7 +184,7 @@ def run_many(opts_list: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
         weights_sha256=meta.get("weights_sha256") or weights.sha256_file(opts["weights"]),
         dataset=dataset, split=split, preprocessing=preset_name,
         representation=opts["representation"], dtype=opts["dtype"])
-    if opts["images"] and opts["cache"] and jax.process_index() == 0:
+    if opts["images"] and opts["cache"] and parallel.is_writer():
       # Fixing the image that stopped an earlier run changed the folder's
       # fingerprint (a new key): that run's interrupted entry is dead weight.
       for stale in cache_lib.remove_superseded(opts["cache"], key,
@@ -205,7 +204,7 @@ def run_many(opts_list: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
       num_threads=first["num_threads"], decode_backend=first["decode_backend"],
       cache_root=first["cache"], steps_per_shard=first["steps_per_shard"],
       progress=first["progress"])
-  if jax.process_index() != 0:
+  if not parallel.is_writer():
     return [None] * len(opts_list)
   summaries = []
   for opts, result in zip(opts_list, results):
