@@ -133,13 +133,13 @@ def test_probe_functions_refuse_a_nan_test_row(fit, digits):
   with pytest.raises(ValueError, match=r"test_features.*1 of 200 rows contain NaN "
                      r"or inf \(first at row 7\)"):
     if fit == "linear":
-      linear.run({"x": x[:400]}, y[:400], {"x": xte}, y[400:], 10,
+      linear.fit_select({"x": x[:400]}, y[:400], {"x": xte}, y[400:], 10,
                  [linear.HeadConfig("x", lr=0.1)],
                  linear.TrainConfig(epochs=1, batch_size=128), progress=False)
     elif fit == "logreg":
-      logreg.run(x[:400], y[:400], xte, y[400:], 10, [1.0], progress=False)
+      logreg.fit_select(x[:400], y[:400], xte, y[400:], 10, [1.0], progress=False)
     else:
-      leastsquares.run(x[:400], y[:400], xte, y[400:], 10, [8.0])
+      leastsquares.fit_select(x[:400], y[:400], xte, y[400:], 10, [8.0])
 
 
 def test_classify_refuses_nonfinite_logits(tmp_path):
@@ -285,8 +285,10 @@ def test_test_classes_absent_from_training_are_warned_and_recorded(
               num_classes=10, progress=False, knn_k=["5"], epochs=1, batch_size=128,
               warmup_epochs=0, lr=["0.1"], batchnorm=["false"], c=["1"], max_iter=20,
               l2=["8"])
+  from sslbench_jax.protocols import registry  # pylint: disable=g-import-not-at-top
+  uses = {f.name for f in registry.fields(protocol)}
   opts = {k: v for k, v in opts.items()
-          if k in command._COMMON_OPTIONS | command._PROTOCOL_OPTIONS[protocol]}
+          if k in uses or k not in command.option_fields()}
   with caplog.at_level("WARNING", logger="absl"):
     rows = command.run(opts)
   n_unseen = int(np.sum(y[400:] >= 8))  # independent count

@@ -53,9 +53,9 @@ def test_end_to_end_on_digits():
   x = (x / 16.0).astype(np.float32)
   xtr, ytr, xte, yte = x[:1200], y[:1200], x[1200:], y[1200:]
   setups = ("1shot", "10shot", "5%")
-  res = fewshot.run(xtr, ytr, xte, yte, 10, setups=setups, tries=3, seed=1,
-                    knn_k=20, knn_metric="euclidean", l2=4.0,
-                    probes=("knn", "leastsquares", "linear"))
+  res = fewshot.sweep(xtr, ytr, xte, yte, 10, fewshot.Options(
+      setups=setups, tries=3, fewshot_k=20, knn_metric="euclidean", fewshot_l2=4.0,
+      fewshot_probes=("knn", "leastsquares", "linear")), seed=1)
   assert [(r.setup, r.probe) for r in res] == [
       (s, p) for s in setups for p in ("knn", "leastsquares", "linear")]
   for r in res:
@@ -82,22 +82,24 @@ def test_end_to_end_on_digits():
 
 
 def test_unknown_probe():
-  with pytest.raises(ValueError, match="unknown few-shot probes"):
-    fewshot.run(np.zeros((4, 2)), np.array([0, 1, 0, 1]), np.zeros((2, 2)),
-                np.array([0, 1]), 2, probes=("svm",))
+  with pytest.raises(ValueError, match="fewshot_probes\\[0\\]='svm' must be one of knn, "
+                     "linear, leastsquares"):
+    fewshot.Options(fewshot_probes=("svm",))
 
 
 def test_progress_bar_changes_no_number(capfd):
   x, y = load_digits(return_X_y=True)
   x = (x / 16.0).astype(np.float32)
-  kwargs = dict(setups=("1shot", "5shot"), probes=("leastsquares", "linear"),
-                tries=2, seed=3, l2=4.0, train_config=fewshot.linear.TrainConfig(
-                    epochs=3, batch_size=16, warmup_epochs=1))
+  kwargs = dict(options=fewshot.Options(setups=("1shot", "5shot"),
+                                        fewshot_probes=("leastsquares", "linear"),
+                                        tries=2, fewshot_l2=4.0),
+                seed=3, probe_overrides={"linear": dict(epochs=3, batch_size=16,
+                                                        warmup_epochs=1)})
   capfd.readouterr()
-  quiet = fewshot.run(x[:600], y[:600], x[600:], y[600:], 10, progress=False,
+  quiet = fewshot.sweep(x[:600], y[:600], x[600:], y[600:], 10, progress=False,
                       **kwargs)
   assert "fewshot" not in capfd.readouterr().err
-  shown = fewshot.run(x[:600], y[:600], x[600:], y[600:], 10, progress=True,
+  shown = fewshot.sweep(x[:600], y[:600], x[600:], y[600:], 10, progress=True,
                       **kwargs)
   err = capfd.readouterr().err
   # one bar over (setup, probe, try); the linear fits inside show none

@@ -40,25 +40,25 @@ def test_run_selects_on_holdout():
   xtr = (centres[ytr] + 2 * rng.normal(size=(200, 30))).astype(np.float32)
   xte = (centres[yte] + 2 * rng.normal(size=(80, 30))).astype(np.float32)
   l2s = [2.0 ** i for i in range(-4, 12, 3)]
-  r = leastsquares.run(xtr, ytr, xte, yte, 4, l2s)
-  r2 = leastsquares.run(xtr, ytr, xte, rng.permutation(yte), 4, l2s)
-  assert r.selected_l2 == r2.selected_l2 and r.holdout_top1 == r2.holdout_top1
-  ref = _reference(xtr, ytr, xte, 4, r.selected_l2)
+  r = leastsquares.fit_select(xtr, ytr, xte, yte, 4, l2s)
+  r2 = leastsquares.fit_select(xtr, ytr, xte, rng.permutation(yte), 4, l2s)
+  assert r.selected == r2.selected and r.holdout_top1 == r2.holdout_top1
+  ref = _reference(xtr, ytr, xte, 4, r.selected)
   assert r.test_top1 == pytest.approx(100 * np.mean(ref.argmax(1) == yte))
   # the refitted model's scores, for the test set's own metrics
   np.testing.assert_allclose(r.test_scores, ref, rtol=1e-6, atol=1e-8)
-  r0 = leastsquares.run(xtr, ytr, xte, None, 4, l2s)
-  assert r0.selected_l2 == r.selected_l2 and np.isnan(r0.test_top1)
+  r0 = leastsquares.fit_select(xtr, ytr, xte, None, 4, l2s)
+  assert r0.selected == r.selected and np.isnan(r0.test_top1)
   np.testing.assert_array_equal(r0.test_scores, r.test_scores)
   # "max over test": the l2 whose test top-1 is best, its scores
-  best = leastsquares.run(xtr, ytr, xte, yte, 4, l2s, select_on_test=True)
+  best = leastsquares.fit_select(xtr, ytr, xte, yte, 4, l2s, select_on_test=True)
   accs = [100 * np.mean(_reference(xtr, ytr, xte, 4, l2).argmax(1) == yte)
           for l2 in l2s]
   assert best.selection == "max over test"
-  assert best.selected_l2 == l2s[int(np.argmax(accs))]
+  assert best.selected == l2s[int(np.argmax(accs))]
   assert best.holdout_top1 == pytest.approx(accs)
   np.testing.assert_allclose(best.test_scores,
-                             _reference(xtr, ytr, xte, 4, best.selected_l2),
+                             _reference(xtr, ytr, xte, 4, best.selected),
                              rtol=1e-6, atol=1e-8)
 
 

@@ -112,9 +112,9 @@ def test_selection_never_touches_test_labels():
   xt, yt = _data(4, n=120)
   configs = linear.grid(["x"], [0.001, 0.1, 1.0], [0.0], batchnorm=[False, True])
   tc = linear.TrainConfig(epochs=3, batch_size=64, warmup_epochs=1, seed=0)
-  r1 = linear.run({"x": x}, y, {"x": xt}, yt, 5, configs, tc)
+  r1 = linear.fit_select({"x": x}, y, {"x": xt}, yt, 5, configs, tc)
   perm = np.random.default_rng(0).permutation(yt)
-  r2 = linear.run({"x": x}, y, {"x": xt}, perm, 5, configs, tc)
+  r2 = linear.fit_select({"x": x}, y, {"x": xt}, perm, 5, configs, tc)
   assert r1.selected == r2.selected and r1.holdout_top1 == r2.holdout_top1
   assert r1.selection == "holdout" and r1.test_top1 != r2.test_top1
   # the retrained head's test accuracy is computed from its logits
@@ -125,17 +125,17 @@ def test_selection_never_touches_test_labels():
   # ... and carried as test_scores, for the test set's other metrics
   np.testing.assert_allclose(r1.test_scores, logits, rtol=1e-6, atol=1e-6)
   # without test labels (scored elsewhere): same head, same scores, no top-k
-  r0 = linear.run({"x": x}, y, {"x": xt}, None, 5, configs, tc)
+  r0 = linear.fit_select({"x": x}, y, {"x": xt}, None, 5, configs, tc)
   assert r0.selected == r1.selected and np.isnan(r0.test_top1)
   np.testing.assert_array_equal(r0.test_scores, r1.test_scores)
   assert r0.n_test == 120
   # "max over test" picks the config that is best on test
-  r3 = linear.run({"x": x}, y, {"x": xt}, yt, 5, configs, tc, select_on_test=True)
+  r3 = linear.fit_select({"x": x}, y, {"x": xt}, yt, 5, configs, tc, select_on_test=True)
   assert r3.selection == "max over test"
   assert r3.test_top1 == pytest.approx(max(r3.holdout_top1))
   assert r3.test_top1 == pytest.approx(100 * np.mean(r3.test_scores.argmax(1) == yt))
   with pytest.raises(ValueError, match="needs single-label"):
-    linear.run({"x": x}, y, {"x": xt}, None, 5, configs, tc, select_on_test=True)
+    linear.fit_select({"x": x}, y, {"x": xt}, None, 5, configs, tc, select_on_test=True)
 
 
 def test_stratified_split():

@@ -35,15 +35,15 @@ def test_matches_sklearn_for_every_c(digits):
 def test_selection_uses_holdout_only(digits):
   xtr, ytr, xte, yte = digits
   cs = np.logspace(-4, 0, 5)
-  r = logreg.run(xtr, ytr, xte, yte, 10, cs, seed=0, max_iter=200)
-  r_perm = logreg.run(xtr, ytr, xte, np.random.default_rng(0).permutation(yte),
+  r = logreg.fit_select(xtr, ytr, xte, yte, 10, cs, seed=0, max_iter=200)
+  r_perm = logreg.fit_select(xtr, ytr, xte, np.random.default_rng(0).permutation(yte),
                       10, cs, seed=0, max_iter=200)
-  assert r.selected_c == r_perm.selected_c and r.holdout_top1 == r_perm.holdout_top1
-  assert r.selected_c == pytest.approx(cs[int(np.argmax(r.holdout_top1))])
-  ref = LogisticRegression(C=r.selected_c, max_iter=5000, tol=1e-9).fit(xtr, ytr)
+  assert r.selected == r_perm.selected and r.holdout_top1 == r_perm.holdout_top1
+  assert r.selected == pytest.approx(cs[int(np.argmax(r.holdout_top1))])
+  ref = LogisticRegression(C=r.selected, max_iter=5000, tol=1e-9).fit(xtr, ytr)
   assert abs(r.test_top1 - 100 * ref.score(xte, yte)) <= 0.5
   assert r.selection == "holdout" and r.n_test == len(yte)
-  best = logreg.run(xtr, ytr, xte, yte, 10, cs, select_on_test=True, max_iter=200)
+  best = logreg.fit_select(xtr, ytr, xte, yte, 10, cs, select_on_test=True, max_iter=200)
   assert best.selection == "max over test"
   assert best.test_top1 == pytest.approx(max(best.holdout_top1))
   assert best.test_top1 >= r.test_top1
@@ -54,18 +54,18 @@ def test_test_scores_are_the_refitted_models(digits):
   selected C refitted on all of train; test labels are optional."""
   xtr, ytr, xte, yte = digits
   cs = [1e-3, 0.1]
-  r = logreg.run(xtr, ytr, xte, yte, 10, cs, max_iter=100)
-  (w,), (b,) = logreg.fit(xtr, ytr, 10, [r.selected_c], max_iter=100)
+  r = logreg.fit_select(xtr, ytr, xte, yte, 10, cs, max_iter=100)
+  (w,), (b,) = logreg.fit(xtr, ytr, 10, [r.selected], max_iter=100)
   np.testing.assert_allclose(r.test_scores, xte @ w + b, rtol=1e-6, atol=1e-6)
   order = np.argsort(-r.test_scores, axis=1, kind="stable")
   assert r.test_top1 == pytest.approx(100 * np.mean(order[:, 0] == yte))
   assert r.test_top5 == pytest.approx(
       100 * np.mean(np.any(order[:, :5] == yte[:, None], axis=1)))
-  r0 = logreg.run(xtr, ytr, xte, None, 10, cs, max_iter=100)
-  assert r0.selected_c == r.selected_c and np.isnan(r0.test_top1)
+  r0 = logreg.fit_select(xtr, ytr, xte, None, 10, cs, max_iter=100)
+  assert r0.selected == r.selected and np.isnan(r0.test_top1)
   np.testing.assert_array_equal(r0.test_scores, r.test_scores)
   with pytest.raises(ValueError, match="needs single-label"):
-    logreg.run(xtr, ytr, xte, None, 10, cs, select_on_test=True, max_iter=100)
+    logreg.fit_select(xtr, ytr, xte, None, 10, cs, select_on_test=True, max_iter=100)
 
 
 def test_warm_started_path_equals_cold_starts(digits):

@@ -18,7 +18,7 @@ from sslbench_jax.probes import fewshot
 from sslbench_jax.probes import leastsquares
 from sslbench_jax.probes import logreg
 from sslbench_jax.results import store
-import probe_metrics_test as pm  # feature meta as `features` writes it
+import metrics_scoring_test as pm  # feature meta as `features` writes it
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -99,7 +99,7 @@ def test_errors_are_one_line(files, tmp_path):
       (["--features-train", tr, "--features-test", te, "--protocol", "svm"],
        "--protocol must be one of"),
       (["--features_train", tr, "--features-test", te, "--knn-metric", "l1"],
-       "metric must be one of")]:
+       "--knn-metric='l1' must be one of cosine, euclidean")]:
     r = subprocess.run([sys.executable, "-m", "sslbench_jax.cli", "probe"] + argv,
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert r.returncode == 2, r.stderr
@@ -108,8 +108,8 @@ def test_errors_are_one_line(files, tmp_path):
 
 def test_run_with_options_dict(files):
   tr, te, x, y, _ = files
-  opts = command.default_options()
-  assert opts["knn_k"] == ["10", "20", "100", "200"] and "results" not in opts
+  fields = command.option_fields()
+  assert fields["knn_k"].default == (10, 20, 100, 200) and "results" not in fields
   rows = command.run(dict(features_train=tr, features_test=te, protocol="leastsquares",
                           l2=["8"], model="m", dataset="d"))
   assert [r["metric"] for r in rows] == ["top1", "top5"]
@@ -312,7 +312,10 @@ def test_label_space_errors(files, imagenet_like, tmp_path):
   assert msg.startswith("label spaces differ") and paths["train"] in msg
   assert te_digits in msg and "1000 classes (imagenet1k)" in msg
   assert "10 (digits)" in msg
-  unknown = dict(pm.SPACES["imagenet_r"], name="my_renditions")
+  # A subset space that records no subset (files written before it was
+  # recorded) and names no registered dataset: nothing can score it.
+  unknown = {k: v for k, v in pm.SPACES["imagenet_r"].items() if k != "subset"}
+  unknown["name"] = "my_renditions"
   te = str(tmp_path / "unknown.npz")
   io.save(te, io.FeatureSet(x[:5, :8], y[:5], np.arange(5).astype(str),
                             pm.feature_meta("my_renditions", "test", 5, unknown)))

@@ -111,7 +111,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
     for name, kw in (("one", dict(devices=jax.devices()[:1])),
                      ("eight", {}),
                      ("eight_streamed", dict(device_budget_bytes=30 * 16 * 4))):
-      runs[name] = linear.run({"x": x}, y, {"x": xt}, yt, 6, configs, tc,
+      runs[name] = linear.fit_select({"x": x}, y, {"x": xt}, yt, 6, configs, tc,
                               progress=False, **kw)
     ref = runs["one"]
     for name, r in runs.items():
