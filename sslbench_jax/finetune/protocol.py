@@ -232,8 +232,8 @@ def run(train: base.ImageInputs, test: base.ImageInputs, options: Any, *,
       one whose model axis is not ``options.model_axis_size`` is rebuilt over
       the same devices).
     context: ``weights_path`` and ``workdir`` (the run's own directory) are
-      required; ``model`` / ``dataset`` name the rows, ``seed`` seeds the head,
-      data order and augmentation.
+      required; ``model`` / ``dataset`` / ``split`` name the rows, ``seed``
+      seeds the head, data order and augmentation.
 
   Returns:
     The ``top1`` / ``top5`` rows (``train.result_rows``: recipe, layer decay,
@@ -252,7 +252,8 @@ def run(train: base.ImageInputs, test: base.ImageInputs, options: Any, *,
     mesh = parallel.make_mesh(cfg.model_axis_size, devices=mesh.devices.flat)
   os.makedirs(cfg.workdir, exist_ok=True)
   result = train_lib.run(cfg, mesh=mesh)
-  rows = train_lib.result_rows(cfg, result, model=context.model, dataset=context.dataset)
+  rows = train_lib.result_rows(cfg, result, model=context.model, dataset=context.dataset,
+                               split=context.split)
   name = f"finetune_{cfg.recipe.protocol}"
   return base.ProtocolResult(rows=rows, scores={name: {"top1": result["top1"],
                                                        "top5": result["top5"]}})

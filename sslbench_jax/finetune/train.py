@@ -461,7 +461,8 @@ _ROW_RECIPE = ("epochs", "batch_size", "optimizer", "lr", "head_lr", "momentum",
 
 
 def result_rows(cfg: RunConfig, result: dict[str, Any], *, model: str | None = None,
-                dataset: str | None = None) -> list[dict[str, Any]]:
+                dataset: str | None = None, split: str | None = None
+                ) -> list[dict[str, Any]]:
   """The results-store rows (``top1``, ``top5``) of a finished run.
 
   ``protocol`` is ``finetune_<recipe.protocol>`` (the protocol table's name);
@@ -474,6 +475,7 @@ def result_rows(cfg: RunConfig, result: dict[str, Any], *, model: str | None = N
     result: its ``result.json`` content (``run``'s return value).
     model: the row's model name (default: the weights file's stem).
     dataset: the row's dataset name (default: ``cfg.dataset``).
+    split: the row's split name (default: ``cfg.test_split``).
   """
   rec = result["recipe"]
   hparams = {k: rec[k] for k in _ROW_RECIPE}
@@ -486,7 +488,7 @@ def result_rows(cfg: RunConfig, result: dict[str, Any], *, model: str | None = N
                  weights_source=result["weights_source"])
   name = model or os.path.splitext(os.path.basename(cfg.weights))[0]
   return [{"model": name, "checkpoint_sha256": result["weights_sha256"],
-           "dataset": dataset or cfg.dataset, "split": cfg.test_split,
+           "dataset": dataset or cfg.dataset, "split": split or cfg.test_split,
            "protocol": f"finetune_{rec['protocol']}", "hparams": hparams,
            "metric": m, "value": result[m], "n_examples": result["n_test"],
            "seed": rec["seed"], "device_count": result["device_count"]}
