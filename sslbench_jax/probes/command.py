@@ -193,15 +193,8 @@ def run(values: Mapping[str, Any]) -> list[dict[str, Any]]:
   name = opts["protocol"]
   if name not in protocols():
     raise ValueError(f"--protocol must be one of {protocols()}, got {name!r}")
-  uses = {s.name for s in registry.fields(name)}
-  ignored = sorted(k for k in given if k in fields and k not in uses
-                   and _differs_from_default(fields[k], given[k]))
-  if ignored:
-    logging.warning("--protocol %s does not use %s; ignored", name,
-                    ", ".join(f"--{k}={given[k]!r}" for k in ignored))
-  options = registry.get(name).options(**{
-      k: _fields.parse(fields[k], v, "--" + k.replace("_", "-"))
-      for k, v in given.items() if k in uses})
+  options = options_from_values(name, {k: v for k, v in given.items()
+                                        if k in fields})
   train = base.load_features(opts["features_train"], "--features-train")
   test = base.load_features(opts["features_test"], "--features-test")
   context = base.RunContext(
@@ -213,6 +206,34 @@ def run(values: Mapping[str, Any]) -> list[dict[str, Any]]:
   rows = registry.get(name).run(train, test, options, mesh=None, context=context).rows
   logging.info("probe %s: %d rows", name, len(rows))
   return rows
+
+
+def options_from_values(protocol: str, values: Mapping[str, Any]) -> Any:
+  """Protocol ``protocol``'s options from option-flag values (strings or typed).
+
+  Flags the protocol does not read are logged as ignored when they differ from
+  their default; the others are parsed (errors name ``--flag``).
+  """
+  fields = option_fields()
+  unknown = sorted(set(values) - set(fields))
+  if unknown:
+    raise ValueError(f"unknown probe options {unknown}; valid: {sorted(fields)}")
+  uses = {s.name for s in registry.fields(protocol)}
+  ignored = sorted(k for k, v in values.items() if k not in uses
+                   and _differs_from_default(fields[k], v))
+  if ignored:
+    logging.warning("--protocol %s does not use %s; ignored", protocol,
+                    ", ".join(f"--{k}={values[k]!r}" for k in ignored))
+  return registry.get(protocol).options(**{
+      k: _fields.parse(fields[k], v, "--" + k.replace("_", "-"))
+      for k, v in values.items() if k in uses and v is not None})
+
+
+def option_flags(options: Any) -> list[str]:
+  """The command-line flags that give ``options`` (its non-default fields)."""
+  return [f"--{s.name}={_fields.to_text(s, getattr(options, s.name))}"
+          for s in registry.fields(options)
+          if getattr(options, s.name) != s.default]
 
 
 def _spec(name: str, kind: str, default: Any, check=None) -> _fields.FieldSpec:
