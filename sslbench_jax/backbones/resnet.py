@@ -36,6 +36,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from sslbench_jax.backbones import _chunking
 from sslbench_jax.backbones import _precision
 
 # torchvision's kaiming_normal_(mode="fan_out", nonlinearity="relu").
@@ -89,12 +90,17 @@ class ResNet(nn.Module):
     dtype: computation dtype (parameters and BatchNorm statistics stay
       float32; outputs are float32). bfloat16/float16 convolutions
       accumulate in float32 and round each result once (``_precision``).
+    eval_chunk: eval-mode batches are computed this many images at a time
+      (``lax.map``; the same results, faster on CPU where a large batch's
+      activations miss the caches, ``_chunking``); None = automatic (8 on
+      the CPU backend, the whole batch elsewhere), 0 = whole batch.
   """
   stage_sizes: Sequence[int]
   block: str = "bottleneck"
   width_multiplier: int = 1
   num_classes: int | None = None
   dtype: Any = jnp.float32
+  eval_chunk: int | None = None
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, train: bool = False) -> dict[str, jnp.ndarray]:
@@ -107,6 +113,10 @@ class ResNet(nn.Module):
     """
     if self.block not in _BLOCKS:
       raise ValueError(f"block must be one of {_BLOCKS}, got {self.block!r}")
+    chunk = 0 if train or self.is_initializing() else _chunking.chunk_size(
+        self.eval_chunk, x.shape[0])
+    if chunk:
+      return _chunking.apply_in_chunks(self, x, chunk)
     # bf16/f16: float32 accumulation, 1x1 convs as dots (faster on CPU, see
     # _precision); float32 keeps flax's defaults.
     conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,

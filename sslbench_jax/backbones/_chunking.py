@@ -1,0 +1,61 @@
+"""Eval-mode forward passes in small batch chunks on CPU.
+
+XLA:CPU runs a convolution network's eval forward pass markedly slower per
+image at batch 128 than at batch 8-32: the activations of a large batch
+(ResNet-50 layer1: 128 x 56 x 56 x 256 float32 = 400 MB per tensor) stream
+through memory once per layer, while a chunk's stay in the caches
+(BENCHMARKS.md "Forward pass throughput": ResNet-50 float32 at batch 128,
+whole batch vs ``lax.map`` over chunks). So on the CPU backend an eval
+forward pass of a large batch is run as ``lax.map`` over chunks of
+``CPU_CHUNK`` images of the same module (one compiled body, the same
+weights): rows are independent in eval mode, and each chunk computes exactly
+what the whole batch computes for those rows (bit-identical on XLA:CPU,
+``tests/backbone_chunking_test.py``). Training (batch statistics) and other
+backends run the whole batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+# Images per chunk on CPU (measured, BENCHMARKS.md); None on a backbone = this.
+CPU_CHUNK = 8
+
+
+def chunk_size(setting: int | None, batch: int) -> int:
+  """Images per chunk for a forward pass of ``batch`` images; 0 = whole batch.
+
+  Args:
+    setting: the backbone's ``eval_chunk``: None = automatic (``CPU_CHUNK``
+      on the CPU backend, whole batch elsewhere), 0 = never chunk, k > 0 =
+      chunks of k on any backend.
+    batch: rows of this call.
+  """
+  if setting is None:
+    setting = CPU_CHUNK if jax.default_backend() == "cpu" else 0
+  if setting < 0:
+    raise ValueError(f"eval_chunk must be None or >= 0, got {setting}")
+  # A batch of fewer than two chunks gains nothing from the loop.
+  return setting if setting and batch >= 2 * setting else 0
+
+
+def apply_in_chunks(module: Any, x: jax.Array, chunk: int) -> Any:
+  """``module(x, train=False)`` computed ``chunk`` rows at a time.
+
+  ``module`` is the bound backbone (inside its ``__call__``); its variables
+  are applied to each chunk by an unbound clone with chunking off. The last
+  chunk is padded with zero rows, dropped from the outputs.
+  """
+  variables = module.variables
+  inner = module.clone(parent=None, eval_chunk=0)
+  n = x.shape[0]
+  steps = -(-n // chunk)
+  if steps * chunk != n:
+    x = jnp.concatenate([x, jnp.zeros((steps * chunk - n,) + x.shape[1:], x.dtype)])
+  out = lax.map(lambda xc: inner.apply(variables, xc, train=False),
+                x.reshape((steps, chunk) + x.shape[1:]))
+  return jax.tree.map(lambda y: y.reshape((steps * chunk,) + y.shape[2:])[:n], out)
