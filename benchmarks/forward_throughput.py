@@ -29,6 +29,10 @@ as bfloat16 with float32 accumulation (the path ``backbones/_precision.py``
 takes in bfloat16: ``preferred_element_type=float32``, 1x1 and patch convs as
 one dot), and PyTorch's float32/bfloat16 ops, all interleaved.
 
+ResNet's JAX column is the backbone as shipped (eval batches on CPU in chunks
+of 8 images, ``backbones/_chunking.py``); ``--whole_batch`` (default on) also
+times it with ``eval_chunk=0`` in the same rounds, the gain of the chunking.
+
 The load average (1 min) is recorded before and after each config. In full
 mode on CPU it also runs JAX in subprocesses with XLA:CPU flag variants that
 could change the bfloat16 speed (oneDNN, XNNPACK, thunk runtime).
@@ -82,6 +86,9 @@ _COMPILE = flags.DEFINE_bool("torch_compile", True, "Also time torch.compile (ba
 _SWEEP = flags.DEFINE_bool("xla_sweep", True, "Run the XLA:CPU flag sweep (CPU, full mode only).")
 _OUTPUT = flags.DEFINE_string("output", os.path.join(ROOT, "BENCHMARKS.md"),
                               "Markdown file whose section is written; empty: print only.")
+_WHOLE = flags.DEFINE_bool(
+    "whole_batch", True, "ResNet: also time JAX with eval_chunk=0 (the whole batch in one "
+    "pass, as before backbones/_chunking.py), in the same interleaved rounds.")
 _CHILD = flags.DEFINE_string("child", "", "Internal: JSON config to time in a subprocess.")
 
 SECTION = "## Forward pass throughput"
@@ -452,22 +459,28 @@ def _markdown(machine, results, notes, sweep, micro, wall, quick) -> str:
            "Dense, attention einsum and convolution; 1x1 convs and the ViT patch embedding run "
            "as one dot; the ViT residual stream stays float32. float32 is unchanged "
            "(bit-identical to flax's defaults).",
+           "- ResNet eval batches on CPU run as `lax.map` over chunks of "
+           "8 images (`backbones/_chunking.py`; float32 bit-identical to the whole batch); "
+           "'JAX whole batch' = the same backbone with `eval_chunk=0`, timed in the same "
+           "rounds. 'JAX / best torch' uses the default (chunked) JAX column.",
            "- load = the 1-minute load average before / after the config's timing (2 cores: "
            "a load of 2 is a fully busy machine; above it JAX and torch share the cores "
            "with other jobs, alike because they are interleaved).",
            "",
-           "| model | batch | dtype | GFLOPs/img | JAX img/s | torch eager img/s | "
+           "| model | batch | dtype | GFLOPs/img | JAX img/s | JAX whole batch img/s | "
+           "torch eager img/s | "
            "torch channels_last img/s | torch.compile img/s | JAX / best torch | "
            "matmul peak GFLOP/s (JAX / torch) | JAX % peak | best torch % peak | load |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in results:
-    torch_vals = {k: v for k, v in r["ips"].items() if k != "jax"}
+    torch_vals = {k: v for k, v in r["ips"].items() if k.startswith("torch")}
     best = max(torch_vals.values())
     peak = r["peak"]
     fmt = lambda k: f"{r['ips'][k]:.1f}" if k in r["ips"] else "n/a"
     lines.append(
         f"| {MODELS[r['arch']]} | {r['batch']} | {r['dtype']} | {r['flops'] / 1e9:.2f} | "
-        f"{fmt('jax')} | {fmt('torch eager')} | {fmt('torch channels_last')} | "
+        f"{fmt('jax')} | {fmt('jax whole batch')} | {fmt('torch eager')} | "
+        f"{fmt('torch channels_last')} | "
         f"{fmt('torch.compile')} | {r['ips']['jax'] / best:.2f} | "
         f"{r['peaks']['matmul jax'] / 1e9:.0f} / {r['peaks']['matmul torch'] / 1e9:.0f} | "
         f"{100 * r['flops'] * r['ips']['jax'] / peak:.0f}% | "
@@ -552,9 +565,14 @@ def main(argv):
                                                device, arch, with_compile)
           notes.update({f"{MODELS[arch]} {dtype} {k}": v for k, v in config_notes.items()})
           jax_run, flops = _jax_forward(arch, options, dtype, variables, batch)
+          jax_runs = {"jax": jax_run}
+          if _WHOLE.value and arch.startswith("resnet"):
+            # The same backbone with its CPU batch chunking off (_chunking).
+            jax_runs["jax whole batch"] = _jax_forward(
+                arch, dict(options, eval_chunk=0), dtype, variables, batch)[0]
           mm_runs, mm_flops = _matmul_runs(torch, device, dtype)
           load_before = os.getloadavg()[0]
-          seconds = _measure({"jax": jax_run, **runs, **mm_runs}, rounds, budget)
+          seconds = _measure({**jax_runs, **runs, **mm_runs}, rounds, budget)
           load = (load_before, os.getloadavg()[0])
           peaks = {k: mm_flops / seconds.pop(k) for k in mm_runs}
           ips = {k: batch / t for k, t in seconds.items()}
@@ -563,7 +581,7 @@ def main(argv):
           print(f"{MODELS[arch]} b{batch} {dtype}: " + ", ".join(
               f"{k} {v:.1f}" for k, v in ips.items()) + " img/s; " + ", ".join(
                   f"{k} {v / 1e9:.0f}" for k, v in peaks.items()) + " GFLOP/s", flush=True)
-          del runs, jax_run
+          del runs, jax_run, jax_runs
   sweep = []
   if _SWEEP.value and not quick and jax.devices()[0].platform == "cpu":
     sweep = _sweep(("resnet50", "vit_small_patch16"), SWEEP_BATCH, "bfloat16", 2,
