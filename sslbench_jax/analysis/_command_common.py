@@ -11,6 +11,7 @@ from absl import logging
 from sslbench_jax.analysis import report
 from sslbench_jax.analysis import summary
 from sslbench_jax.analysis import table as table_lib
+from sslbench_jax.metrics import primary as primary_lib
 
 
 def define_flags() -> None:
@@ -21,9 +22,9 @@ def define_flags() -> None:
   flags.DEFINE_string(
       "metric", None,
       "metric to analyse, e.g. top1 or top5; 'primary' = each test set's main "
-      "metric (real_top1 on ImageNet-ReaL, subset_top1 on ImageNet-R/-A, top1 "
-      "elsewhere; rows chosen like results.store.primary_mask). Default: "
-      "primary if the results hold real_top1/subset_top1 rows, else top1")
+      f"metric ({primary_lib.DESCRIPTION}; rows chosen like "
+      "results.store.primary_mask). Default: primary if the results hold "
+      f"{'/'.join(primary_lib.SPECIFIC_METRICS)} rows, else top1")
   flags.DEFINE_integer("n_boot", 2000, "bootstrap resamples per interval", lower_bound=0)
   flags.DEFINE_integer("n_perm", 2000, "permutations per p-value", lower_bound=0)
   flags.DEFINE_integer("seed", 0, "resampling seed")
