@@ -74,3 +74,24 @@ def test_extracted_imagenet_r_file_is_scored_without_the_registry(tmp_path, monk
   assert got["subset_top1"] == pytest.approx(
       100 * np.mean(sub[s[:, sub].argmax(1)] == y), abs=1e-9)
   assert got["top1"] == 0.0
+
+
+def test_extraction_itself_records_the_label_space(tmp_path):
+  """`features.extract` writes a registry dataset's label space into the meta,
+  whatever meta the caller gives (here none)."""
+  from sslbench_jax.features import extract  # pylint: disable=g-import-not-at-top
+  wnids = _shipped("imagenet_synsets.txt")
+  subset = [int(i) for i in _shipped("imagenet_a_indices.txt")]
+  rng = np.random.RandomState(1)
+  for c in subset[:2]:
+    (tmp_path / "a" / wnids[c]).mkdir(parents=True)
+    Image.fromarray(rng.randint(0, 256, (20, 20, 3)).astype(np.uint8)).save(
+        tmp_path / "a" / wnids[c] / "0.jpg")
+  ds = registry.open_dataset("imagenet_a", "test", data_dir=str(tmp_path / "a"),
+                             preprocessing="smoke_32")
+  model = backbones.create_model("resnet18")
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  result = extract.extract(model, variables, ds, batch_size_per_device=2, progress=False)
+  recorded = result.features.meta["source"]["label_space"]
+  assert recorded["subset"] == subset and recorded["metrics"] == ["subset_top1", "top1"]
+  assert scoring.read_label_space(result.features.meta, "a.npz").subset == tuple(subset)

@@ -245,8 +245,13 @@ def extract_many(models: Sequence[ModelSpec], source: Any,
                             versions=tuple(sorted(_versions().items())))
   results: list[ExtractResult | None] = [None] * len(models)
   metas, directories = [], []
+  # A registry dataset describes itself (its label space included): every
+  # feature file carries what scoring needs, whoever calls.
+  described = source.describe() if hasattr(source, "describe") else None
   for i, spec in enumerate(models):
     run_meta = _provenance(spec.key, spec.meta, spec.representation, spec.dtype)
+    if run_meta.get("source") is None and described is not None:
+      run_meta["source"] = described
     directory = cache_lib.entry_dir(cache_root, spec.key) if cache_root else None
     metas.append(run_meta)
     directories.append(directory)
