@@ -131,11 +131,12 @@ def run_many(opts_list: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
   from sslbench_jax import parallel  # pylint: disable=g-import-not-at-top
   parallel.initialize(first["coordinator_address"], first["num_processes"],
                       first["process_id"])
-  from sslbench_jax.backbones import registry, weights  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.backbones import registry  # pylint: disable=g-import-not-at-top
   from sslbench_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   from sslbench_jax.features import cache as cache_lib  # pylint: disable=g-import-not-at-top
   from sslbench_jax.features import extract as extract_lib  # pylint: disable=g-import-not-at-top
   from sslbench_jax.features import io as features_io  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.features import passes  # pylint: disable=g-import-not-at-top
 
   for opts in opts_list:
     _check_options(opts)
@@ -143,24 +144,15 @@ def run_many(opts_list: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
       if opts[name] != first[name]:
         raise ValueError(f"models of one pass must share --{name}: {first[name]!r} "
                          f"({first['weights']}) vs {opts[name]!r} ({opts['weights']})")
-  models = []  # (model, variables, sidecar meta, arch, arch_options, preset name)
+  models = []  # (passes.LoadedModel, preset name)
   for opts in opts_list:
-    variables, meta = weights.load_variables(opts["weights"])
-    arch = meta.get("arch")
-    if opts["arch"] and arch and opts["arch"] != arch:
-      raise ValueError(f"--arch {opts['arch']} but {opts['weights']} holds {arch} "
-                       "(see its .json sidecar)")
-    arch = opts["arch"] or arch
-    if not arch:
-      raise ValueError(f"{opts['weights']} has no arch in its sidecar; pass --arch")
-    arch_options = meta.get("arch_options") or {}
-    preset_name = opts["preprocessing"] or registry.default_preprocessing(arch)
-    if models and preset_name != models[0][5]:
-      raise ValueError(f"models of one pass must share the preprocessing: {models[0][5]} "
+    loaded = passes.load_model(opts["weights"], opts["arch"])
+    preset_name = opts["preprocessing"] or registry.default_preprocessing(loaded.arch)
+    if models and preset_name != models[0][1]:
+      raise ValueError(f"models of one pass must share the preprocessing: {models[0][1]} "
                        f"({first['weights']}) vs {preset_name} ({opts['weights']})")
-    models.append((registry.create_model(arch, **arch_options), variables, meta, arch,
-                   arch_options, preset_name))
-  preset_name = models[0][5]
+    models.append((loaded, preset_name))
+  preset_name = models[0][1]
   preset = preprocess.get_preset(preset_name)
 
   if first["images"]:
@@ -169,19 +161,16 @@ def run_many(opts_list: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
     dataset, split = f"folder:{source.directory}:{source.fingerprint()}", ""
   else:
     # A data.dataset.Dataset preprocesses its images itself.
-    source, preset = _open_dataset(first["dataset"], first["split"], first["data_dir"],
-                                   preset_name,
-                                   all(bool(o["preprocessing"]) for o in opts_list)), None
-    dataset, split = first["dataset"], first["split"]
-    if first["data_dir"]:
-      # Generic datasets ("folder", "csv") differ only by where they live.
-      dataset = f"{dataset}@{os.path.abspath(first['data_dir'])}"
+    source, preset = passes.open_split(first["dataset"], first["split"], first["data_dir"],
+                                       preset_name,
+                                       all(bool(o["preprocessing"]) for o in opts_list)), None
+    dataset, split = passes.source_name(first["dataset"], first["data_dir"]), first["split"]
   described = source.describe() if hasattr(source, "describe") else None
   specs = []
-  for opts, (model, variables, meta, arch, arch_options, _) in zip(opts_list, models):
+  for opts, (loaded, _) in zip(opts_list, models):
     key = cache_lib.CacheKey(
-        arch=arch, arch_options=arch_options,
-        weights_sha256=meta.get("weights_sha256") or weights.sha256_file(opts["weights"]),
+        arch=loaded.arch, arch_options=loaded.arch_options,
+        weights_sha256=loaded.weights_sha256,
         dataset=dataset, split=split, preprocessing=preset_name,
         representation=opts["representation"], dtype=opts["dtype"])
     if opts["images"] and opts["cache"] and parallel.is_writer():
@@ -192,10 +181,10 @@ def run_many(opts_list: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
         logging.warning("feature cache: removed %s, an interrupted extraction of "
                         "an earlier state of %s", stale, source.directory)
     specs.append(extract_lib.ModelSpec(
-        model, variables, opts["representation"], opts["dtype"], key,
+        loaded.module, loaded.variables, opts["representation"], opts["dtype"], key,
         dict(dataset=opts["dataset"] or dataset, data_dir=opts["data_dir"],
              # the released checkpoint the weights were converted from
-             checkpoint_sha256=meta.get("checkpoint_sha256"),
+             checkpoint_sha256=loaded.meta.get("checkpoint_sha256"),
              images=opts["images"] and os.path.abspath(opts["images"]),
              # label space, preprocessing detail of a registry dataset
              source=described)))
@@ -237,18 +226,3 @@ def _check_options(opts: dict[str, Any]) -> None:
     raise ValueError(f"--dataset {opts['dataset']} needs --split")
   if opts["batch_size_per_device"] < 1 or opts["steps_per_shard"] < 1:
     raise ValueError("--batch_size_per_device and --steps_per_shard must be >= 1")
-
-
-def _open_dataset(name: str, split: str, data_dir: str | None, preset_name: str,
-                  explicit: bool) -> Any:
-  """One split of a ``data.registry`` dataset, preprocessed with ``preset_name``.
-
-  ``explicit``: the user chose the preset (no warning when it is not the study's).
-  """
-  from sslbench_jax.data import registry as data_registry  # pylint: disable=g-import-not-at-top
-  spec = data_registry.get_spec(name)
-  if spec.preprocessing != preset_name and not explicit:
-    logging.warning("%s's study preprocessing is %s; using %s (--preprocessing to "
-                    "change)", name, spec.preprocessing, preset_name)
-  return data_registry.open_dataset(name, split, data_dir=data_dir,
-                                    preprocessing=preset_name)
