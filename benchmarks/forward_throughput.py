@@ -57,7 +57,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,6 +69,9 @@ from absl import flags
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import _timing  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _QUICK = flags.DEFINE_bool("quick", False, "RN50 + ViT-S/16 at batch 32 only, no torch.compile, "
                            "no XLA flag sweep; at least 5 rounds.")
@@ -123,12 +125,6 @@ def _jax():
 def _sync_torch(torch, device: str) -> None:
   if device == "cuda":
     torch.cuda.synchronize()
-
-
-def _time_once(fn: Callable[[], Any]) -> float:
-  start = time.perf_counter()
-  fn()
-  return time.perf_counter() - start
 
 
 # --------------------------------------------------------------------------- models
@@ -352,15 +348,9 @@ def _micro(torch, rounds: int) -> list[dict[str, Any]]:
 
 
 def _measure(runs: dict[str, Callable], rounds: int, budget: float) -> dict[str, float]:
-  """Interleaved timing: median seconds per call for each implementation."""
-  probe = {name: _time_once(run) for name, run in runs.items()}
-  slowest = max(probe.values())
-  rounds = max(1, min(rounds, int(budget // max(slowest, 1e-9))))
-  times = {name: [t] for name, t in probe.items()}
-  for _ in range(rounds - 1):
-    for name, run in runs.items():
-      times[name].append(_time_once(run))
-  return {name: statistics.median(ts) for name, ts in times.items()}
+  """Interleaved timing: median seconds per call for each implementation (the
+  first round counts; rounds cut to fit ``budget`` seconds per implementation)."""
+  return _timing.interleaved_medians(runs, rounds, budget=budget)
 
 
 def _child_main(spec: dict[str, Any]) -> None:
@@ -380,7 +370,7 @@ def _child_main(spec: dict[str, Any]) -> None:
   f = jax.jit(lambda a: a @ a)
   f(a).block_until_ready()
   result["matmul"] = 2.0 * n ** 3 / min(
-      _time_once(lambda: f(a).block_until_ready()) for _ in range(5)) / 1e9
+      _timing.time_once(lambda: f(a).block_until_ready()) for _ in range(5)) / 1e9
   print("RESULT " + json.dumps(result))
 
 
@@ -412,11 +402,9 @@ def _machine() -> dict[str, str]:
   jax = _jax()
   import flax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  model_name = platform.processor() or "unknown"
+  model_name = _timing.cpu_name()
   try:
     out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    found = re.search(r"^Model name:\s*(.+)$", out, re.M)
-    model_name = found.group(1).strip() if found else model_name
     found = re.search(r"^Flags:\s*(.+)$", out, re.M)
     isa = [f for f in (found.group(1).split() if found else [])
            if f in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni")]
@@ -515,20 +503,6 @@ def _markdown(machine, results, notes, sweep, micro, wall, quick) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _write_section(path: str, section: str) -> None:
-  """Replaces (or appends) this script's section, keeping the others; atomic."""
-  text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-  pattern = re.compile(r"^## Forward pass throughput\n.*?(?=^## |\Z)", re.M | re.S)
-  if pattern.search(text):
-    text = pattern.sub(lambda _: section + "\n", text)
-  else:
-    text = text.rstrip("\n") + "\n\n" + section
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-  with os.fdopen(fd, "w") as f:
-    f.write(text.rstrip("\n") + "\n")
-  os.replace(tmp, path)
-
-
 def main(argv):
   del argv
   if _CHILD.value:
@@ -590,7 +564,7 @@ def main(argv):
                       time.perf_counter() - start, quick)
   print(section)
   if _OUTPUT.value:
-    _write_section(_OUTPUT.value, section)
+    _timing.write_section(_OUTPUT.value, SECTION, section)
 
 
 if __name__ == "__main__":
