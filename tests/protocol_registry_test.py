@@ -177,6 +177,16 @@ def test_cli_flags_parse_once_and_strictly(caplog):
   assert "holdout" not in caplog.text
 
 
+def test_docs_flag_table_is_the_generated_one():
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(__file__), "..", "docs", "probes.md")
+  with open(path) as f:
+    text = f.read()
+  start = text.index("<!-- flag table: generated -->\n") + len(
+      "<!-- flag table: generated -->\n")
+  assert text[start:text.index("<!-- end of flag table -->")] == command.flag_table()
+
+
 def test_shared_flags_agree():
   fields = command.option_fields()  # raises when protocols disagree on a flag
   assert set(fields) == {f.name for n in command.protocols() for f in registry.fields(n)}

@@ -1,5 +1,6 @@
-"""Probes on cached features, all with the same call shape (train features and
-labels, test features, number of classes, protocol settings):
+"""Protocols on cached features, each a module of the protocol table
+(``protocols/registry.py``): a frozen ``Options`` dataclass with the paper's
+defaults and ``run(train, test, options, *, mesh, context) -> ProtocolResult``.
 
 * ``knn``: DINO's weighted cosine kNN and the Closer Look Euclidean kNN,
   memory-bounded, sharded over devices, large banks searched through a
@@ -10,6 +11,11 @@ labels, test features, number of classes, protocol settings):
   warm-started L-BFGS regularisation path (scikit-learn's objective);
 * ``leastsquares``: big_vision's closed-form ridge classifier, one
   eigendecomposition for a whole l2 grid;
-* ``fewshot``: class-balanced k-shot / percent-of-labels subsets, several tries;
-* ``command``: the ``sslbench-jax probe`` subcommand.
+* ``fewshot``: class-balanced k-shot / percent-of-labels subsets, several
+  tries, with the table's probes at fixed settings;
+* ``heads``: ``classify`` (the backbone's logits) and ``released_head``;
+* ``command``: the ``sslbench-jax probe`` subcommand (flags from the table).
+
+Shared: ``_rows`` (input checks, result rows), ``_selection`` (held-out
+splits, grid selection, ``GridResult``).
 """

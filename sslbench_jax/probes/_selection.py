@@ -6,8 +6,10 @@ import dataclasses
 import math
 from typing import Any, Callable, Optional, Sequence
 
+from absl import logging
 import numpy as np
 
+from sslbench_jax.metrics import scoring
 from sslbench_jax.protocols.base import FRACTION, option
 
 
@@ -26,10 +28,9 @@ def check_finite(name: str, x: np.ndarray) -> None:
 
 def topk_hits(logits: np.ndarray, labels: np.ndarray,
               ks: Sequence[int]) -> np.ndarray:
-  """Number of examples whose label is in the top-k (stable ranking)."""
-  order = np.argsort(-logits, axis=1, kind="stable")
-  return np.array([np.sum(np.any(order[:, :k] == labels[:, None], axis=1))
-                   for k in ks], np.float64)
+  """Number of examples whose label is in the top-k (``metrics.scoring``'s rule)."""
+  return np.array([np.sum(scoring.topk_correct(logits, labels, k)) for k in ks],
+                  np.float64)
 
 
 def stratified_split(labels: np.ndarray, fraction: float,
@@ -71,7 +72,7 @@ class GridResult:
     test_top5: top-5 (%).
     n_test: number of test examples.
     test_scores: (N_test, C) scores of that model on test, for the test
-      set's own metrics (``probes/_test_metrics.py``).
+      set's own metrics (``metrics/scoring.py``).
   """
   grid: list[Any]
   holdout_top1: list[float]
@@ -107,26 +108,8 @@ Scorer = Callable[[int, np.ndarray], np.ndarray]
 GridFitter = Callable[[Optional[np.ndarray], Sequence[int]], Scorer]
 
 
-@dataclasses.dataclass
-class GridSelection:
-  """Outcome of ``select_and_refit``.
-
-  Attributes:
-    best: index of the chosen grid point.
-    selection: "holdout" or "max over test".
-    top1: per grid point, top-1 (%) on the held-out slice (on test in "max
-      over test" mode).
-    test_scores: (N_test, C) scores on test of the chosen model (refitted on
-      all of train in "holdout" mode).
-  """
-  best: int
-  selection: str
-  top1: list[float]
-  test_scores: np.ndarray
-
-
 def select_and_refit(fit_grid: GridFitter,
-                     grid_size: int,
+                     grid_values: Sequence[Any],
                      train_features: np.ndarray,
                      train_labels: np.ndarray,
                      test_features: np.ndarray,
@@ -134,7 +117,8 @@ def select_and_refit(fit_grid: GridFitter,
                      holdout: float = 0.1,
                      seed: int = 0,
                      select_on_test: bool = False,
-                     name: str = "probe") -> GridSelection:
+                     name: str = "probe",
+                     label: str = "value") -> GridResult:
   """The selection skeleton shared by the closed-form / convex probes.
 
   "holdout": every grid point is fitted on a stratified, seeded
@@ -146,7 +130,7 @@ def select_and_refit(fit_grid: GridFitter,
   Args:
     fit_grid: ``(rows, grid indices) -> scorer``; ``rows`` None means all of
       train.
-    grid_size: number of grid points.
+    grid_values: the grid points (e.g. the C values), in grid order.
     train_features: (N_train, D).
     train_labels: (N_train,) class indices.
     test_features: (N_test, D).
@@ -154,29 +138,35 @@ def select_and_refit(fit_grid: GridFitter,
     holdout: fraction of every class held out.
     seed: seeds the held-out split.
     select_on_test: "max over test" mode.
-    name: probe name for errors.
+    name: probe name for errors and the log.
+    label: the grid value's name in the log (e.g. "C").
 
   Returns:
-    A ``GridSelection``.
+    A ``GridResult`` (test top-1 / top-5 NaN without single-label test labels).
   """
-  grid = list(range(grid_size))
+  grid = list(range(len(grid_values)))
   if select_on_test:
     if test_labels is None:
       raise ValueError(f"{name}: select_on_test ranks the grid by top-1 on test "
                        "and needs single-label (N,) test labels")
     score = fit_grid(None, grid)
     top1 = [_top1(score(i, test_features), test_labels) for i in grid]
-    best = int(np.argmax(top1))
-    return GridSelection(best, "max over test", top1, score(best, test_features))
-  fit, held = stratified_split(train_labels, holdout, seed)
-  if len(held) == 0:
-    raise ValueError("the held-out slice is empty: every class has < 2 training "
-                     "examples; use select_on_test or a single grid value")
-  score = fit_grid(fit, grid)
-  top1 = [_top1(score(i, train_features[held]), train_labels[held]) for i in grid]
-  best = int(np.argmax(top1))
-  score = fit_grid(None, [best])
-  return GridSelection(best, "holdout", top1, score(best, test_features))
+    best, selection = int(np.argmax(top1)), "max over test"
+    test_scores = score(best, test_features)
+  else:
+    fit, held = stratified_split(train_labels, holdout, seed)
+    if len(held) == 0:
+      raise ValueError("the held-out slice is empty: every class has < 2 training "
+                       "examples; use select_on_test or a single grid value")
+    score = fit_grid(fit, grid)
+    top1 = [_top1(score(i, train_features[held]), train_labels[held]) for i in grid]
+    best, selection = int(np.argmax(top1)), "holdout"
+    test_scores = fit_grid(None, [best])(best, test_features)
+  logging.info("%s: selected %s=%g (%s top-1 %.2f)", name, label, grid_values[best],
+               selection, top1[best])
+  test_top1, test_top5 = topk_percent(test_scores, test_labels)
+  return GridResult(list(grid_values), top1, best, selection, test_top1, test_top5,
+                    len(test_features), test_scores)
 
 
 def _top1(scores, labels) -> float:

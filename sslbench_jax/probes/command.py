@@ -236,6 +236,20 @@ def option_flags(options: Any) -> list[str]:
           if getattr(options, s.name) != s.default]
 
 
+def flag_table() -> str:
+  """The option flags as a Markdown table (docs/probes.md holds this text)."""
+  lines = ["| flag | default | protocols | meaning |", "|---|---|---|---|"]
+  for spec in option_fields().values():
+    users = [n for n in protocols() if any(f.name == spec.name
+                                           for f in registry.fields(n))]
+    default = (spec.default_text if spec.default_text is not None else
+               "derived" if spec.default is None else _fields.to_text(spec, spec.default))
+    meaning = spec.help.split(": ", 1)[-1] if ": " in spec.help[:16] else spec.help
+    lines.append(f"| `--{spec.name.replace('_', '-')}` | {default} | "
+                 f"{', '.join(users)} | {meaning} |")
+  return "\n".join(lines) + "\n"
+
+
 def _spec(name: str, kind: str, default: Any, check=None) -> _fields.FieldSpec:
   return _fields.FieldSpec(name, kind, False, False, default, "", None, check, None)
 

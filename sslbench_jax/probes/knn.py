@@ -43,7 +43,8 @@ Tie rules (deterministic, independent of the device count and chunk sizes):
   * ``k > N_train`` uses all ``N_train`` training examples;
   * classes: ``argmax`` of the scores picks the lowest class index among equal
     scores (as ``numpy.argmax`` and scikit-learn do). Classes with no vote have
-    score 0; see ``topk_correct`` for how top-5 treats them.
+    score 0, and top-5 never counts such a class (``metrics.scoring.topk_correct(
+    ..., positive_only=True)``).
 """
 
 from __future__ import annotations
@@ -260,31 +261,6 @@ def _l2_normalise(x: np.ndarray) -> np.ndarray:
   # 100k x 2048 bank); float32 accumulation as in torch's normalize.
   norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
   return x / np.maximum(norms, np.float32(1e-12))
-
-
-def topk_correct(scores: np.ndarray, labels: np.ndarray, k: int = 5) -> np.ndarray:
-  """Whether the true class is among the ``k`` best-scored classes.
-
-  Classes are ranked by score, ties by lower class index. A class with score
-  0 (no neighbour voted for it) never counts as a hit: with fewer than ``k``
-  voted classes (e.g. kNN with k < 5 neighbours) the top-``k`` holds only the
-  voted ones, which is what DINO's ``min(5, k)`` cut-off intends without
-  depending on how a sort orders the zero-vote classes.
-
-  Args:
-    scores: (N, C) non-negative vote totals.
-    labels: (N,) true classes.
-    k: how many classes count.
-
-  Returns:
-    (N,) bool.
-  """
-  scores = np.asarray(scores)
-  labels = np.asarray(labels)
-  order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-  hit = order == labels[:, None]
-  voted = np.take_along_axis(scores, order, axis=1) > 0
-  return np.any(hit & voted, axis=1)
 
 
 def _check_inputs(train_features, train_labels, test_features, num_classes, ks,
@@ -591,7 +567,7 @@ def run(train: FeatureInputs, test: FeatureInputs, options: Options = Options(),
 
   Rows per distinct k used (a k above the training set size uses all of it:
   the row records the k used, ``k_requested`` and a warning), with the test
-  set's metrics (top-5: ``topk_correct``, a class without votes never counts).
+  set's metrics (top-5: a class without votes never counts).
   """
   p = _rows.prepare(train, test, context, "knn")
   o = options

@@ -20,7 +20,6 @@ import dataclasses
 import functools
 from typing import Sequence
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,7 +27,7 @@ import numpy as np
 from sslbench_jax.probes import _rows
 from sslbench_jax.probes._selection import (GridResult, check_finite,
                                             holdout_option, select_and_refit,
-                                            select_on_test_option, topk_percent)
+                                            select_on_test_option)
 from sslbench_jax.protocols.base import (NON_NEGATIVE, FeatureInputs,
                                          Protocol, ProtocolResult, RunContext,
                                          check_options, option)
@@ -145,13 +144,8 @@ def fit_select(train_features: np.ndarray,
              else precompute(xtr[rows], ytr[rows], num_classes, dtype))
     return lambda i, x: predict(cache, x, l2s[i])
 
-  sel = select_and_refit(fit_grid, len(l2s), xtr, ytr, xte, test_labels,
-                         holdout, seed, select_on_test, "least squares")
-  logging.info("least squares: selected l2=%g (%s top-1 %.2f)", l2s[sel.best],
-               sel.selection, sel.top1[sel.best])
-  top1, top5 = topk_percent(sel.test_scores, test_labels)
-  return GridResult(l2s, sel.top1, sel.best, sel.selection, top1, top5, len(xte),
-                    sel.test_scores)
+  return select_and_refit(fit_grid, l2s, xtr, ytr, xte, test_labels, holdout,
+                          seed, select_on_test, "least squares", label="l2")
 
 
 def _augment(x, mean, std):

@@ -50,6 +50,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import tqdm
 
 from sslbench_jax import parallel
+from sslbench_jax.metrics import accuracy
 from sslbench_jax.probes import _data_layout
 from sslbench_jax.probes import _rows
 from sslbench_jax.probes._selection import (GridResult, check_finite,
@@ -73,8 +74,8 @@ class Options:
   global-norm clip 0.5, no weight decay, heads with and without BatchNorm
   (selected on 10% of train held out)."""
   lr: tuple[float, ...] | None = option(
-      None, "linear: absolute peak learning rates; default 0.1*batch/256",
-      check=POSITIVE)
+      None, "linear: absolute peak learning rates", check=POSITIVE,
+      default_text="0.1 x batch / 256")
   weight_decay: tuple[float, ...] = option((0.0,), "linear: weight decays",
                                            check=NON_NEGATIVE)
   batchnorm: tuple[bool, ...] = option((False, True),
@@ -89,9 +90,9 @@ class Options:
   holdout: float = holdout_option()
   select_on_test: bool = select_on_test_option()
   device_budget_bytes: int | None = option(
-      None, "linear: bytes per device the training features may occupy (default: "
-      "all of each device's share; smaller: streamed from the host)",
-      check=POSITIVE)
+      None, "linear: bytes per device the training features may occupy (less "
+      "than a device's share of them: streamed from the host)", check=POSITIVE,
+      default_text="none (resident on the devices)")
 
   def __post_init__(self):
     check_options(self)
@@ -404,9 +405,9 @@ def evaluate(heads: Heads, features: Mapping[str, np.ndarray],
 def _topk_hits(w, b, x, y, ks):
   """(H, len(ks)) counts of labels in each head's top-k; label -1 never hits."""
   logits = jnp.einsum("nd,hdc->hnc", x, w) + b[:, None, :]
-  # ties: lower class index first; fewer than k classes: all of them.
-  _, top = jax.lax.top_k(logits, min(max(ks), logits.shape[-1]))
-  hit = top == y[None, :, None]
+  # The package's one top-k rule (ties: lower class index; fewer than k
+  # classes: all of them), per head.
+  hit = jax.vmap(lambda l: accuracy.ranked_hits(l, y, max(ks)))(logits)
   return jnp.stack([jnp.sum(jnp.any(hit[..., :k], axis=-1), axis=-1) for k in ks],
                    axis=-1)
 

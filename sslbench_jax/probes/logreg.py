@@ -39,7 +39,7 @@ from sslbench_jax import parallel
 from sslbench_jax.probes import _rows
 from sslbench_jax.probes._selection import (GridResult, check_finite,
                                             holdout_option, select_and_refit,
-                                            select_on_test_option, topk_percent)
+                                            select_on_test_option)
 from sslbench_jax.protocols.base import (POSITIVE, FeatureInputs,
                                          Protocol, ProtocolResult, RunContext,
                                          check_options, option)
@@ -189,13 +189,8 @@ def fit_select(train_features: np.ndarray,
     where = {g: j for j, g in enumerate(grid)}
     return lambda i, feats: feats @ w[where[i]] + b[where[i]]
 
-  sel = select_and_refit(fit_grid, len(cs), x, y, xte, test_labels, holdout,
-                         seed, select_on_test, "logreg")
-  logging.info("logreg: selected C=%g (%s top-1 %.2f)", cs[sel.best],
-               sel.selection, sel.top1[sel.best])
-  top1, top5 = topk_percent(sel.test_scores, test_labels)
-  return GridResult(cs, sel.top1, sel.best, sel.selection, top1, top5, len(xte),
-                    sel.test_scores)
+  return select_and_refit(fit_grid, cs, x, y, xte, test_labels, holdout,
+                          seed, select_on_test, "logreg", label="C")
 
 
 def _check(features, labels, num_classes):
