@@ -152,6 +152,8 @@ def test_full_run_rows_have_provenance_rerun_does_nothing_cli_same_rows(tmp_path
   ctx = base.RunContext(model="rn", dataset="digits", seed=3, workdir=run_dir,
                         weights_path=w, progress=False)
   res = protocol.run(train, test, opts, mesh=None, context=ctx)
+  (digest,) = os.listdir(run_dir)  # one directory per configuration
+  run_dir = os.path.join(run_dir, digest)
   with open(os.path.join(run_dir, "result.json")) as f:
     result = json.load(f)
   assert [r["metric"] for r in res.rows] == ["top1", "top5"]
@@ -172,6 +174,10 @@ def test_full_run_rows_have_provenance_rerun_does_nothing_cli_same_rows(tmp_path
   again = protocol.run(train, test, opts, context=ctx)
   assert os.path.getmtime(os.path.join(run_dir, "result.json")) == mtime
   assert again.rows == res.rows
+  # Another option (what evaluate does when a config entry changes): a new run
+  # next to the finished one, not a refusal.
+  other = protocol.run(train, test, dataclasses.replace(opts, test_limit=20), context=ctx)
+  assert len(os.listdir(ctx.workdir)) == 2 and other.rows[0]["n_examples"] == 20
   # The CLI's --results: the same rows (model = the weights' file stem).
   results = str(tmp_path / "store.jsonl")
   command.run({"weights": w, "dataset": "digits", "protocol": "full", "epochs": 1,

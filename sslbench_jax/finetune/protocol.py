@@ -231,8 +231,8 @@ def run(train: base.ImageInputs, test: base.ImageInputs, options: Any, *,
     mesh: a ``parallel.make_mesh`` mesh (None: ``make_mesh(model_axis_size)``;
       one whose model axis is not ``options.model_axis_size`` is rebuilt over
       the same devices).
-    context: ``weights_path`` and ``workdir`` (the run's own directory) are
-      required; ``model`` / ``dataset`` / ``split`` name the rows, ``seed``
+    context: ``weights_path`` and ``workdir`` are required (the run goes to
+      ``workdir/<train.config_digest>``: checkpoints, metrics, result); ``model`` / ``dataset`` / ``split`` name the rows, ``seed``
       seeds the head, data order and augmentation.
 
   Returns:
@@ -248,6 +248,11 @@ def run(train: base.ImageInputs, test: base.ImageInputs, options: Any, *,
   from sslbench_jax.finetune import train as train_lib  # pylint: disable=import-outside-toplevel
   from sslbench_jax import parallel  # pylint: disable=import-outside-toplevel
   cfg = run_config(train, test, options, context)
+  # One run directory per configuration under the caller's: a changed option
+  # starts a new run (the old one stays, finished or resumable), the same
+  # configuration finds its own again.
+  cfg = dataclasses.replace(cfg, workdir=os.path.join(context.workdir,
+                                                      train_lib.config_digest(cfg)))
   if mesh is not None and mesh.shape[parallel.MODEL_AXIS] != cfg.model_axis_size:
     mesh = parallel.make_mesh(cfg.model_axis_size, devices=mesh.devices.flat)
   os.makedirs(cfg.workdir, exist_ok=True)

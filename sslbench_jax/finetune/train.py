@@ -501,5 +501,5 @@ def _append_results(cfg: RunConfig, result: dict[str, Any]) -> None:
 
 
 def config_digest(cfg: RunConfig) -> str:
-  """A short stable hash of the run's key (for logs)."""
+  """A short stable hash of the run's key (the protocol table's run directory name)."""
   return hashlib.sha256(json.dumps(cfg.key(), sort_keys=True).encode()).hexdigest()[:12]
