@@ -19,7 +19,8 @@ fine-tuning process (batch 32, float32, 224x224, two steps) in a subprocess.
 
 Usage::
 
-  .venv/bin/python benchmarks/train_throughput.py [--rounds 3] [--quick]
+  .venv/bin/python benchmarks/train_throughput.py [--rounds 3] [--quick] \
+      [--batch 32] [--configs resnet50:float32,resnet50:bfloat16] [--memory_batch 32]
 
 Writes/updates the ``## Training-step throughput`` section of BENCHMARKS.md.
 """
@@ -30,17 +31,16 @@ import concurrent.futures
 import glob
 import json
 import os
-import platform
 import re
 import resource
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 from absl import app
 from absl import flags
+
+import _timing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -50,6 +50,9 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "timed rounds per config")
 _QUICK = flags.DEFINE_bool("quick", False, "ViT-S/16 float32 only")
 _BATCH = flags.DEFINE_integer("batch", 32, "batch size")
 _OUTPUT = flags.DEFINE_string("output", os.path.join(ROOT, "BENCHMARKS.md"), "markdown file")
+_CONFIGS = flags.DEFINE_list("configs", None, "arch:dtype pairs to time (default: "
+                             "resnet50 and vit_small_patch16 x float32, bfloat16)")
+_MEMORY_BATCH = flags.DEFINE_integer("memory_batch", 32, "batch of the ViT-B/16 memory probe")
 _CHILD = flags.DEFINE_string("memory_child", None, "internal: run the ViT-B/16 memory probe")
 _SAMPLES = os.path.join(ROOT, "..", "shared", "data", "imagenet_samples")
 SECTION = "## Training-step throughput"
@@ -112,12 +115,6 @@ def _torch_step(arch, dtype_name, batch):
   return run
 
 
-def _timed(fn) -> float:
-  t = time.perf_counter()
-  fn()
-  return time.perf_counter() - t
-
-
 def _input_rate(threads: int = 2, n: int = 64) -> float | None:
   from sslbench_jax.data import augment, images  # pylint: disable=import-outside-toplevel
   files = sorted(glob.glob(os.path.join(_SAMPLES, "**", "*.JPEG"), recursive=True))[:n]
@@ -145,28 +142,8 @@ def _memory_child(batch: int) -> None:
 def _machine() -> str:
   import jax  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
-  name = platform.processor() or "unknown"
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    m = re.search(r"^Model name:\s*(.+)$", out, re.M)
-    name = m.group(1).strip() if m else name
-  except OSError:
-    pass
-  return (f"{name} ({os.cpu_count()} cores, {jax.devices()[0].platform}), jax "
-          f"{jax.__version__}, torch {torch.__version__}")
-
-
-def _write_section(path: str, section: str) -> None:
-  text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-  pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-  if pattern.search(text):
-    text = pattern.sub(lambda _: section + "\n", text)
-  else:
-    text = text.rstrip("\n") + "\n\n" + section
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-  with os.fdopen(fd, "w") as f:
-    f.write(text.rstrip("\n") + "\n")
-  os.replace(tmp, path)
+  return (f"{_timing.cpu_name()} ({os.cpu_count()} cores, {jax.devices()[0].platform}), "
+          f"jax {jax.__version__}, torch {torch.__version__}")
 
 
 def main(argv):
@@ -179,22 +156,22 @@ def main(argv):
   b = _BATCH.value
   configs = [("vit_small_patch16", "float32")] if _QUICK.value else [
       (a, d) for a in ("resnet50", "vit_small_patch16") for d in ("float32", "bfloat16")]
+  if _CONFIGS.value:
+    configs = [tuple(c.split(":")) for c in _CONFIGS.value]
   load0 = os.getloadavg()
   rows = []
   for arch, dt in configs:
-    jfn, tfn = _jax_step(arch, dt, b), _torch_step(arch, dt, b)
-    jfn(); tfn()  # compile / warm up
-    jt, tt = [], []
-    for _ in range(_ROUNDS.value):
-      jt.append(_timed(jfn))
-      tt.append(_timed(tfn))
-    j, t = b / statistics.median(jt), b / statistics.median(tt)
+    sec = _timing.interleaved_medians({"jax": _jax_step(arch, dt, b),
+                                       "torch": _torch_step(arch, dt, b)},
+                                      _ROUNDS.value, warmup=True)
+    j, t = b / sec["jax"], b / sec["torch"]
     rows.append((arch, dt, j, t))
     print(f"{arch} {dt}: jax {j:.2f} img/s, torch {t:.2f} img/s, ratio {j / t:.2f}", flush=True)
   load1 = os.getloadavg()
   rate = _input_rate()
   mem = None
-  out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--memory_child={b}"],
+  mb = _MEMORY_BATCH.value
+  out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--memory_child={mb}"],
                        capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
   found = re.findall(r'\{"maxrss_kb": (\d+)\}', out.stdout)
@@ -222,7 +199,7 @@ def main(argv):
                  "CPU (an accelerator needs proportionally more host threads).")
   if mem is not None:
     lines.append("")
-    lines.append(f"Peak memory of ViT-B/16 full fine-tuning (batch {b}, float32, 224x224, "
+    lines.append(f"Peak memory of ViT-B/16 full fine-tuning (batch {mb}, float32, 224x224, "
                  f"SGD momentum, two steps; the process's max RSS incl. JAX runtime): "
                  f"{mem:.2f} GiB.")
   else:
@@ -230,7 +207,7 @@ def main(argv):
     lines.append(f"ViT-B/16 memory probe failed: {out.stderr[-300:]!r}")
   section = "\n".join(lines) + "\n"
   print(section)
-  _write_section(_OUTPUT.value, section)
+  _timing.write_section(_OUTPUT.value, SECTION, section)
 
 
 if __name__ == "__main__":
