@@ -165,9 +165,11 @@ def _jax_forward(arch: str, options: dict[str, Any], dtype_name: str, variables,
   images = jnp.asarray(np.random.RandomState(0).randn(batch, IMAGE, IMAGE, 3), dtype)
   variables = jax.device_put(variables)
   compiled = fn.lower(variables, images).compile()
-  cost = compiled.cost_analysis()
+  # FLOPs of one image (XLA's cost analysis of the lowered graph): at the
+  # full batch a chunked backbone's lax.map body would be counted once.
+  cost = fn.lower(variables, images[:1]).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", 0.0)) / batch if cost else 0.0
+  flops = float(cost.get("flops", 0.0)) if cost else 0.0
   run = lambda: compiled(variables, images).block_until_ready()
   run()  # warm-up
   return run, flops
