@@ -87,13 +87,27 @@ def test_training_runs_the_whole_batch():
 
 def test_chunk_size_rules(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-  assert _chunking.chunk_size(None, 128) == _chunking.CPU_CHUNK == 8
-  assert _chunking.chunk_size(None, 15) == 0   # fewer than two chunks
-  assert _chunking.chunk_size(None, 16) == 8
-  assert _chunking.chunk_size(0, 128) == 0
-  assert _chunking.chunk_size(32, 128) == 32
+  rn50_224 = 56 * 56 * 256 * 4   # ResNet-50 float32 first-stage output per image
+  assert _chunking.chunk_size(None, 128, rn50_224) == 8   # 8 x 3.2 MB <= 32 MB
+  assert _chunking.chunk_size(None, 128, rn50_224 // 2) == 16   # bfloat16
+  assert _chunking.chunk_size(None, 15, rn50_224) == 0   # fewer than two chunks
+  assert _chunking.chunk_size(None, 16, rn50_224) == 8
+  assert _chunking.chunk_size(None, 256, 8 * 8 * 64 * 4) == 0   # 32 px: whole batch
+  assert _chunking.chunk_size(None, 4, 10 ** 9) == 1   # huge images: one at a time
+  assert _chunking.chunk_size(0, 128, rn50_224) == 0
+  assert _chunking.chunk_size(32, 128, rn50_224) == 32
   with pytest.raises(ValueError, match="eval_chunk"):
-    _chunking.chunk_size(-1, 128)
+    _chunking.chunk_size(-1, 128, rn50_224)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert _chunking.chunk_size(None, 128) == 0   # accelerators: whole batch
-  assert _chunking.chunk_size(16, 128) == 16
+  assert _chunking.chunk_size(None, 128, rn50_224) == 0   # accelerators: whole batch
+  assert _chunking.chunk_size(16, 128, rn50_224) == 16
+
+
+def test_resnet50_at_224_is_chunked_by_8_small_inputs_are_not():
+  model = registry.create_model("resnet50")
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  apply = lambda v, x: model.apply(v, x)
+  big = jax.ShapeDtypeStruct((16, 224, 224, 3), jnp.float32)
+  # lax.map = a scan over 2 chunks of 8 images
+  assert "length=2" in str(jax.make_jaxpr(apply)(variables, big))
+  assert not _has_loop(apply, variables, jax.ShapeDtypeStruct((64, 32, 32, 3), jnp.float32))

@@ -6,8 +6,9 @@ image at batch 128 than at batch 8-32: the activations of a large batch
 through memory once per layer, while a chunk's stay in the caches
 (BENCHMARKS.md "Forward pass throughput": ResNet-50 float32 at batch 128,
 whole batch vs ``lax.map`` over chunks). So on the CPU backend an eval
-forward pass of a large batch is run as ``lax.map`` over chunks of
-``CPU_CHUNK`` images of the same module (one compiled body, the same
+forward pass of a large batch is run as ``lax.map`` over chunks whose widest
+activation fits in ``CPU_CHUNK_BYTES`` (8 images of ResNet-50 at 224 px), of
+the same module (one compiled body, the same
 weights): rows are independent in eval mode, and each chunk computes exactly
 what the whole batch computes for those rows (bit-identical on XLA:CPU,
 ``tests/backbone_chunking_test.py``). Training (batch statistics) and other
@@ -22,21 +23,30 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-# Images per chunk on CPU (measured, BENCHMARKS.md); None on a backbone = this.
-CPU_CHUNK = 8
+# On CPU, a chunk's widest activation should fit in this many bytes (the
+# 32 MB L3 of the measured AMD EPYC): ResNet-50 at 224 px in float32 has
+# 56 x 56 x 256 x 4 B = 3.2 MB per image after its first stage, so chunks of
+# 8 (25.7 MB), the measured best (8 > 16 > 32 > whole batch of 128). Small
+# images (e.g. 32 px: 16 KB per image) fit whole batches: not chunked.
+CPU_CHUNK_BYTES = 32 * 2 ** 20
 
 
-def chunk_size(setting: int | None, batch: int) -> int:
+def chunk_size(setting: int | None, batch: int, image_bytes: int) -> int:
   """Images per chunk for a forward pass of ``batch`` images; 0 = whole batch.
 
   Args:
-    setting: the backbone's ``eval_chunk``: None = automatic (``CPU_CHUNK``
-      on the CPU backend, whole batch elsewhere), 0 = never chunk, k > 0 =
-      chunks of k on any backend.
+    setting: the backbone's ``eval_chunk``: None = automatic (on the CPU
+      backend the largest power of two whose ``image_bytes`` fit in
+      ``CPU_CHUNK_BYTES``; the whole batch on other backends), 0 = never
+      chunk, k > 0 = chunks of k on any backend.
     batch: rows of this call.
+    image_bytes: bytes of one image's widest activation.
   """
   if setting is None:
-    setting = CPU_CHUNK if jax.default_backend() == "cpu" else 0
+    setting = 0
+    if jax.default_backend() == "cpu":
+      fit = max(CPU_CHUNK_BYTES // max(int(image_bytes), 1), 1)
+      setting = 1 << (fit.bit_length() - 1)
   if setting < 0:
     raise ValueError(f"eval_chunk must be None or >= 0, got {setting}")
   # A batch of fewer than two chunks gains nothing from the loop.

@@ -92,8 +92,10 @@ class ResNet(nn.Module):
       accumulate in float32 and round each result once (``_precision``).
     eval_chunk: eval-mode batches are computed this many images at a time
       (``lax.map``; the same results, faster on CPU where a large batch's
-      activations miss the caches, ``_chunking``); None = automatic (8 on
-      the CPU backend, the whole batch elsewhere), 0 = whole batch.
+      activations miss the caches, ``_chunking``); None = automatic (on the
+      CPU backend chunks whose first-stage activations fit in 32 MB: 8
+      images of ResNet-50 at 224 px in float32; small images and other
+      backends: the whole batch), 0 = whole batch.
   """
   stage_sizes: Sequence[int]
   block: str = "bottleneck"
@@ -113,8 +115,14 @@ class ResNet(nn.Module):
     """
     if self.block not in _BLOCKS:
       raise ValueError(f"block must be one of {_BLOCKS}, got {self.block!r}")
+    bottleneck = self.block == "bottleneck"
+    expansion = 4 if bottleneck else 1
+    base = 64 * self.width_multiplier
+    # widest activation per image: the first stage's output (H/4 x W/4)
+    widest = (-(-x.shape[1] // 4) * -(-x.shape[2] // 4) * base * expansion
+              * jnp.dtype(self.dtype).itemsize)
     chunk = 0 if train or self.is_initializing() else _chunking.chunk_size(
-        self.eval_chunk, x.shape[0])
+        self.eval_chunk, x.shape[0], widest)
     if chunk:
       return _chunking.apply_in_chunks(self, x, chunk)
     # bf16/f16: float32 accumulation, 1x1 convs as dots (faster on CPU, see
@@ -125,9 +133,6 @@ class ResNet(nn.Module):
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=0.9, epsilon=1e-5, dtype=self.dtype,
                              param_dtype=jnp.float32)
-    bottleneck = self.block == "bottleneck"
-    expansion = 4 if bottleneck else 1
-    base = 64 * self.width_multiplier
 
     x = jnp.asarray(x, self.dtype)
     x = conv(base, (7, 7), (2, 2), padding=_pad(7), name="conv1")(x)
