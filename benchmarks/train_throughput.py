@@ -204,7 +204,10 @@ def main(argv):
                  f"{mem:.2f} GiB.")
   else:
     lines.append("")
-    lines.append(f"ViT-B/16 memory probe failed: {out.stderr[-300:]!r}")
+    why = "killed by SIGKILL (out of memory?)" if out.returncode == -9 else \
+        f"exit code {out.returncode}"
+    lines.append(f"ViT-B/16 memory probe (batch {mb}) failed: {why}; "
+                 f"stderr {out.stderr[-300:]!r}")
   section = "\n".join(lines) + "\n"
   print(section)
   _timing.write_section(_OUTPUT.value, SECTION, section)
