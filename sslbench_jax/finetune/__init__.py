@@ -8,6 +8,11 @@ Public surface::
   r = finetune.recipe("full", "vit", epochs=10)
   result = finetune.run(finetune.RunConfig(weights=..., dataset=..., recipe=r, workdir=...))
 
+In the protocol table (``protocols/registry.py``): ``finetune.protocol``'s
+``finetune_linear_aug``, ``finetune_full`` and ``finetune_fewshot`` (images in,
+typed options whose defaults are ``recipes``'); ``evaluate`` configs use them
+like any protocol.
+
 Docs: docs/finetune.md.
 """
 
