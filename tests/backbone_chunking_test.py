@@ -87,6 +87,7 @@ def test_training_runs_the_whole_batch():
 
 def test_chunk_size_rules(monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
   rn50_224 = 56 * 56 * 256 * 4   # ResNet-50 float32 first-stage output per image
   assert _chunking.chunk_size(None, 128, rn50_224) == 8   # 8 x 3.2 MB <= 32 MB
   assert _chunking.chunk_size(None, 128, rn50_224 // 2) == 16   # bfloat16
@@ -98,6 +99,9 @@ def test_chunk_size_rules(monkeypatch):
   assert _chunking.chunk_size(32, 128, rn50_224) == 32
   with pytest.raises(ValueError, match="eval_chunk"):
     _chunking.chunk_size(-1, 128, rn50_224)
+  monkeypatch.setattr(jax, "device_count", lambda: 8)
+  assert _chunking.chunk_size(None, 128, rn50_224) == 0   # sharded batch: whole
+  monkeypatch.setattr(jax, "device_count", lambda: 1)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert _chunking.chunk_size(None, 128, rn50_224) == 0   # accelerators: whole batch
   assert _chunking.chunk_size(16, 128, rn50_224) == 16

@@ -11,8 +11,8 @@ activation fits in ``CPU_CHUNK_BYTES`` (8 images of ResNet-50 at 224 px), of
 the same module (one compiled body, the same
 weights): rows are independent in eval mode, and each chunk computes exactly
 what the whole batch computes for those rows (bit-identical on XLA:CPU,
-``tests/backbone_chunking_test.py``). Training (batch statistics) and other
-backends run the whole batch.
+``tests/backbone_chunking_test.py``). Training (batch statistics), other
+backends and multi-device meshes (a sharded batch axis) run the whole batch.
 """
 
 from __future__ import annotations
@@ -35,16 +35,18 @@ def chunk_size(setting: int | None, batch: int, image_bytes: int) -> int:
   """Images per chunk for a forward pass of ``batch`` images; 0 = whole batch.
 
   Args:
-    setting: the backbone's ``eval_chunk``: None = automatic (on the CPU
-      backend the largest power of two whose ``image_bytes`` fit in
-      ``CPU_CHUNK_BYTES``; the whole batch on other backends), 0 = never
-      chunk, k > 0 = chunks of k on any backend.
+    setting: the backbone's ``eval_chunk``: None = automatic (with one CPU
+      device, the largest power of two whose ``image_bytes`` fit in
+      ``CPU_CHUNK_BYTES``; the whole batch on other backends and on several
+      devices), 0 = never chunk, k > 0 = chunks of k in any case.
     batch: rows of this call.
     image_bytes: bytes of one image's widest activation.
   """
   if setting is None:
     setting = 0
-    if jax.default_backend() == "cpu":
+    # One CPU device only: under a multi-device mesh the batch axis is
+    # sharded, and chunks of consecutive rows would serialise the devices.
+    if jax.default_backend() == "cpu" and jax.device_count() == 1:
       fit = max(CPU_CHUNK_BYTES // max(int(image_bytes), 1), 1)
       setting = 1 << (fit.bit_length() - 1)
   if setting < 0:

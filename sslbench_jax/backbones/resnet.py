@@ -92,10 +92,10 @@ class ResNet(nn.Module):
       accumulate in float32 and round each result once (``_precision``).
     eval_chunk: eval-mode batches are computed this many images at a time
       (``lax.map``; the same results, faster on CPU where a large batch's
-      activations miss the caches, ``_chunking``); None = automatic (on the
-      CPU backend chunks whose first-stage activations fit in 32 MB: 8
-      images of ResNet-50 at 224 px in float32; small images and other
-      backends: the whole batch), 0 = whole batch.
+      activations miss the caches, ``_chunking``); None = automatic (with
+      one CPU device, chunks whose first-stage activations fit in 32 MB: 8
+      images of ResNet-50 at 224 px in float32; small images, several
+      devices and other backends: the whole batch), 0 = whole batch.
   """
   stage_sizes: Sequence[int]
   block: str = "bottleneck"
