@@ -132,9 +132,6 @@ def run_many(opts_list: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
   parallel.initialize(first["coordinator_address"], first["num_processes"],
                       first["process_id"])
   from sslbench_jax.backbones import registry  # pylint: disable=g-import-not-at-top
-  from sslbench_jax.data import preprocess  # pylint: disable=g-import-not-at-top
-  from sslbench_jax.features import cache as cache_lib  # pylint: disable=g-import-not-at-top
-  from sslbench_jax.features import extract as extract_lib  # pylint: disable=g-import-not-at-top
   from sslbench_jax.features import io as features_io  # pylint: disable=g-import-not-at-top
   from sslbench_jax.features import passes  # pylint: disable=g-import-not-at-top
 
@@ -153,46 +150,20 @@ def run_many(opts_list: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
                        f"({first['weights']}) vs {preset_name} ({opts['weights']})")
     models.append((loaded, preset_name))
   preset_name = models[0][1]
-  preset = preprocess.get_preset(preset_name)
 
-  if first["images"]:
-    from sslbench_jax.features import image_folder  # pylint: disable=g-import-not-at-top
-    source = image_folder.ImageFolder(first["images"])
-    dataset, split = f"folder:{source.directory}:{source.fingerprint()}", ""
+  run_options = dict(batch_size_per_device=first["batch_size_per_device"],
+                     num_threads=first["num_threads"], decode_backend=first["decode_backend"],
+                     steps_per_shard=first["steps_per_shard"], progress=first["progress"])
+  if first["dataset"]:
+    # The library call evaluate makes too: the same cache keys and metas.
+    explicit = [bool(o["preprocessing"]) for o in opts_list]
+    results = passes.extract_split(
+        [(loaded, o["representation"], o["dtype"]) for o, (loaded, _) in zip(opts_list, models)],
+        first["dataset"], first["split"], first["data_dir"],
+        preset_name if any(explicit) else None, cache_root=first["cache"], **run_options)
   else:
-    # A data.dataset.Dataset preprocesses its images itself.
-    source, preset = passes.open_split(first["dataset"], first["split"], first["data_dir"],
-                                       preset_name,
-                                       all(bool(o["preprocessing"]) for o in opts_list)), None
-    dataset, split = passes.source_name(first["dataset"], first["data_dir"]), first["split"]
-  described = source.describe() if hasattr(source, "describe") else None
-  specs = []
-  for opts, (loaded, _) in zip(opts_list, models):
-    key = cache_lib.CacheKey(
-        arch=loaded.arch, arch_options=loaded.arch_options,
-        weights_sha256=loaded.weights_sha256,
-        dataset=dataset, split=split, preprocessing=preset_name,
-        representation=opts["representation"], dtype=opts["dtype"])
-    if opts["images"] and opts["cache"] and parallel.is_writer():
-      # Fixing the image that stopped an earlier run changed the folder's
-      # fingerprint (a new key): that run's interrupted entry is dead weight.
-      for stale in cache_lib.remove_superseded(opts["cache"], key,
-                                               f"folder:{source.directory}:"):
-        logging.warning("feature cache: removed %s, an interrupted extraction of "
-                        "an earlier state of %s", stale, source.directory)
-    specs.append(extract_lib.ModelSpec(
-        loaded.module, loaded.variables, opts["representation"], opts["dtype"], key,
-        dict(dataset=opts["dataset"] or dataset, data_dir=opts["data_dir"],
-             # the released checkpoint the weights were converted from
-             checkpoint_sha256=loaded.meta.get("checkpoint_sha256"),
-             images=opts["images"] and os.path.abspath(opts["images"]),
-             # label space, preprocessing detail of a registry dataset
-             source=described)))
-  results = extract_lib.extract_many(
-      specs, source, preset, batch_size_per_device=first["batch_size_per_device"],
-      num_threads=first["num_threads"], decode_backend=first["decode_backend"],
-      cache_root=first["cache"], steps_per_shard=first["steps_per_shard"],
-      progress=first["progress"])
+    results = _extract_images(opts_list, [loaded for loaded, _ in models], preset_name,
+                              run_options)
   if not parallel.is_writer():
     return [None] * len(opts_list)
   summaries = []
@@ -226,3 +197,38 @@ def _check_options(opts: dict[str, Any]) -> None:
     raise ValueError(f"--dataset {opts['dataset']} needs --split")
   if opts["batch_size_per_device"] < 1 or opts["steps_per_shard"] < 1:
     raise ValueError("--batch_size_per_device and --steps_per_shard must be >= 1")
+
+
+def _extract_images(opts_list: list[dict[str, Any]], models: list[Any], preset_name: str,
+                    run_options: dict[str, Any]) -> list[Any]:
+  """``extract_many`` over a folder of images (``--images``) for the loaded models."""
+  from sslbench_jax import parallel  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.data import preprocess  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.features import cache as cache_lib  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.features import extract as extract_lib  # pylint: disable=g-import-not-at-top
+  from sslbench_jax.features import image_folder  # pylint: disable=g-import-not-at-top
+  first = opts_list[0]
+  source = image_folder.ImageFolder(first["images"])
+  dataset = f"folder:{source.directory}:{source.fingerprint()}"
+  specs = []
+  for opts, loaded in zip(opts_list, models):
+    key = cache_lib.CacheKey(
+        arch=loaded.arch, arch_options=loaded.arch_options,
+        weights_sha256=loaded.weights_sha256, dataset=dataset, split="",
+        preprocessing=preset_name, representation=opts["representation"],
+        dtype=opts["dtype"])
+    if opts["cache"] and parallel.is_writer():
+      # Fixing the image that stopped an earlier run changed the folder's
+      # fingerprint (a new key): that run's interrupted entry is dead weight.
+      for stale in cache_lib.remove_superseded(opts["cache"], key,
+                                               f"folder:{source.directory}:"):
+        logging.warning("feature cache: removed %s, an interrupted extraction of "
+                        "an earlier state of %s", stale, source.directory)
+    specs.append(extract_lib.ModelSpec(
+        loaded.module, loaded.variables, opts["representation"], opts["dtype"], key,
+        dict(dataset=dataset, data_dir=opts["data_dir"],
+             # the released checkpoint the weights were converted from
+             checkpoint_sha256=loaded.meta.get("checkpoint_sha256"),
+             images=os.path.abspath(opts["images"]), source=None)))
+  return extract_lib.extract_many(specs, source, preprocess.get_preset(preset_name),
+                                  cache_root=first["cache"], **run_options)
