@@ -9,7 +9,7 @@ size: ResNet-50 and ViT-B/16, which the config fixes): SimCLR from VISSL
 (``{"model": encoder}``). One of the study's datasets (CIFAR-100, its registry
 TFDS entry) comes from ``tfds.testing.mock_data``, fed distinct train / test
 examples (the default mock repeats the same examples in every split). Only the
-preprocessing is shrunk (``smoke_32``); models, protocols and their
+preprocessing (``smoke_32``) and the extraction batch are shrunk; models, protocols and their
 hyper-parameters are the study's. The run goes through ``evaluate.run``, the
 job's entry point, then is checked against the config's promises and against
 scikit-learn on the features the run saved.
@@ -137,6 +137,8 @@ def study_run(tmp_path_factory):
       f"datasets={'+'.join(_DATASETS)}")
   for d in config.datasets.values():
     d.preprocessing = "smoke_32"
+  # The config's 128 per device would pad these 40 / 16 images to 128 per step.
+  config.extraction.batch_size_per_device = 16
   data = {name: _examples(seed) for name, seed in _TFDS_NAMES.items()}
 
   def as_data_source(builder, split, **kwargs):
