@@ -29,8 +29,8 @@ as bfloat16 with float32 accumulation (the path ``backbones/_precision.py``
 takes in bfloat16: ``preferred_element_type=float32``, 1x1 and patch convs as
 one dot), and PyTorch's float32/bfloat16 ops, all interleaved.
 
-ResNet's JAX column is the backbone as shipped (eval batches on CPU in chunks
-of 8 images, ``backbones/_chunking.py``); ``--whole_batch`` (default on) also
+ResNet's JAX column is the backbone as shipped (eval batches on one CPU device
+in chunks of 8-16 images, ``backbones/_chunking.py``); ``--whole_batch`` (default on) also
 times it with ``eval_chunk=0`` in the same rounds, the gain of the chunking.
 
 The load average (1 min) is recorded before and after each config. In full
@@ -449,8 +449,9 @@ def _markdown(machine, results, notes, sweep, micro, wall, quick) -> str:
            "Dense, attention einsum and convolution; 1x1 convs and the ViT patch embedding run "
            "as one dot; the ViT residual stream stays float32. float32 is unchanged "
            "(bit-identical to flax's defaults).",
-           "- ResNet eval batches on CPU run as `lax.map` over chunks of "
-           "8 images (`backbones/_chunking.py`; float32 bit-identical to the whole batch); "
+           "- ResNet eval batches on one CPU device run as `lax.map` over chunks whose "
+           "first-stage activations fit in 32 MB (`backbones/_chunking.py`: RN50 at 224 px, "
+           "8 images in float32, 16 in bfloat16; float32 bit-identical to the whole batch); "
            "'JAX whole batch' = the same backbone with `eval_chunk=0`, timed in the same "
            "rounds. 'JAX / best torch' uses the default (chunked) JAX column.",
            "- load = the 1-minute load average before / after the config's timing (2 cores: "
