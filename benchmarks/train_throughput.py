@@ -52,7 +52,8 @@ _BATCH = flags.DEFINE_integer("batch", 32, "batch size")
 _OUTPUT = flags.DEFINE_string("output", os.path.join(ROOT, "BENCHMARKS.md"), "markdown file")
 _CONFIGS = flags.DEFINE_list("configs", None, "arch:dtype pairs to time (default: "
                              "resnet50 and vit_small_patch16 x float32, bfloat16)")
-_MEMORY_BATCH = flags.DEFINE_integer("memory_batch", 32, "batch of the ViT-B/16 memory probe")
+_MEMORY_BATCH = flags.DEFINE_integer("memory_batch", 32, "batch of the ViT-B/16 memory "
+                                     "probe (0: skip it)")
 _CHILD = flags.DEFINE_string("memory_child", None, "internal: run the ViT-B/16 memory probe")
 _SAMPLES = os.path.join(ROOT, "..", "shared", "data", "imagenet_samples")
 SECTION = "## Training-step throughput"
@@ -171,12 +172,13 @@ def main(argv):
   rate = _input_rate()
   mem = None
   mb = _MEMORY_BATCH.value
-  out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--memory_child={mb}"],
-                       capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  found = re.findall(r'\{"maxrss_kb": (\d+)\}', out.stdout)
-  if found:
-    mem = int(found[-1]) / 1024 ** 2
+  if mb:
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), f"--memory_child={mb}"],
+                         capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    found = re.findall(r'\{"maxrss_kb": (\d+)\}', out.stdout)
+    if found:
+      mem = int(found[-1]) / 1024 ** 2
   lines = [SECTION, "",
            "`benchmarks/train_throughput.py`: images/s of one fine-tuning step (forward +",
            "backward + clip + SGD momentum update, label smoothing 0.1, float32 loss) at",
@@ -197,12 +199,12 @@ def main(argv):
                  f"to uint8 on 2 threads: {rate:.0f} images/s on the real ImageNet samples, "
                  f"{rate / best:.0f}x the fastest training step above: it keeps up on this "
                  "CPU (an accelerator needs proportionally more host threads).")
-  if mem is not None:
+  if mb and mem is not None:
     lines.append("")
     lines.append(f"Peak memory of ViT-B/16 full fine-tuning (batch {mb}, float32, 224x224, "
                  f"SGD momentum, two steps; the process's max RSS incl. JAX runtime): "
                  f"{mem:.2f} GiB.")
-  else:
+  elif mb:
     lines.append("")
     why = "killed by SIGKILL (out of memory?)" if out.returncode == -9 else \
         f"exit code {out.returncode}"
