@@ -11,7 +11,7 @@ MoCo v2 (PyTorch zip, no head). ImageNet-1k train / val and the variants (v2,
 R, Sketch, A, and ReaL cut out of val) come from ``tfds.testing.mock_data``
 with distinct examples per builder and split; labels are 4 classes in both
 200-class subsets so every test set's primary metric is defined. Only the
-dataset preprocessing is shrunk (``smoke_32``); protocols and their
+dataset preprocessing (``smoke_32``) and the extraction batch are shrunk; protocols and their
 hyper-parameters are the config's. The run goes through ``evaluate.run``; the
 ``imagenet_variants`` aggregates of ``report/aggregates.csv`` are then
 recomputed with NumPy/SciPy from ``results.jsonl``, and the released heads'
@@ -179,6 +179,8 @@ def lottery_run(tmp_path_factory):
   for d in config.datasets.values():
     d.preprocessing = "smoke_32"
   config.analysis.n_boot = config.analysis.n_perm = 50
+  # The config's 128 per device would pad these 10-24 images to 128 per step.
+  config.extraction.batch_size_per_device = 16
   data = _data()
 
   def as_data_source(builder, split, **kwargs):
