@@ -73,3 +73,33 @@ def test_finetune_protocol_through_evaluate(tmp_path):
   assert again == rows
   assert os.path.getmtime(os.path.join(run_dirs[0], "result.json")) == mtime
   assert len(store.read_results(os.path.join(workdir, "results.jsonl"))) == len(rows)
+
+
+def test_closer_look_config_lists_the_trained_protocols():
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  from sslbench_jax.protocols import registry  # pylint: disable=import-outside-toplevel
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", "closer_look.py")
+  spec = importlib.util.spec_from_file_location("closer_look", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  base = module.get_config("checkpoints=/ckpt")
+  config = module.get_config("checkpoints=/ckpt,finetune=true")
+  evaluate.validate(config)
+  added = sorted(set(config.protocols) - set(base.protocols))
+  assert added == ["fewshot_finetune_10pct", "fewshot_finetune_1pct", "finetune",
+                   "linear_aug", "linear_aug_bn"]
+  types = {n: config.protocols[n].type for n in added}
+  assert types == {"fewshot_finetune_10pct": "finetune_fewshot",
+                   "fewshot_finetune_1pct": "finetune_fewshot", "finetune": "finetune_full",
+                   "linear_aug": "finetune_linear_aug", "linear_aug_bn": "finetune_linear_aug"}
+  # Few-shot on ImageNet only (the study's run_fewshot_finetuning.py), at 1 % / 10 %.
+  for name, fraction in (("fewshot_finetune_1pct", 0.01), ("fewshot_finetune_10pct", 0.1)):
+    p = config.protocols[name]
+    assert list(p.datasets) == ["imagenet"]
+    opts = registry.options_from_mapping(
+        p.type, {k: v for k, v in p.items() if k not in ("type", "datasets")}, name)
+    assert (opts.label_fraction, opts.fewshot_setup) == (fraction, "byol2")
+  assert sorted(config.protocols["finetune"].datasets) == sorted(config.datasets)
+  # Without imagenet there is no few-shot entry.
+  small = module.get_config("checkpoints=/c,datasets=cub,finetune=true")
+  assert not any(n.startswith("fewshot") for n in small.protocols)
